@@ -1,0 +1,37 @@
+"""Attention kernels: one call for every kind.
+
+    attn = build_attention("scatterbrain", head_dim=64, sparse="local", window=128, n_features=128)
+    out = attn(q, k, v)   # (batch, heads, length, head_dim) -> same shape as v; always causal
+
+Each kind lives in its own file; `reference.py` holds their dense float64 definitions.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from sbtrain.attention.full import FullAttention
+
+KINDS: dict[str, type[nn.Module]] = {
+    "full": FullAttention,
+}
+
+
+def build_attention(kind: str, head_dim: int, **options) -> nn.Module:
+    """The attention module of `kind`; an option the kind does not take raises TypeError."""
+    check_attention(kind, head_dim, **options)
+    return KINDS[kind](head_dim=head_dim, **options)
+
+
+def check_attention(kind: str, head_dim: int, **options) -> None:
+    """Raise ValueError/TypeError, with a message for a user, if `kind` cannot take `options`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown attention kind {kind!r} (choose from {', '.join(KINDS)})")
+    params = inspect.signature(KINDS[kind]).parameters
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        takes = ", ".join(p for p in params if p != "head_dim") or "no options"
+        raise TypeError(f"attention kind {kind!r} does not take {', '.join(unknown)} (it takes: {takes})")
+    KINDS[kind].check_options(head_dim=head_dim, **options)
