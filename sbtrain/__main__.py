@@ -1,6 +1,7 @@
 """`python -m sbtrain ...` is the same as the `sbtrain` command (and what torchrun runs)."""
 
+import sys
+
 from cli.main import main
 
-if __name__ == "__main__":
-    main()
+sys.exit(main())

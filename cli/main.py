@@ -1,0 +1,64 @@
+"""`sbtrain COMMAND ...`: dispatch to one thin front-end per command, with one error policy.
+
+A `UserError` (bad input) prints one line and exits with status 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sbtrain.errors import UserError
+
+COMMANDS = {
+    "preprocess": ("cli.preprocess", "tokenize raw text and write binarized splits"),
+    "train": ("cli.train", "train a model (rerunning the same command resumes)"),
+    "eval-ppl": ("cli.eval_ppl", "perplexity (or copy accuracy) of a checkpoint"),
+    "generate": ("cli.generate", "sample text from a checkpoint"),
+    "bench": ("cli.bench", "benchmarks: attention, approx, train, preprocess, generate"),
+}
+
+USAGE = "sbtrain COMMAND [args] [--debug]\n\ncommands:\n" + "\n".join(
+    f"  {name:<11} {about}" for name, (_, about) in COMMANDS.items()
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (the console script exits with it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from sbtrain import __version__
+
+        print(f"sbtrain {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"sbtrain: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    parser = module.build_parser(
+        argparse.ArgumentParser(
+            prog=f"sbtrain {command}",
+            description=module.__doc__,  # each front-end's docstring carries its examples
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    args = parser.parse_args(rest)
+    try:
+        status = module.run(args) or 0
+    except UserError as e:
+        if debug:
+            raise
+        print(f"sbtrain {command}: error: {e}", file=sys.stderr)
+        status = 2
+    except KeyboardInterrupt:
+        print(f"sbtrain {command}: interrupted", file=sys.stderr)
+        status = 130
+    return status
