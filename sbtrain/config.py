@@ -45,7 +45,9 @@ class AttentionConfig:
         "full", "full | local | performer | lsh | scatterbrain"
     )
     sparse: str | None = opt(None, "scatterbrain's exact part: local | lsh | local+lsh")
-    window: int | None = opt(None, "local: how many most recent keys (itself included) each query sees")
+    window: int | None = opt(
+        None, "local: how many most recent keys (itself included) each query sees"
+    )
     n_features: int | None = opt(None, "performer: random features, both halves counted")
     n_hashes: int | None = opt(None, "lsh: hash rounds")
     bucket_size: int | None = opt(None, "lsh: most recent same-bucket keys a query sees per round")
@@ -64,7 +66,9 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    raw: str | None = opt(None, "preprocess input: a folder with wiki.{train,valid,test}.{tokens,raw}")
+    raw: str | None = opt(
+        None, "preprocess input: a folder with wiki.{train,valid,test}.{tokens,raw}"
+    )
     dir: str = opt("data/bin", "preprocess output and training input (binarized splits)")
     tokenizer: str = opt("word", "word | sentencepiece | bpe, or a path to a tokenizer model file")
     vocab_size: int | None = opt(None, "word: vocabulary cap; subword: target vocabulary size")
@@ -100,7 +104,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = opt(1.0e-4, "peak learning rate")
-    weight_decay: float = opt(0.01, "AdamW decoupled weight decay (not on norms, biases, embeddings)")
+    weight_decay: float = opt(
+        0.01, "AdamW decoupled weight decay (not on norms, biases, embeddings)"
+    )
     betas: tuple[float, float] = opt((0.9, 0.98), "AdamW betas")
     eps: float = opt(1.0e-8, "AdamW epsilon")
     schedule: Literal["cosine", "inverse_sqrt", "linear", "constant"] = opt(
@@ -114,19 +120,26 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = opt(12, "sequences per update, all processes together")
-    micro_batch_size: int | None = opt(None, "sequences per forward pass per process (default: all)")
+    micro_batch_size: int | None = opt(
+        None, "sequences per forward pass per process (default: all)"
+    )
     max_epochs: int = opt(100, "stop after this many epochs")
     max_updates: int | None = opt(None, "stop after this many updates (also sets the lr schedule)")
-    precision: Literal["fp32", "bf16", "fp16"] = opt("bf16", "fp32 | bf16 autocast | fp16 + loss scaling")
+    precision: Literal["fp32", "bf16", "fp16"] = opt(
+        "bf16", "fp32 | bf16 autocast | fp16 + loss scaling"
+    )
     save_dir: str = opt("checkpoints/run", "checkpoints, train.jsonl, TensorBoard logs")
     seed: int = opt(1, "seed of weights, data order and dropout")
     device: str = opt("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     log_interval: int = opt(10, "updates between log lines")
     validate_interval: int | None = opt(None, "updates between validations (always at epoch end)")
     max_valid_batches: int | None = opt(None, "cap on validation batches (default: whole split)")
-    save_interval: int | None = opt(None, "updates between numbered checkpoints (default: epoch end)")
+    save_interval: int | None = opt(
+        None, "updates between numbered checkpoints (default: epoch end)"
+    )
     keep_last: int = opt(3, "numbered checkpoints to keep (0: keep all)")
     patience: int | None = opt(None, "stop after this many validations without improvement")
+    loss_scale_init: float = opt(2.0**16, "fp16: initial loss scale (halved on overflow)")
     compile: bool = opt(False, "torch.compile the model")
     tensorboard: bool = opt(True, "write TensorBoard scalars to {save_dir}/tb")
 
@@ -200,17 +213,23 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"{path}: recipe not found (give the path of a YAML file, e.g. recipes/debug.yaml)")
+        raise ConfigError(
+            f"{path}: recipe not found (give the path of a YAML file, e.g. recipes/debug.yaml)"
+        )
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
-        raise ConfigError(f"{path}:{line} not valid YAML ({type(e).__name__}); fix the syntax") from None
+        raise ConfigError(
+            f"{path}:{line} not valid YAML ({type(e).__name__}); fix the syntax"
+        ) from None
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
+        raise ConfigError(
+            f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}"
+        )
     base = tree.pop("include", None)
     if base is None:
         return tree
@@ -327,7 +346,10 @@ def _check(r: Recipe, source: str) -> None:
     mb = r.train.micro_batch_size
     if mb is not None and (mb <= 0 or r.train.batch_size % mb):
         fail("train.micro_batch_size", f"{mb} must be positive and divide train.batch_size")
-    if list(m.adaptive_cutoffs) != sorted(set(m.adaptive_cutoffs)) or min(m.adaptive_cutoffs, default=1) <= 0:
+    if (
+        list(m.adaptive_cutoffs) != sorted(set(m.adaptive_cutoffs))
+        or min(m.adaptive_cutoffs, default=1) <= 0
+    ):
         fail("model.adaptive_cutoffs", "must be increasing positive integers")
     try:
         check_attention(m.attention.kind, head_dim=m.d_model // m.n_heads, **m.attention.options())

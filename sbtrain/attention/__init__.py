@@ -33,5 +33,7 @@ def check_attention(kind: str, head_dim: int, **options) -> None:
     unknown = sorted(set(options) - set(params))
     if unknown:
         takes = ", ".join(p for p in params if p != "head_dim") or "no options"
-        raise TypeError(f"attention kind {kind!r} does not take {', '.join(unknown)} (it takes: {takes})")
+        raise TypeError(
+            f"attention kind {kind!r} does not take {', '.join(unknown)} (it takes: {takes})"
+        )
     KINDS[kind].check_options(head_dim=head_dim, **options)

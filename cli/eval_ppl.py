@@ -1,0 +1,56 @@
+"""Perplexity of a checkpoint on a split (copy task: loss and accuracy on the copied half).
+
+examples:
+  sbtrain eval-ppl checkpoints/wt103/checkpoint_best.pt
+  sbtrain eval-ppl checkpoints/wt103/checkpoint_best.pt --split valid --context-window 1024 --json
+  sbtrain eval-ppl checkpoints/wt103-full/checkpoint_best.pt --attention scatterbrain sparse=local window=128 n_features=128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from sbtrain import evaluate
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "checkpoint", help="an sbtrain checkpoint, e.g. checkpoints/wt103/checkpoint_best.pt"
+    )
+    parser.add_argument("--split", default="test", help="split to score (default: test)")
+    parser.add_argument(
+        "--context-window",
+        type=int,
+        default=0,
+        metavar="C",
+        help="score each block with up to C earlier tokens as context (fairseq's meaning)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        metavar="KIND|key=value",
+        help="evaluate with another attention kind, e.g. --attention local window=256",
+    )
+    parser.add_argument("--data", help="preprocessed data folder (default: the recipe's data.dir)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate.main(
+        args.checkpoint,
+        split=args.split,
+        context_window=args.context_window,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        attention=evaluate.parse_attention(args.attention),
+        data_dir=args.data,
+        progress=not args.json,
+    )
+    print(json.dumps(result) if args.json else evaluate.format_result(result))
+    return 0

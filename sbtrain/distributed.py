@@ -1,0 +1,79 @@
+"""Process layout: one process, or DDP under torchrun (NCCL on GPU, gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sbtrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class Layout:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files and prints."""
+        return self.rank == 0
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` is cuda (this process's GPU) when available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"device {name!r} asked for, but torch sees no CUDA GPU; use device=cpu"
+            )
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if name != "cpu":
+        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)")
+    return torch.device("cpu")
+
+
+def setup(device_name: str) -> Layout:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Layout(0, 1, pick_device(device_name))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Layout(dist.get_rank(), world_size, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum floats over all processes (identity with one process)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process if it is true on one (e.g. a stop signal)."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,214 @@
+"""Scoring: the loss of a model over a dataset (used by validation and `sbtrain eval-ppl`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from sbtrain import checkpoint
+from sbtrain.config import Recipe, recipe_from_dict
+from sbtrain.datasets import LMBlocks, collate, open_split
+from sbtrain.distributed import pick_device
+from sbtrain.errors import UserError
+from sbtrain.model import IGNORE, TransformerLM
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision name (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Score:
+    nll: float = 0.0  # summed negative log-likelihood, nats
+    tokens: int = 0  # scored targets
+    correct: int = 0  # scored targets predicted exactly (argmax), when counted
+
+    @property
+    def loss_nats(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def loss_bits(self) -> float:
+        return self.loss_nats / math.log(2)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss_nats, 700.0))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.tokens, 1)
+
+
+@torch.no_grad()
+def score(
+    model: TransformerLM,
+    dataset,
+    indices: list[int],
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    count_correct: bool = False,
+    progress=None,
+) -> Score:
+    """Sum the NLL (and argmax hits) of `dataset[i]` for i in `indices`, `batch_size` at a time."""
+    was_training = model.training
+    model.eval()
+    total = Score()
+    try:
+        for start in range(0, len(indices), batch_size):
+            batch = [dataset[i] for i in indices[start : start + batch_size]]
+            inputs, targets = (t.to(device) for t in collate(batch))
+            with autocast(device, precision):
+                hidden = model(inputs)
+            nll = model.token_nll(hidden.float(), targets)
+            total.nll += nll.double().sum().item()
+            total.tokens += nll.numel()
+            if count_correct:
+                scored = targets != IGNORE
+                guess = model.log_probs(hidden[scored].float()).argmax(-1)
+                total.correct += (guess == targets[scored]).sum().item()
+            if progress is not None:
+                progress.update(len(batch))
+    finally:
+        model.train(was_training)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# sbtrain eval-ppl
+
+
+def load_model(
+    path: str | Path, device: torch.device, attention: dict | None = None
+) -> tuple[TransformerLM, Recipe, dict]:
+    """The model of a checkpoint (its recipe gives the architecture), ready for evaluation.
+
+    `attention` ({"kind": ..., options}) swaps every layer's attention kernel for another kind:
+    the projections are kept, the new kernel's random buffers are drawn from train.seed.
+    """
+    from sbtrain.trainer import build_model  # the trainer imports this module
+
+    state = checkpoint.load(path)
+    tree = state["recipe"]
+    if attention is not None:
+        tree = {**tree, "model": {**tree["model"], "attention": attention}}
+    recipe = recipe_from_dict(tree, source=f"{path} (--attention)" if attention else str(path))
+    model = build_model(recipe, int(state["vocab_size"]))
+    missing, unexpected = model.load_state_dict(state["model"], strict=attention is None)
+    kernel_only = all(".kernel." in key for key in [*missing, *unexpected])
+    if not kernel_only:
+        raise UserError(f"{path}: weights do not fit the model its recipe describes")
+    return model.to(device).eval(), recipe, state
+
+
+def parse_attention(words: list[str] | None) -> dict | None:
+    """`--attention KIND key=value ...` -> {"kind": KIND, key: value}, values read as YAML."""
+    if not words:
+        return None
+    spec = {"kind": words[0]}
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if not sep:
+            raise UserError(f"--attention: expected key=value after the kind, got {word!r}")
+        spec[key] = yaml.safe_load(value)
+    return spec
+
+
+def main(
+    path: str | Path,
+    split: str = "test",
+    context_window: int = 0,
+    batch_size: int = 8,
+    device: str = "auto",
+    precision: str = "fp32",
+    attention: dict | None = None,
+    data_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Score a split with a checkpoint; returns the result record (`--json` prints it)."""
+    dev = pick_device(device)
+    model, recipe, _ = load_model(path, dev, attention)
+    count_correct = recipe.task == "copy"
+    if recipe.task == "copy":
+        from sbtrain.trainer import copy_split
+
+        dataset, meta, split_stats = copy_split(recipe, split), None, None
+    else:
+        length = recipe.data.tokens_per_sample
+        if not 0 <= context_window < length:
+            raise UserError(
+                f"--context-window {context_window}: must be in [0, {length}) "
+                f"(the model's context is data.tokens_per_sample={length})"
+            )
+        folder = data_dir or recipe.data.dir
+        tokens, meta = open_split(folder, split)
+        dataset = LMBlocks(
+            tokens,
+            int(meta["eol_id"]),
+            length - context_window,
+            context=context_window,
+            drop_last=False,
+        )
+        stats_path = Path(folder) / f"{split}.json"
+        split_stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
+    bar = tqdm(
+        total=len(dataset), desc=f"eval {split}", unit="seq", disable=not progress, leave=False
+    )
+    start = time.perf_counter()
+    s = score(
+        model,
+        dataset,
+        list(range(len(dataset))),
+        batch_size,
+        dev,
+        precision,
+        count_correct=count_correct,
+        progress=bar,
+    )
+    seconds = time.perf_counter() - start
+    bar.close()
+    result = {
+        "checkpoint": str(path),
+        "split": split,
+        "tokens": s.tokens,
+        "loss_nats": s.loss_nats,
+        "loss_bits": s.loss_bits,
+        "ppl": s.ppl,
+        "tokens_per_s": s.tokens / max(seconds, 1e-9),
+        "context_window": context_window,
+        "attention": recipe.model.attention.kind,
+    }
+    if count_correct:
+        result["accuracy"] = s.accuracy
+    if meta is not None and meta.get("tokenizer") != "word" and split_stats:
+        words = split_stats["words"] + split_stats["lines"]  # end-of-line counts as a word
+        result["word_ppl"] = math.exp(min(s.nll / max(words, 1), 700.0))
+    return result
+
+
+def format_result(r: dict) -> str:
+    parts = [
+        f"{r['split']}: {r['tokens']:,} tokens",
+        f"loss {r['loss_nats']:.4f} nats",
+        f"{r['loss_bits']:.4f} bits",
+        f"ppl {r['ppl']:.2f}",
+    ]
+    if "word_ppl" in r:
+        parts.append(f"word ppl {r['word_ppl']:.2f}")
+    if "accuracy" in r:
+        parts.append(f"accuracy {100 * r['accuracy']:.2f}%")
+    parts.append(f"{r['tokens_per_s']:,.0f} tokens/s")
+    return "| " + " | ".join(parts)

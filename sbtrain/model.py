@@ -1,0 +1,181 @@
+"""TransformerLM: a pre-LN decoder whose attention kernel comes from the recipe.
+
+model = TransformerLM(recipe.model, vocab_size=267_744, max_len=2048)
+nll_sum, n_tokens = model.loss(inputs, targets)        # (B, T) int64 each; -100 = not scored
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sbtrain.attention import build_attention
+from sbtrain.config import AttentionConfig, ModelConfig
+from sbtrain.errors import UserError
+
+IGNORE = -100  # target value of positions that are not scored (e.g. the copy task's prompt)
+
+
+class SelfAttention(nn.Module):
+    """Projections around an attention kernel: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, cfg: ModelConfig, attention: AttentionConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kernel = build_attention(
+            attention.kind, head_dim=cfg.d_model // cfg.n_heads, **attention.options()
+        )
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, c = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        b, h, t, d = y.shape
+        return self.proj(y.transpose(1, 2).reshape(b, t, h * d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        return self._merge(self.kernel(q, k, v))
+
+    def decode(self, x: torch.Tensor, cache: dict | None) -> tuple[torch.Tensor, dict]:
+        """The next T positions given the kernel's cache of the earlier ones."""
+        q, k, v = self._heads(x)
+        y, cache = self.kernel.decode(q, k, v, cache)
+        return self._merge(y), cache
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention: AttentionConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg, attention)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_ff),
+            nn.GELU(),
+            nn.Linear(cfg.d_ff, cfg.d_model),
+            nn.Dropout(cfg.dropout),
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.mlp(self.ln2(x))
+
+    def decode(self, x: torch.Tensor, cache: dict | None) -> tuple[torch.Tensor, dict]:
+        y, cache = self.attn.decode(self.ln1(x), cache)
+        x = x + self.drop(y)
+        return x + self.mlp(self.ln2(x)), cache
+
+
+def sinusoids(length: int, dim: int) -> torch.Tensor:
+    """(length, dim) fixed position encodings of "Attention is all you need"."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, max_len: int):
+        super().__init__()
+        self.cfg, self.vocab_size, self.max_len = cfg, vocab_size, max_len
+        self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        if cfg.positions == "learned":
+            self.pos_emb = nn.Embedding(max_len, cfg.d_model)
+        else:
+            self.register_buffer("pos_table", sinusoids(max_len, cfg.d_model), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, cfg.attention) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.adaptive = None
+        if cfg.output == "adaptive":
+            cutoffs = [c for c in cfg.adaptive_cutoffs if c < vocab_size]
+            if not cutoffs:
+                raise UserError(
+                    f"model.adaptive_cutoffs {list(cfg.adaptive_cutoffs)}: none is below the "
+                    f"vocabulary size {vocab_size}; lower them or use model.output=softmax"
+                )
+            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(
+                cfg.d_model, vocab_size, cutoffs, div_value=cfg.adaptive_div_value
+            )
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections
+            if name.endswith(("attn.proj.weight", "mlp.2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        t = tokens.shape[1]
+        if start + t > self.max_len:
+            raise UserError(
+                f"{start + t} positions exceed the model's context of {self.max_len} tokens"
+            )
+        x = self.tok_emb(tokens)  # (B, T, C)
+        if self.cfg.positions == "learned":
+            x = x + self.pos_emb.weight[start : start + t]
+        else:
+            x = x + self.pos_table[start : start + t]
+        return self.drop(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> final hidden states (B, T, C)."""
+        x = self._embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def decode(
+        self, tokens: torch.Tensor, caches: list[dict] | None, start: int
+    ) -> tuple[torch.Tensor, list[dict]]:
+        """Hidden states of `tokens` (B, T) at positions start.., given the per-layer caches."""
+        x = self._embed(tokens, start)
+        caches = caches or [None] * len(self.blocks)
+        new = []
+        for block, cache in zip(self.blocks, caches):
+            x, cache = block.decode(x, cache)
+            new.append(cache)
+        return self.ln_f(x), new
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., C) hidden states -> (..., vocab) log-probabilities in fp32."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if self.adaptive is not None:
+            out = self.adaptive.log_prob(flat.float())
+        else:
+            out = F.log_softmax((flat @ self.tok_emb.weight.t()).float(), dim=-1)
+        return out.view(*hidden.shape[:-1], -1)
+
+    def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood in nats of each scored target: (B, T, C), (B, T) -> (N,)."""
+        keep = targets.reshape(-1) != IGNORE
+        flat = hidden.reshape(-1, hidden.shape[-1])[keep]
+        target = targets.reshape(-1)[keep]
+        if self.adaptive is not None:
+            return -self.adaptive(flat.float(), target).output
+        logits = flat @ self.tok_emb.weight.t()  # tied output embedding
+        return F.cross_entropy(logits.float(), target, reduction="none")
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(summed NLL in nats, number of scored targets) of a batch."""
+        nll = self.token_nll(self(tokens), targets)
+        return nll.sum(), nll.numel()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
