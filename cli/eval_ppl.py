@@ -1,9 +1,10 @@
-"""Perplexity of a checkpoint on a split (copy task: loss and accuracy on the copied half).
+r"""Perplexity of a checkpoint on a split (copy task: loss and accuracy on the copied half).
 
 examples:
   sbtrain eval-ppl checkpoints/wt103/checkpoint_best.pt
   sbtrain eval-ppl checkpoints/wt103/checkpoint_best.pt --split valid --context-window 1024 --json
-  sbtrain eval-ppl checkpoints/wt103-full/checkpoint_best.pt --attention scatterbrain sparse=local window=128 n_features=128
+  sbtrain eval-ppl checkpoints/wt103-full/checkpoint_best.pt \
+      --attention scatterbrain sparse=local window=128 n_features=128
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Train a model; rerunning the same command resumes from {save_dir}/checkpoint_last.pt.
+r"""Train a model; rerunning the same command resumes from {save_dir}/checkpoint_last.pt.
 
 examples:
   sbtrain train recipes/wt103.yaml
-  sbtrain train recipes/debug.yaml train.max_updates=50 model.attention.kind=local model.attention.window=16
-  sbtrain train recipes/wt103-ft.yaml --restore-file checkpoints/wt103/checkpoint_best.pt --reset-optimizer
+  sbtrain train recipes/debug.yaml train.max_updates=50 "model.attention={kind: local, window: 16}"
+  sbtrain train recipes/wt103.yaml train.save_dir=checkpoints/ft \
+      --restore-file checkpoints/wt103/checkpoint_best.pt --reset-optimizer --reset-dataloader
   torchrun --standalone --nproc_per_node=2 -m sbtrain train recipes/debug.yaml    # DDP
 """
 

@@ -268,7 +268,8 @@ def _plain(value: Any) -> Any:
 
 def _build(cls: type, tree: Any, prefix: str, source: str) -> Any:
     if not isinstance(tree, Mapping):
-        raise ConfigError(f"{source}: {prefix or 'recipe'} must be a mapping, got {tree!r}")
+        where = prefix.rstrip(".") or "the recipe"
+        raise ConfigError(f"{source}: {where} must be a mapping, got {tree!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     kwargs = {}

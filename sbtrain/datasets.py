@@ -138,7 +138,8 @@ class EpochSampler:
             )
         if n_samples < batch_size:
             raise UserError(
-                f"the training set has {n_samples} samples, fewer than train.batch_size={batch_size}"
+                f"the training set has {n_samples} samples, "
+                f"fewer than train.batch_size={batch_size}"
             )
         self.n_samples, self.batch_size, self.seed = n_samples, batch_size, seed
         self.rank, self.world_size = rank, world_size

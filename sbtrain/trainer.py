@@ -441,13 +441,14 @@ def check_compatible(state: dict, recipe: Recipe, vocab_size: int, path: Path) -
     ):
         if old.get(key) != new.get(key):
             raise UserError(
-                f"{path} holds a model with model.{key}={old.get(key)}, the recipe has {new.get(key)}: "
-                "use another train.save_dir, or --restore-file with a matching checkpoint"
+                f"{path} holds a model with model.{key}={old.get(key)}, the recipe has "
+                f"{new.get(key)}: use another train.save_dir, or a matching --restore-file"
             )
     if state["vocab_size"] != vocab_size or state["recipe"].get("task") != recipe.task:
         raise UserError(
-            f"{path} was trained on a vocabulary of {state['vocab_size']} ({state['recipe'].get('task')}), "
-            f"the data has {vocab_size} ({recipe.task}): use another train.save_dir"
+            f"{path} was trained on {state['recipe'].get('task')} with a vocabulary of "
+            f"{state['vocab_size']}, this is {recipe.task} with {vocab_size}: "
+            "use another train.save_dir"
         )
 
 

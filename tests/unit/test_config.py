@@ -1,0 +1,99 @@
+"""Recipes: YAML onto frozen dataclasses, overrides, includes, and one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sbtrain.config import ConfigError, Recipe, load_recipe, recipe_from_dict
+from tests.conftest import ROOT
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_design_contract():
+    r = Recipe()
+    assert (r.model.n_layers, r.model.n_heads, r.model.d_model) == (16, 8, 512)
+    assert r.data.tokens_per_sample == 2048 and r.train.batch_size == 12
+
+
+def test_every_field_has_a_one_line_doc():
+    def walk(cls):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+            assert "\n" not in f.metadata["help"]
+            if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+                walk(f.type)
+
+    for section in (Recipe, *(type(getattr(Recipe(), f.name)) for f in dataclasses.fields(Recipe))):
+        if dataclasses.is_dataclass(section):
+            walk(section)
+
+
+def test_precedence_default_then_include_then_file_then_command_line(tmp_path):
+    write(tmp_path, "base.yaml", "model: {n_layers: 3, d_model: 128}\ntrain: {seed: 5}\n")
+    path = write(tmp_path, "top.yaml", "include: base.yaml\nmodel: {n_layers: 4}\n")
+    r = load_recipe(path, ["train.seed=9"])
+    assert r.model.n_layers == 4  # file over include
+    assert r.model.d_model == 128  # include over default
+    assert r.train.seed == 9  # command line over all
+    assert r.model.n_heads == 8  # default
+
+
+def test_attention_section_replaces_whole_across_includes(tmp_path):
+    write(tmp_path, "base.yaml", "model: {attention: {kind: local, window: 16}}\n")
+    path = write(tmp_path, "top.yaml", "include: base.yaml\nmodel: {attention: {kind: full}}\n")
+    assert load_recipe(path).model.attention.options() == {}
+
+
+def test_float_from_yaml_exponent_without_dot(tmp_path):
+    path = write(tmp_path, "r.yaml", "optim: {lr: 1e-4}\n")
+    assert load_recipe(path).optim.lr == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    "text, override, message",
+    [
+        ("model: {n_layer: 2}\n", [], "unknown key model.n_layer (did you mean model.n_layers?)"),
+        ("model: {n_layers: two}\n", [], "model.n_layers must be int"),
+        ("", ["train.bogus=1"], "unknown key train.bogus"),
+        ("", ["model.dropout=high"], "model.dropout must be float"),
+        ("model: {d_model: 100, n_heads: 8}\n", [], "not divisible by model.n_heads"),
+        ("train: {precision: fp8}\n", [], "train.precision must be one of fp32 | bf16 | fp16"),
+        ("model: {attention: {kind: full, window: 4}}\n", [], "does not take window"),
+        ("model: {attention: {kind: nope}}\n", [], "model.attention.kind must be one of"),
+        ("model: [1, 2]\n", [], "model must be a mapping"),
+        ("model: {n_layers: 2\n", [], "not valid YAML"),
+        ("", ["model.n_layers"], "expected key=value"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_the_file(tmp_path, text, override, message):
+    path = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(path, override)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+    if not override or "=" in override[0]:
+        assert "bad.yaml" in str(e.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_resolved_recipe_round_trips_through_a_plain_dict():
+    r = load_recipe(ROOT / "recipes" / "debug.yaml", ["model.n_layers=3"])
+    assert recipe_from_dict(r.to_dict()) == r
+
+
+def test_every_shipped_recipe_loads():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        load_recipe(path)
