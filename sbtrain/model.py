@@ -121,16 +121,17 @@ class TransformerLM(nn.Module):
             nn.init.zeros_(module.bias)
 
     def _embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        t = tokens.shape[1]
-        if start + t > self.max_len:
-            raise UserError(
-                f"{start + t} positions exceed the model's context of {self.max_len} tokens"
-            )
+        stop = start + tokens.shape[1]
         x = self.tok_emb(tokens)  # (B, T, C)
         if self.cfg.positions == "learned":
-            x = x + self.pos_emb.weight[start : start + t]
-        else:
-            x = x + self.pos_table[start : start + t]
+            if stop > self.max_len:
+                raise UserError(
+                    f"{stop} positions exceed the model's {self.max_len} learned positions"
+                )
+            x = x + self.pos_emb.weight[start:stop]
+        else:  # sinusoids extend past the training length
+            table = self.pos_table if stop <= len(self.pos_table) else sinusoids(stop, x.shape[-1])
+            x = x + table[start:stop].to(x.device)
         return self.drop(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

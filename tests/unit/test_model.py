@@ -74,7 +74,7 @@ def test_adaptive_output_needs_a_cutoff_below_the_vocabulary():
         TransformerLM(cfg, vocab_size=100, max_len=8)
 
 
-def test_sequences_longer_than_the_context_are_refused():
+def test_sequences_longer_than_the_learned_positions_are_refused():
     model = TransformerLM(ModelConfig(n_layers=1, n_heads=2, d_model=16, d_ff=32), 20, max_len=8)
-    with pytest.raises(UserError, match="exceed the model's context of 8"):
+    with pytest.raises(UserError, match="exceed the model's 8 learned positions"):
         model(torch.zeros(1, 9, dtype=torch.long))

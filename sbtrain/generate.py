@@ -1,0 +1,114 @@
+"""`sbtrain generate`: sampling, one token at a time from per-layer attention caches.
+
+full and local attention decode with a KV cache (local: bounded by its window); performer and
+scatterbrain with `sparse: local` keep a recurrent state (running sums of phi(k) v^T and phi(k)
+plus the window's keys), so a step costs the same at any context length. LSH kinds recompute.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sbtrain.distributed import pick_device
+from sbtrain.errors import UserError
+from sbtrain.evaluate import load_model
+from sbtrain.model import TransformerLM
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf all but the top_k logits and the smallest set whose probability >= top_p."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model: TransformerLM,
+    prompt: list[int],
+    max_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[int]:
+    """Continue `prompt` (token ids) by `max_tokens` tokens; temperature 0 is greedy."""
+    if not prompt:
+        raise UserError("the prompt is empty: give at least one token")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.tensor([prompt], device=device)
+    hidden, caches = model.decode(tokens, None, start=0)  # prefill the prompt at once
+    out = []
+    for step in range(max_tokens):
+        logits = model.log_probs(hidden[:, -1])  # (1, V) log-probabilities
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+        out.append(int(nxt))
+        if step + 1 < max_tokens:
+            hidden, caches = model.decode(nxt, caches, start=len(prompt) + step)
+    return out
+
+
+def main(
+    path: str,
+    prompt: str,
+    max_tokens: int = 50,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    device: str = "auto",
+    attention: dict | None = None,
+) -> dict:
+    """Sample a continuation of a text prompt (copy task: space-separated symbol ids)."""
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_tokens < 0:
+        raise UserError(
+            "need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-tokens >= 0"
+        )
+    model, recipe, _ = load_model(path, pick_device(device), attention)
+    if recipe.task == "copy":
+        ids = _symbols(prompt, model.vocab_size)
+        decode = lambda out: " ".join(map(str, out))  # noqa: E731
+    else:
+        from sbtrain.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(recipe.data.dir)
+        ids, decode = tokenizer.encode(prompt), tokenizer.decode
+    if model.cfg.positions == "learned" and len(ids) + max_tokens > model.max_len:
+        raise UserError(
+            f"prompt ({len(ids)} tokens) + --max-tokens {max_tokens} exceed the {model.max_len} "
+            "learned positions of this model; shorten them"
+        )
+    start = time.perf_counter()
+    out = sample(model, ids, max_tokens, temperature, top_k, top_p, seed)
+    seconds = time.perf_counter() - start
+    return {
+        "prompt_tokens": len(ids),
+        "tokens": out,
+        "text": decode(out),
+        "tokens_per_s": len(out) / max(seconds, 1e-9),
+    }
+
+
+def _symbols(prompt: str, vocab_size: int) -> list[int]:
+    try:
+        ids = [int(word) for word in prompt.split()]
+    except ValueError:
+        raise UserError(
+            "copy-task prompts are symbol ids separated by spaces, e.g. '0 5 17 3'"
+        ) from None
+    if any(not 0 <= i < vocab_size for i in ids):
+        raise UserError(f"copy-task symbols are 0..{vocab_size - 1}")
+    return ids
