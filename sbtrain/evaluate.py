@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,11 @@ def main(
         stats_path = Path(folder) / f"{split}.json"
         split_stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
     bar = tqdm(
-        total=len(dataset), desc=f"eval {split}", unit="seq", disable=not progress, leave=False
+        total=len(dataset),
+        desc=f"eval {split}",
+        unit="seq",
+        disable=not (progress and sys.stderr.isatty()),
+        leave=False,
     )
     start = time.perf_counter()
     s = score(

@@ -42,14 +42,18 @@ def write_token_folder(
 
 @pytest.fixture(scope="session")
 def token_folder(tmp_path_factory) -> Path:
-    """A learnable token stream (noisy counting modulo 17), train 20k tokens, valid 3k."""
+    """A learnable stream with long-range structure: runs of 200 tokens drawn from one of 4
+    overlapping 16-token "topics" (ids 4..63), so earlier tokens tell which topic a run is in.
+    train: 20k tokens, valid: 3k, vocabulary 64."""
     rng = np.random.default_rng(0)
+    topics = [rng.choice(np.arange(4, 64), 16, replace=False) for _ in range(4)]
 
     def stream(n):
-        return (np.arange(n) % 17 + rng.integers(0, 2, n) + 4).astype(np.uint16)
+        runs = [rng.choice(topics[rng.integers(4)], 200) for _ in range(n // 200 + 1)]
+        return np.concatenate(runs)[:n].astype(np.uint16)
 
     return write_token_folder(
-        tmp_path_factory.mktemp("tokens"), {"train": stream(20_000), "valid": stream(3_000)}, 32
+        tmp_path_factory.mktemp("tokens"), {"train": stream(20_000), "valid": stream(3_000)}, 64
     )
 
 
@@ -69,3 +73,22 @@ def subprocess_env() -> dict[str, str]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def trained_debug(token_folder, tmp_path_factory) -> Path:
+    """A debug-size model trained for 150 updates on `token_folder`: its save_dir."""
+    from cli.main import main
+
+    save_dir = tmp_path_factory.mktemp("trained")
+    args = [
+        "train",
+        str(DEBUG_RECIPE),
+        f"data.dir={token_folder}",
+        f"train.save_dir={save_dir}",
+        "train.tensorboard=false",
+        "train.max_updates=150",
+        "train.max_epochs=10",
+    ]
+    assert main(args) == 0
+    return save_dir

@@ -64,7 +64,7 @@ def test_loss_falls_and_logs_parse(token_folder, tmp_path, capsys):
     )
     records = read_jsonl(tmp_path / "train.jsonl")
     assert [r["update"] for r in records] == list(range(5, 61, 5))
-    assert records[-1]["loss"] < 0.6 * records[0]["loss"]
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0  # bits
     for key in ("loss", "ppl", "wps", "ups", "wpb", "bsz", "gnorm", "lr", "clip", "wall"):
         assert key in records[0]
     assert records[0]["ppl"] == pytest.approx(2 ** records[0]["loss"])

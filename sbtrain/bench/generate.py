@@ -1,0 +1,79 @@
+"""`sbtrain bench generate`: time and cache memory per generated token versus context length.
+
+A model of the given size (random weights, sinusoidal positions) is prefilled with `context`
+random tokens, then decodes `steps` tokens one at a time. Cache memory is the bytes held by
+all layers' attention caches after the steps: it grows with the context for full attention
+and stays flat for performer and scatterbrain (sparse: local).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sbtrain.config import AttentionConfig, ModelConfig
+from sbtrain.model import TransformerLM
+
+KINDS = {
+    "full": AttentionConfig(kind="full"),
+    "local": AttentionConfig(kind="local", window=256),
+    "performer": AttentionConfig(kind="performer", n_features=256),
+    "scatterbrain": AttentionConfig(
+        kind="scatterbrain", sparse="local", window=128, n_features=128
+    ),
+}
+
+
+def cache_bytes(caches: list[dict]) -> int:
+    return sum(
+        t.numel() * t.element_size() for c in caches for t in c.values() if torch.is_tensor(t)
+    )
+
+
+@torch.no_grad()
+def bench_generate(
+    kinds: list[str],
+    contexts: list[int],
+    steps: int = 32,
+    n_layers: int = 4,
+    d_model: int = 256,
+    n_heads: int = 4,
+    vocab_size: int = 1000,
+    device: str = "cpu",
+) -> list[dict]:
+    rows = []
+    for kind in kinds:
+        cfg = ModelConfig(
+            n_layers=n_layers,
+            n_heads=n_heads,
+            d_model=d_model,
+            d_ff=4 * d_model,
+            dropout=0.0,
+            positions="sinusoidal",
+            attention=KINDS[kind],
+        )
+        torch.manual_seed(0)
+        model = TransformerLM(cfg, vocab_size, max_len=max(contexts) + steps).to(device).eval()
+        for context in contexts:
+            prompt = torch.randint(0, vocab_size, (1, context), device=device)
+            hidden, caches = model.decode(prompt, None, start=0)
+            token = hidden[:, -1:].sum(-1).long().abs() % vocab_size  # any token will do
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            for step in range(steps):
+                hidden, caches = model.decode(token, caches, start=context + step)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            row = {
+                "kind": kind,
+                "context": context,
+                "ms_per_token": 1000 * (time.perf_counter() - start) / steps,
+                "cache_mib": cache_bytes(caches) / 2**20,
+            }
+            if device.startswith("cuda"):
+                row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            rows.append(row)
+    return rows

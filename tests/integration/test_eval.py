@@ -1,0 +1,95 @@
+"""`sbtrain eval-ppl` against an independent computation, and its refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cli.main import main
+from sbtrain import checkpoint
+from sbtrain.config import recipe_from_dict
+from sbtrain.model import TransformerLM
+
+
+def eval_json(capsys, *args) -> dict:
+    assert main(["eval-ppl", *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def independent_nll(ckpt_path, tokens: np.ndarray, eol: int) -> tuple[float, int]:
+    """Summed NLL over non-overlapping blocks of the split, written without sbtrain's datasets."""
+    state = checkpoint.load(ckpt_path)
+    recipe = recipe_from_dict(state["recipe"])
+    model = TransformerLM(recipe.model, state["vocab_size"], recipe.context_length)
+    model.load_state_dict(state["model"])
+    model.eval()
+    stream = torch.tensor([eol, *tokens.tolist()])
+    length = recipe.data.tokens_per_sample
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(tokens), length):
+            piece = stream[start : start + length + 1]
+            logits = model(piece[None, :-1])[0] @ model.tok_emb.weight.t()
+            total += F.cross_entropy(logits.double(), piece[1:], reduction="sum").item()
+            count += len(piece) - 1
+    return total, count
+
+
+def test_eval_ppl_equals_an_independent_computation(trained_debug, token_folder, capsys):
+    ckpt = trained_debug / "checkpoint_best.pt"
+    r = eval_json(capsys, ckpt, "--split", "valid")
+    tokens = np.fromfile(token_folder / "valid.bin", dtype=np.uint16)
+    nll, count = independent_nll(ckpt, tokens, eol=2)
+    assert r["tokens"] == count == len(tokens)  # every token of the split, once
+    assert r["loss_nats"] == pytest.approx(nll / count, rel=1e-5)
+    assert r["ppl"] == pytest.approx(math.exp(r["loss_nats"]), rel=1e-12)
+    assert r["loss_bits"] == pytest.approx(r["loss_nats"] / math.log(2), rel=1e-12)
+    assert r["split"] == "valid"
+
+
+def test_context_window_lowers_perplexity_and_scores_the_same_tokens(trained_debug, capsys):
+    ckpt = trained_debug / "checkpoint_best.pt"
+    plain = eval_json(capsys, ckpt, "--split", "valid")
+    for c in (16, 48):
+        r = eval_json(capsys, ckpt, "--split", "valid", "--context-window", c)
+        assert r["tokens"] == plain["tokens"] and r["context_window"] == c
+        assert r["ppl"] < plain["ppl"]
+
+
+def test_text_output_names_every_figure(trained_debug, capsys):
+    assert main(["eval-ppl", str(trained_debug / "checkpoint_best.pt"), "--split", "valid"]) == 0
+    out = capsys.readouterr().out
+    for word in ("valid", "tokens", "nats", "bits", "ppl", "tokens/s"):
+        assert word in out
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_bad_input_gets_one_line_and_status_2(trained_debug, tmp_path, capsys):
+    ckpt = trained_debug / "checkpoint_best.pt"
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ckpt.read_bytes()[:5000])
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    cases = [
+        ([tmp_path / "notes.pt"], "not a readable checkpoint"),
+        ([cut], "truncated or corrupt"),
+        ([tmp_path / "foreign.pt"], "not an sbtrain checkpoint"),
+        ([tmp_path / "absent.pt"], "checkpoint not found"),
+        ([ckpt, "--split", "test"], "split 'test' was not preprocessed"),
+        ([ckpt, "--context-window", "64"], "--context-window 64: must be in [0, 64)"),
+        ([ckpt, "--attention", "full", "window=8"], "does not take window"),
+        ([ckpt, "--attention", "nope"], "model.attention.kind must be one of"),
+    ]
+    for args, message in cases:
+        assert main(["eval-ppl", *map(str, args)]) == 2, args
+        assert message in one_error_line(capsys)
