@@ -3,7 +3,8 @@
     attn = build_attention("scatterbrain", head_dim=64, sparse="local", window=128, n_features=128)
     out = attn(q, k, v)   # (batch, heads, length, head_dim) -> same shape as v; always causal
 
-Each kind lives in its own file; `reference.py` holds their dense float64 definitions.
+Each kind lives in its own file; `reference.py` holds their dense float64 definitions, and
+README.md in this folder states every kind's semantics, options and cost.
 """
 
 from __future__ import annotations
@@ -13,9 +14,17 @@ import inspect
 from torch import nn
 
 from sbtrain.attention.full import FullAttention
+from sbtrain.attention.local import LocalAttention
+from sbtrain.attention.lsh import LSHAttention
+from sbtrain.attention.performer import PerformerAttention
+from sbtrain.attention.scatterbrain import ScatterbrainAttention
 
 KINDS: dict[str, type[nn.Module]] = {
     "full": FullAttention,
+    "local": LocalAttention,
+    "performer": PerformerAttention,
+    "lsh": LSHAttention,
+    "scatterbrain": ScatterbrainAttention,
 }
 
 
@@ -33,5 +42,7 @@ def check_attention(kind: str, head_dim: int, **options) -> None:
     unknown = sorted(set(options) - set(params))
     if unknown:
         takes = ", ".join(p for p in params if p != "head_dim") or "no options"
-        raise TypeError(f"attention kind {kind!r} does not take {', '.join(unknown)} (it takes: {takes})")
+        raise TypeError(
+            f"attention kind {kind!r} does not take {', '.join(unknown)} (it takes: {takes})"
+        )
     KINDS[kind].check_options(head_dim=head_dim, **options)
