@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from sbtrain.attention.common import EMPTY, Part, chunked, combine, shifted, unchunked
+from sbtrain.attention.common import EMPTY, Part, chunked, combine, unchunked
 
 
 class FeatureState(NamedTuple):
@@ -48,9 +48,9 @@ def draw_projection(head_dim: int, n_features: int, generator: torch.Generator) 
 def log_features(x: torch.Tensor, projection: torch.Tensor, tau: float) -> torch.Tensor:
     """log phi(x): (B, H, L, D) -> (B, H, L, m), m = 2 * projection rows, in x's dtype."""
     x = x * tau**0.5
-    wx = x @ projection.to(x.dtype).T  # (B, H, L, m/2)
-    offset = 0.5 * (x * x).sum(-1, keepdim=True) + 0.5 * math.log(2 * projection.shape[0])
-    return torch.cat([wx, -wx], dim=-1) - offset
+    both = torch.cat([projection, -projection]).to(x.dtype)  # (m, D): one matmul for both halves
+    offset = 0.5 * (x * x).sum(-1, keepdim=True) + 0.5 * math.log(both.shape[0])
+    return (x @ both.T).sub_(offset)  # (B, H, L, m)
 
 
 def empty_state(lk: torch.Tensor, vx: torch.Tensor) -> FeatureState:
@@ -71,7 +71,9 @@ def fold(state: FeatureState, lk: torch.Tensor, vx: torch.Tensor) -> FeatureStat
     return FeatureState(nd, new_max)
 
 
-class _Scan(NamedTuple):
+class ChunkScan(NamedTuple):
+    """Per-chunk key sums of `scan_chunks`, every one on a scale that only covers past chunks."""
+
     key_weights: (
         torch.Tensor
     )  # (B, H, N, C, m): exp(log phi(k) - M_c), M_c = running max up to chunk c
@@ -81,7 +83,7 @@ class _Scan(NamedTuple):
     final: FeatureState  # after every chunk
 
 
-def _scan(lk_c: torch.Tensor, vx_c: torch.Tensor, state: FeatureState) -> _Scan:
+def scan_chunks(lk_c: torch.Tensor, vx_c: torch.Tensor, state: FeatureState) -> ChunkScan:
     """Exclusive scan of per-chunk key sums `lk_c` (B, H, N, C, m), `vx_c` (B, H, N, C, E).
 
     The loop runs over chunks, not positions: each step rescales the carried state to the new
@@ -93,22 +95,52 @@ def _scan(lk_c: torch.Tensor, vx_c: torch.Tensor, state: FeatureState) -> _Scan:
     key_weights = torch.exp(lk_c - running.unsqueeze(-2))
     per_chunk = key_weights.transpose(-1, -2) @ vx_c  # (B, H, N, m, E)
     growth = torch.exp(previous - running).unsqueeze(-1)  # (B, H, N, m, 1), <= 1
-    nd = state.nd
-    before = []
-    for c in range(lk_c.shape[2]):
-        before.append(nd)
-        nd = nd * growth[:, :, c] + per_chunk[:, :, c]
-    final = FeatureState(nd, running[:, :, -1])
-    return _Scan(key_weights, torch.stack(before, dim=2), previous, running, final)
+    before, final = _ExclusiveScan.apply(per_chunk, growth, state.nd)
+    return ChunkScan(key_weights, before, previous, running, FeatureState(final, running[:, :, -1]))
+
+
+class _ExclusiveScan(torch.autograd.Function):
+    """`before[c] = growth[c-1] * before[c-1] + x[c-1]`, `before[0] = initial`: a loop over chunks.
+
+    As a Function, forward and backward are one fused op per chunk writing in place, instead of
+    autograd's per-step slices that each materialise a zero tensor the size of `x`.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, growth: torch.Tensor, initial: torch.Tensor):
+        """x: (B, H, N, m, E); growth: (B, H, N, m, 1), constant; initial: (B, H, m, E).
+        Returns before (B, H, N, m, E) and the state after the last chunk (B, H, m, E)."""
+        before = torch.empty_like(x)
+        before[:, :, 0] = initial
+        last = x.shape[2] - 1
+        for c in range(last):
+            torch.addcmul(x[:, :, c], before[:, :, c], growth[:, :, c], out=before[:, :, c + 1])
+        return before, torch.addcmul(x[:, :, last], before[:, :, last], growth[:, :, last])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_before: torch.Tensor, grad_final: torch.Tensor):
+        # d loss / d x[c] is d loss / d (state after chunk c), accumulated backwards
+        (growth,) = ctx.saved_tensors
+        grad_x = torch.empty_like(grad_before)
+        grad_x[:, :, -1] = grad_final
+        for c in reversed(range(1, growth.shape[2])):
+            torch.addcmul(
+                grad_before[:, :, c], grad_x[:, :, c], growth[:, :, c], out=grad_x[:, :, c - 1]
+            )
+        grad_initial = torch.addcmul(grad_before[:, :, 0], grad_x[:, :, 0], growth[:, :, 0])
+        return grad_x, None, grad_initial
 
 
 def _against_state(lq_c: torch.Tensor, scale: torch.Tensor, states: torch.Tensor) -> Part:
     """Queries `lq_c` (B, H, N, C, m) against per-chunk states (B, H, N, m, E) on log-scale `scale`
-    (B, H, N, m). Returns the part and the query weights exp(lq + scale - top) (B, H, N, C, m)."""
+    (B, H, N, m)."""
     logits = lq_c + scale.unsqueeze(-2)
     top = logits.detach().amax(-1)  # (B, H, N, C)
-    weights = torch.exp(logits - top.unsqueeze(-1))
-    return Part(weights @ states, top), weights
+    return Part(logits.sub_(top.unsqueeze(-1)).exp_() @ states, top)
 
 
 def _within_chunk(lq_c: torch.Tensor, lk_c: torch.Tensor, vx_c: torch.Tensor) -> Part:
@@ -147,35 +179,7 @@ def causal_feature_sum(
     state = state if state is not None else empty_state(lk, vx)
     lq_c, vx_c = chunked(lq, chunk), chunked(vx, chunk)
     lk_c = chunked(lk, chunk, fill=EMPTY)  # padded keys get weight exp(EMPTY - M) = 0
-    scan = _scan(lk_c, vx_c, state)
-    earlier, _ = _against_state(lq_c, scan.previous, scan.before)
+    scan = scan_chunks(lk_c, vx_c, state)
+    earlier = _against_state(lq_c, scan.previous, scan.before)
     part = combine(earlier, _within_chunk(lq_c, lk_c, vx_c))
     return Part(unchunked(part.nd, length), unchunked(part.log_scale, length)), scan.final
-
-
-def windowed_feature_sum(
-    lq: torch.Tensor,
-    lk: torch.Tensor,
-    vx: torch.Tensor,
-    window: int,
-    state: FeatureState | None = None,
-) -> Part:
-    """Σ_{j <= i - window} phi(q_i).phi(k_j) [v_j, 1]: the keys that left the local window.
-
-    Chunks of size `window`: query chunk c sees the state of chunks <= c-2 plus the lower
-    triangle (diagonal included) of chunk c-1, all on the running max M_{c-1} of keys in chunks
-    <= c-1, which are all in every such query's past. No subtraction. Keys in `state` count as
-    older than the whole sequence. lq, lk: (B, H, L, m); vx: (B, H, L, E) -> part (B, H, L, E).
-    """
-    length = lq.shape[-2]
-    state = state if state is not None else empty_state(lk, vx)
-    lq_c, vx_c = chunked(lq, window), chunked(vx, window)
-    lk_c = chunked(lk, window, fill=EMPTY)
-    scan = _scan(lk_c, vx_c, state)
-    # state before chunk c-1, on M_{c-1}; for chunk 0 that is the initial state
-    rescaled = scan.before * torch.exp(scan.previous - scan.running).unsqueeze(-1)
-    older = torch.cat([state.nd.unsqueeze(2), rescaled[:, :, :-1]], dim=2)  # (B, H, N, m, E)
-    far, query_weights = _against_state(lq_c, scan.previous, older)
-    previous_keys = shifted(scan.key_weights)  # chunk 0 gets zero weights: there is no chunk -1
-    near = torch.tril(query_weights @ previous_keys.transpose(-1, -2)) @ shifted(vx_c)
-    return Part(unchunked(far.nd + near, length), unchunked(far.log_scale, length))

@@ -20,35 +20,50 @@ from sbtrain.attention.common import (
 )
 
 
-def _outside_window(n_chunks: int, window: int, device: torch.device) -> torch.Tensor:
-    """(N, W, 2W) bool, True where key t of [chunk c-1, chunk c] is not in query r's window.
+def window_bias(
+    n_chunks: int, window: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive masks (0 or -inf) for query chunk c against key chunks c-1 and c.
 
-    Query r of chunk c is position cW + r; key t is position (c-1)W + t; it is in the window iff
-    r < t <= r + W. Chunk 0 has no chunk -1.
+    Query r of chunk c is position cW + r. Key t of chunk c-1 ((c-1)W + t) is in its window iff
+    t > r; key t of chunk c iff t <= r. Chunk 0 has no chunk -1. Returns (N, W, W) and (W, W).
     """
-    r = torch.arange(window, device=device).unsqueeze(-1)
-    t = torch.arange(2 * window, device=device)
-    band = (t <= r) | (t > r + window)  # (W, 2W)
-    first = band | (t < window)
-    return torch.cat([first.unsqueeze(0), band.expand(n_chunks - 1, -1, -1)])
+    r = torch.arange(window, device=like.device).unsqueeze(-1)
+    t = torch.arange(window, device=like.device)
+    zero = torch.zeros((), dtype=like.dtype, device=like.device)
+    outside = torch.full((), -math.inf, dtype=like.dtype, device=like.device)
+    previous = torch.where(t > r, zero, outside).expand(n_chunks, -1, -1).clone()
+    previous[0] = -math.inf
+    return previous, torch.where(t <= r, zero, outside)
+
+
+def window_scores(q_c: torch.Tensor, k_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of query chunk c against key chunks c-1 and c, -inf outside the window.
+
+    q_c, k_c: (B, H, N, W, D), q already multiplied by the temperature. Returns two
+    (B, H, N, W, W): against chunk c-1 (window keys: strict upper triangle) and chunk c (lower
+    triangle with the diagonal). The mask is added in place: no extra tensor, and its backward is
+    the identity (masked scores get weight exp(-inf) = 0, hence zero gradient).
+    """
+    bias_previous, bias_current = window_bias(q_c.shape[2], q_c.shape[3], q_c)
+    previous = (q_c @ shifted(k_c).transpose(-1, -2)).add_(bias_previous)
+    current = (q_c @ k_c.transpose(-1, -2)).add_(bias_current)
+    return previous, current
 
 
 def local_part(q: torch.Tensor, k: torch.Tensor, vx: torch.Tensor, window: int) -> Part:
     """Exact `exp(q.k)` over the window, chunked with chunk size = window.
 
     q: (B, H, L, D), already multiplied by the temperature; k: (B, H, L, D); vx: (B, H, L, E).
-    Query chunk c meets keys of chunks c-1 and c only: scores (B, H, L/W, W, 2W), memory
+    Query chunk c meets keys of chunks c-1 and c only: scores 2 x (B, H, L/W, W, W), memory
     O(L window), never L x L. Returns the part (B, H, L, E) on the per-query max score.
     """
     length = q.shape[-2]
     q_c, k_c, vx_c = chunked(q, window), chunked(k, window), chunked(vx, window)
-    keys = torch.cat([shifted(k_c), k_c], dim=-2)  # (B, H, N, 2W, D)
-    values = torch.cat([shifted(vx_c), vx_c], dim=-2)  # (B, H, N, 2W, E)
-    scores = q_c @ keys.transpose(-1, -2)  # (B, H, N, W, 2W)
-    scores = scores.masked_fill(_outside_window(q_c.shape[2], window, q.device), -math.inf)
-    top = scores.detach().amax(-1)  # finite: the diagonal is always in the window
-    nd = torch.exp(scores - top.unsqueeze(-1)) @ values
-    return Part(unchunked(nd, length), unchunked(top, length))
+    previous, current = window_scores(q_c, k_c)
+    top = torch.maximum(previous.detach().amax(-1), current.detach().amax(-1)).unsqueeze(-1)
+    nd = previous.sub_(top).exp_() @ shifted(vx_c) + current.sub_(top).exp_() @ vx_c
+    return Part(unchunked(nd, length), unchunked(top.squeeze(-1), length))
 
 
 class LocalAttention(nn.Module):
@@ -67,7 +82,7 @@ class LocalAttention(nn.Module):
     def check_options(head_dim: int, window: int = 128) -> None:
         if head_dim <= 0:
             raise ValueError(f"head_dim must be positive, got {head_dim}")
-        if not isinstance(window, int) or window <= 0:
+        if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
             raise ValueError(f"local: window must be a positive integer, got {window!r}")
 
     def forward_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Part:

@@ -16,16 +16,20 @@ import torch
 from torch import nn
 
 from sbtrain.attention.common import (
+    EMPTY,
     Part,
     cached_kv,
     check_seed,
+    chunked,
     combine,
     compute_dtype,
     full_precision,
     generator,
     normalise,
     resolve_seed,
+    shifted,
     subtract,
+    unchunked,
     with_ones,
 )
 from sbtrain.attention.features import (
@@ -35,9 +39,9 @@ from sbtrain.attention.features import (
     empty_state,
     fold,
     log_features,
-    windowed_feature_sum,
+    scan_chunks,
 )
-from sbtrain.attention.local import local_part
+from sbtrain.attention.local import window_scores
 from sbtrain.attention.lsh import (
     KeyFeatures,
     QueryFeatures,
@@ -168,25 +172,18 @@ class ScatterbrainAttention(nn.Module):
         lk = log_features(all_k, self.projection, self.tau)  # (B, H, n + T, m)
         vx = with_ones(all_v)
         if self.window:
-            lowrank, exact, state = self._windowed(q, all_k, lq, lk, vx, state, keep_cache)
-            parts = [exact]
+            part, state = self._windowed(q, all_k, lq, lk, vx, state, keep_cache)
         else:
             seen = context_k.shape[-2]
-            lowrank, state = causal_feature_sum(
-                lq, lk[:, :, seen:], vx[:, :, seen:], self.chunk_size, state
-            )
-            parts = []
+            lk_new, vx_new = lk[:, :, seen:], vx[:, :, seen:]
+            part, state = causal_feature_sum(lq, lk_new, vx_new, self.chunk_size, state)
         if self.lsh:
             features = (_weights(lq, QueryFeatures), _weights(lk, KeyFeatures))
-            scaled_q = q * self.tau
             exact, products = lsh_parts(
-                scaled_q, all_k, vx, self.rotations, self.bucket_size, self.window, features
+                q * self.tau, all_k, vx, self.rotations, self.bucket_size, self.window, features
             )
-            lowrank = subtract(lowrank, products)
-            parts.append(exact)
-        if not keep_cache:
-            return combine(lowrank, *parts), None
-        return combine(lowrank, *parts), self._next_cache(state, all_k, all_v)
+            part = combine(subtract(part, products), exact)
+        return part, (self._next_cache(state, all_k, all_v) if keep_cache else None)
 
     def _windowed(
         self,
@@ -197,8 +194,8 @@ class ScatterbrainAttention(nn.Module):
         vx: torch.Tensor,
         state: FeatureState | None,
         keep_cache: bool,
-    ) -> tuple[Part, Part, FeatureState | None]:
-        """Window-aligned low-rank and exact parts for the last T = len(q) of n + T keys.
+    ) -> tuple[Part, FeatureState | None]:
+        """`window_part` for the last T = len(q) of n + T keys, and the state for the next call.
 
         `state` holds every key before the last window - 1 cached ones; those cached keys get
         dummy zero queries in front of q, whose outputs are dropped.
@@ -210,19 +207,13 @@ class ScatterbrainAttention(nn.Module):
             q = torch.cat([q.new_zeros(*q.shape[:2], dummies, q.shape[-1]), q], dim=-2)
             lq = torch.cat([lq.new_zeros(*lq.shape[:2], dummies, lq.shape[-1]), lq], dim=-2)
         lk, vx = lk[:, :, start:], vx[:, :, start:]
-        lowrank = windowed_feature_sum(lq, lk, vx, window, state)
-        exact = local_part(q * self.tau, all_k[:, :, start:], vx, window)
-        lowrank, exact = (
-            Part(p.nd[:, :, dummies:], p.log_scale[:, :, dummies:]) for p in (lowrank, exact)
-        )
+        state = state if state is not None else empty_state(lk, vx)
+        part = window_part(q * self.tau, all_k[:, :, start:], vx, lq, lk, window, state)
+        part = Part(part.nd[:, :, dummies:], part.log_scale[:, :, dummies:])
         if keep_cache:
             leaving = max(0, lk.shape[-2] - (window - 1))
-            state = fold(
-                state if state is not None else empty_state(lk, vx),
-                lk[:, :, :leaving],
-                vx[:, :, :leaving],
-            )
-        return lowrank, exact, state
+            state = fold(state, lk[:, :, :leaving], vx[:, :, :leaving])
+        return part, state
 
     def _next_cache(self, state: FeatureState, all_k: torch.Tensor, all_v: torch.Tensor) -> dict:
         cache = state_to_cache(state)
@@ -254,6 +245,45 @@ class ScatterbrainAttention(nn.Module):
         with full_precision(q):
             part, cache = self._run(q, k, v, cache, keep_cache=True)
             return normalise(part).to(v.dtype), cache
+
+
+def window_part(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    vx: torch.Tensor,
+    lq: torch.Tensor,
+    lk: torch.Tensor,
+    window: int,
+    state: FeatureState,
+) -> Part:
+    """Exact `exp(q.k)` on (i - window, i] plus `phi(q).phi(k)` on j <= i - window, one scale.
+
+    q: (B, H, L, D) multiplied by the temperature; k: (B, H, L, D); vx: (B, H, L, E); lq, lk:
+    (B, H, L, m) log-features; `state` holds keys older than the whole sequence. Chunks are
+    aligned to the window: query chunk c gets exact scores against chunks c-1 (strict upper
+    triangle) and c (lower triangle), and features against the state of chunks <= c-2 plus the
+    lower triangle, diagonal included, of chunk c-1: no subtraction. Feature scales are the running
+    max over chunks <= c-1, all in chunk c's past. One per-query log-scale (the max of exact
+    scores and feature logits) serves every term, so the parts add without rescaling.
+    Returns the part (B, H, L, E).
+    """
+    length = q.shape[-2]
+    q_c, k_c, vx_c, lq_c = (chunked(x, window) for x in (q, k, vx, lq))
+    scan = scan_chunks(chunked(lk, window, fill=EMPTY), vx_c, state)
+    # state before chunk c-1 on scale M_{c-1}; for chunk 0, the initial state
+    rescaled = scan.before * torch.exp(scan.previous - scan.running).unsqueeze(-1)
+    older = torch.cat([state.nd.unsqueeze(2), rescaled[:, :, :-1]], dim=2)  # (B, H, N, m, E)
+    previous, current = window_scores(q_c, k_c)  # (B, H, N, W, W) each
+    logits = lq_c + scan.previous.unsqueeze(-2)  # (B, H, N, W, m)
+    tops = [x.detach().amax(-1) for x in (previous, current, logits)]
+    top = torch.maximum(torch.maximum(tops[0], tops[1]), tops[2]).unsqueeze(-1)
+    query_weights = logits.sub_(top).exp_()
+    near = query_weights @ shifted(scan.key_weights).transpose(-1, -2)  # (B, H, N, W, W)
+    lower = torch.ones(window, window, dtype=q.dtype, device=q.device).tril()
+    previous_weights = torch.addcmul(previous.sub_(top).exp_(), near, lower)
+    nd = query_weights @ older + previous_weights @ shifted(vx_c)
+    nd = nd + current.sub_(top).exp_() @ vx_c  # (B, H, N, W, E)
+    return Part(unchunked(nd, length), unchunked(top.squeeze(-1), length))
 
 
 def _weights(logits: torch.Tensor, kind: type) -> QueryFeatures | KeyFeatures:
