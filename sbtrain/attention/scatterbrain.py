@@ -73,6 +73,11 @@ def resolve_options(sparse: str, **options) -> dict:
         if name not in unused
     }
     resolved.setdefault("window", 0)
+    window = resolved["window"]
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(
+            f"scatterbrain: window must be an integer >= 0 (0: no exact window), got {window!r}"
+        )
     if resolved["window"] and options.get("chunk_size") is not None:
         raise ValueError(
             "scatterbrain: chunk_size is not an option with a local window "
@@ -137,11 +142,7 @@ class ScatterbrainAttention(nn.Module):
         given = dict(window=window, chunk_size=chunk_size, n_hashes=n_hashes)
         given.update(bucket_size=bucket_size, n_buckets=n_buckets)
         options = resolve_options(sparse, **given)
-        check_features(head_dim, n_features, options["chunk_size"] or 1)
-        if not isinstance(options["window"], int) or options["window"] < 0:
-            raise ValueError(
-                f"scatterbrain: window must be an integer >= 0 (0: no exact window), got {window!r}"
-            )
+        check_features(head_dim, n_features, options["chunk_size"])
         if "lsh" in sparse:
             check_lsh(options["n_hashes"], options["bucket_size"], options["n_buckets"])
         check_seed(seed)
