@@ -3,7 +3,8 @@
     attn = build_attention("scatterbrain", head_dim=64, sparse="local", window=128, n_features=128)
     out = attn(q, k, v)   # (batch, heads, length, head_dim) -> same shape as v; always causal
 
-Each kind lives in its own file; `reference.py` holds their dense float64 definitions.
+Each kind lives in its own file; `reference.py` holds their dense float64 definitions, and
+README.md in this folder states every kind's semantics, options and cost.
 """
 
 from __future__ import annotations
@@ -13,9 +14,17 @@ import inspect
 from torch import nn
 
 from sbtrain.attention.full import FullAttention
+from sbtrain.attention.local import LocalAttention
+from sbtrain.attention.lsh import LSHAttention
+from sbtrain.attention.performer import PerformerAttention
+from sbtrain.attention.scatterbrain import ScatterbrainAttention
 
 KINDS: dict[str, type[nn.Module]] = {
     "full": FullAttention,
+    "local": LocalAttention,
+    "performer": PerformerAttention,
+    "lsh": LSHAttention,
+    "scatterbrain": ScatterbrainAttention,
 }
 
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sbtrain.attention.common import cached_kv
+
 
 class FullAttention(nn.Module):
     """`softmax(q k^T / sqrt(d)) v` over all keys j <= i. Time O(L^2 d), memory O(L) (flash)."""
@@ -22,3 +24,18 @@ class FullAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: (B, H, L, D) -> (B, H, L, D)."""
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
+    ) -> tuple[torch.Tensor, dict]:
+        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
+
+        The cache holds every key and value (a KV cache).
+        """
+        context_k, context_v = cached_kv(cache, k, v)
+        all_k, all_v = torch.cat([context_k, k], dim=-2), torch.cat([context_v, v], dim=-2)
+        seen, count = context_k.shape[-2], q.shape[-2]
+        rows = torch.arange(seen, seen + count, device=q.device).unsqueeze(-1)
+        visible = torch.arange(seen + count, device=q.device) <= rows  # (T, n + T)
+        out = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=visible)
+        return out, {"k": all_k, "v": all_v}

@@ -1,0 +1,120 @@
+"""Pieces every non-SDPA kind shares: compute precision, chunking, and log-scaled partial sums.
+
+A *part* of an attention output is, per query, an unnormalised numerator and denominator together
+with a log-scale: the true sums are `nd * exp(log_scale)`. Parts computed on different scales
+(exact scores, random-feature products) are added like logaddexp, so nothing overflows and the
+denominator, a sum of positive terms, stays positive. The denominator rides along as an extra
+last column of the values (`with_ones`), so one matmul produces numerator and denominator.
+
+Log-scales are always *detached*: a part represents `nd * exp(log_scale)`, whose value does not
+depend on the scale chosen, so treating the scale as a constant gives exact gradients and saves
+the backward of every max.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# The log-scale of an empty part: exp(EMPTY - finite) is 0, and EMPTY - EMPTY is 0, not NaN.
+EMPTY = -1.0e30
+
+
+class Part(NamedTuple):
+    """Per query: `nd` (B, H, L, D+1), numerator then denominator; `log_scale` (B, H, L)."""
+
+    nd: torch.Tensor
+    log_scale: torch.Tensor
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp64 stays fp64 (tests); everything else is computed in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def full_precision(x: torch.Tensor) -> Iterator[None]:
+    """Autocast off inside the kernels: states, sums and denominators must not drop to bf16/fp16."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        yield
+
+
+def with_ones(v: torch.Tensor) -> torch.Tensor:
+    """(…, D) -> (…, D+1): a column of ones, so `weights @ with_ones(v)` also sums the weights."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+def combine(*parts: Part) -> Part:
+    """Add parts on their common log-scale (the largest): logaddexp for (numerator, denominator)."""
+    scale = parts[0].log_scale
+    for part in parts[1:]:
+        scale = torch.maximum(scale, part.log_scale)
+    nd = sum(p.nd * torch.exp(p.log_scale - scale).unsqueeze(-1) for p in parts)
+    return Part(nd, scale)
+
+
+def subtract(whole: Part, piece: Part) -> Part:
+    """`whole - piece`, where `piece` is a sub-sum of `whole`'s positive terms.
+
+    The denominator is clamped at 0: mathematically it is a sum of the remaining positive terms,
+    and rounding must not make it negative.
+    """
+    scale = torch.maximum(whole.log_scale, piece.log_scale)
+    nd = whole.nd * torch.exp(whole.log_scale - scale).unsqueeze(-1)
+    nd = nd - piece.nd * torch.exp(piece.log_scale - scale).unsqueeze(-1)
+    return Part(torch.cat([nd[..., :-1], nd[..., -1:].clamp_min(0.0)], dim=-1), scale)
+
+
+def normalise(part: Part) -> torch.Tensor:
+    """Numerator / denominator: (B, H, L, D+1) -> (B, H, L, D)."""
+    return part.nd[..., :-1] / part.nd[..., -1:]
+
+
+def chunked(x: torch.Tensor, chunk: int, fill: float = 0.0) -> torch.Tensor:
+    """(B, H, L, X) -> (B, H, N, chunk, X), padding the end of L with `fill` to N * chunk."""
+    length = x.shape[-2]
+    pad = -length % chunk
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad), value=fill)
+    return x.unflatten(-2, (x.shape[-2] // chunk, chunk))
+
+
+def unchunked(x: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, H, N, C, *X) -> (B, H, length, *X): undo `chunked`, dropping the padding."""
+    return x.flatten(2, 3)[:, :, :length]
+
+
+def shifted(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """(B, H, N, C, X) -> the same, chunk c holding chunk c-1 (chunk 0 holds `fill`)."""
+    first = torch.full_like(x[:, :, :1], fill)
+    return torch.cat([first, x[:, :, :-1]], dim=2)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """`seed`, or one drawn from the global torch RNG (so a seeded model is deterministic)."""
+    if seed is not None:
+        return seed
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator: buffers are drawn on CPU, the same on every device, then moved."""
+    return torch.Generator().manual_seed(seed)
+
+
+def cached_kv(
+    cache: dict | None, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode cache's keys and values (B, H, n, D), or empty ones shaped like `k`, `v`."""
+    if cache is None or "k" not in cache:
+        return k[:, :, :0], v[:, :, :0]
+    return cache["k"], cache["v"]
+
+
+def check_seed(seed: int | None) -> None:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or null, got {seed!r}")

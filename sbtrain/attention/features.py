@@ -1,0 +1,185 @@
+"""FAVOR+ positive random features and their causal (chunked, log-scaled) prefix sums.
+
+`phi(x) = m**-0.5 [exp(W x' - |x'|²/2), exp(-W x' - |x'|²/2)]` with `x' = tau**0.5 x`, so that
+`E[phi(q) . phi(k)] = exp(tau q . k)`. Everything here works on *log*-features `log phi(x)`.
+
+Key features are kept on a per-feature running max over the chunks seen so far (like online
+softmax): the state carried past chunk c is `Σ_j exp(log phi(k_j) - M_c) [v_j, 1]` and is rescaled
+when `M` grows. `M` only ever covers keys a query is allowed to see, so a large future key cannot
+push past keys into underflow. Query features are stabilised by their own max over features.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from sbtrain.attention.common import EMPTY, Part, chunked, combine, unchunked
+
+
+class FeatureState(NamedTuple):
+    """Prefix sums over keys: `nd` (B, H, m, D+1) = Σ_j exp(log phi(k_j) - max) [v_j, 1]^T;
+    `max` (B, H, m): the per-feature log-scale (EMPTY before any key)."""
+
+    nd: torch.Tensor
+    max: torch.Tensor
+
+
+def draw_projection(head_dim: int, n_features: int, generator: torch.Generator) -> torch.Tensor:
+    """W: (n_features/2, head_dim) fp32, stacked orthogonal Gaussian blocks (FAVOR+).
+
+    Each block is the Q of a Gaussian (D, D) matrix, so its rows are orthonormal; every row is
+    then rescaled by the norm of an independent Gaussian vector, matching i.i.d. Gaussian rows in
+    length while keeping the directions orthogonal (lower variance than i.i.d.).
+    """
+    rows = n_features // 2
+    blocks = []
+    for _ in range(math.ceil(rows / head_dim)):
+        gaussian = torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64)
+        orthogonal, _ = torch.linalg.qr(gaussian)
+        blocks.append(orthogonal.T)
+    directions = torch.cat(blocks)[:rows]
+    lengths = torch.randn(rows, head_dim, generator=generator, dtype=torch.float64).norm(dim=1)
+    return (directions * lengths[:, None]).float()
+
+
+def log_features(x: torch.Tensor, projection: torch.Tensor, tau: float) -> torch.Tensor:
+    """log phi(x): (B, H, L, D) -> (B, H, L, m), m = 2 * projection rows, in x's dtype."""
+    x = x * tau**0.5
+    both = torch.cat([projection, -projection]).to(x.dtype)  # (m, D): one matmul for both halves
+    offset = 0.5 * (x * x).sum(-1, keepdim=True) + 0.5 * math.log(both.shape[0])
+    return (x @ both.T).sub_(offset)  # (B, H, L, m)
+
+
+def empty_state(lk: torch.Tensor, vx: torch.Tensor) -> FeatureState:
+    """The state before any key, for log-features `lk` (B, H, *, m) and values `vx` (B, H, *, E)."""
+    batch, heads, _, m = lk.shape
+    return FeatureState(
+        lk.new_zeros(batch, heads, m, vx.shape[-1]), lk.new_full((batch, heads, m), EMPTY)
+    )
+
+
+def fold(state: FeatureState, lk: torch.Tensor, vx: torch.Tensor) -> FeatureState:
+    """Add keys `lk` (B, H, T, m) with values `vx` (B, H, T, E) to `state` (rescaling it)."""
+    if lk.shape[-2] == 0:
+        return state
+    new_max = torch.maximum(state.max, lk.detach().amax(-2))  # (B, H, m)
+    weights = torch.exp(lk - new_max.unsqueeze(-2))  # (B, H, T, m), all <= 1
+    nd = state.nd * torch.exp(state.max - new_max).unsqueeze(-1) + weights.transpose(-1, -2) @ vx
+    return FeatureState(nd, new_max)
+
+
+class ChunkScan(NamedTuple):
+    """Per-chunk key sums of `scan_chunks`, every one on a scale that only covers past chunks."""
+
+    key_weights: (
+        torch.Tensor
+    )  # (B, H, N, C, m): exp(log phi(k) - M_c), M_c = running max up to chunk c
+    before: torch.Tensor  # (B, H, N, m, E): state of the keys before chunk c, on scale M_{c-1}
+    previous: torch.Tensor  # (B, H, N, m): M_{c-1} (the initial state's max for c = 0)
+    running: torch.Tensor  # (B, H, N, m): M_c
+    final: FeatureState  # after every chunk
+
+
+def scan_chunks(lk_c: torch.Tensor, vx_c: torch.Tensor, state: FeatureState) -> ChunkScan:
+    """Exclusive scan of per-chunk key sums `lk_c` (B, H, N, C, m), `vx_c` (B, H, N, C, E).
+
+    The loop runs over chunks, not positions: each step rescales the carried state to the new
+    running max and adds one chunk's sum.
+    """
+    chunk_max = lk_c.detach().amax(-2)  # (B, H, N, m)
+    running = torch.cummax(torch.maximum(chunk_max, state.max.unsqueeze(2)), dim=2).values
+    previous = torch.cat([state.max.unsqueeze(2), running[:, :, :-1]], dim=2)
+    key_weights = torch.exp(lk_c - running.unsqueeze(-2))
+    per_chunk = key_weights.transpose(-1, -2) @ vx_c  # (B, H, N, m, E)
+    growth = torch.exp(previous - running).unsqueeze(-1)  # (B, H, N, m, 1), <= 1
+    before, final = _ExclusiveScan.apply(per_chunk, growth, state.nd)
+    return ChunkScan(key_weights, before, previous, running, FeatureState(final, running[:, :, -1]))
+
+
+class _ExclusiveScan(torch.autograd.Function):
+    """`before[c] = growth[c-1] * before[c-1] + x[c-1]`, `before[0] = initial`: a loop over chunks.
+
+    As a Function, forward and backward are one fused op per chunk writing in place, instead of
+    autograd's per-step slices that each materialise a zero tensor the size of `x`.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, growth: torch.Tensor, initial: torch.Tensor):
+        """x: (B, H, N, m, E); growth: (B, H, N, m, 1), constant; initial: (B, H, m, E).
+        Returns before (B, H, N, m, E) and the state after the last chunk (B, H, m, E)."""
+        before = torch.empty_like(x)
+        before[:, :, 0] = initial
+        last = x.shape[2] - 1
+        for c in range(last):
+            torch.addcmul(x[:, :, c], before[:, :, c], growth[:, :, c], out=before[:, :, c + 1])
+        return before, torch.addcmul(x[:, :, last], before[:, :, last], growth[:, :, last])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_before: torch.Tensor, grad_final: torch.Tensor):
+        # d loss / d x[c] is d loss / d (state after chunk c), accumulated backwards
+        (growth,) = ctx.saved_tensors
+        grad_x = torch.empty_like(grad_before)
+        grad_x[:, :, -1] = grad_final
+        for c in reversed(range(1, growth.shape[2])):
+            torch.addcmul(
+                grad_before[:, :, c], grad_x[:, :, c], growth[:, :, c], out=grad_x[:, :, c - 1]
+            )
+        grad_initial = torch.addcmul(grad_before[:, :, 0], grad_x[:, :, 0], growth[:, :, 0])
+        return grad_x, None, grad_initial
+
+
+def _against_state(lq_c: torch.Tensor, scale: torch.Tensor, states: torch.Tensor) -> Part:
+    """Queries `lq_c` (B, H, N, C, m) against per-chunk states (B, H, N, m, E) on log-scale `scale`
+    (B, H, N, m)."""
+    logits = lq_c + scale.unsqueeze(-2)
+    top = logits.detach().amax(-1)  # (B, H, N, C)
+    return Part(logits.sub_(top.unsqueeze(-1)).exp_() @ states, top)
+
+
+def _within_chunk(lq_c: torch.Tensor, lk_c: torch.Tensor, vx_c: torch.Tensor) -> Part:
+    """Causal sum inside each chunk, j <= i, on scales that only see keys j <= i.
+
+    A chunk-wide key max would look ahead inside the chunk, so each key is scaled by its own max
+    over features s_j, and each query by the running max r_i = max_{j <= i} s_j; the ratio
+    exp(s_j - r_i) <= 1 is a constant mask-like factor.
+    """
+    key_top = lk_c.detach().amax(-1)  # s_j (B, H, N, C)
+    reach = torch.cummax(key_top, dim=-1).values  # r_i
+    query_top = lq_c.detach().amax(-1)
+    qf = torch.exp(lq_c - query_top.unsqueeze(-1))  # (B, H, N, C, m)
+    kf = torch.exp(lk_c - key_top.unsqueeze(-1))
+    size = lq_c.shape[-2]
+    future = torch.ones(size, size, dtype=torch.bool, device=lq_c.device).triu(1)
+    decay = (key_top.unsqueeze(-2) - reach.unsqueeze(-1)).masked_fill(future, -math.inf).exp()
+    scores = (qf @ kf.transpose(-1, -2)) * decay  # (B, H, N, C, C)
+    return Part(scores @ vx_c, query_top + reach)
+
+
+def causal_feature_sum(
+    lq: torch.Tensor,
+    lk: torch.Tensor,
+    vx: torch.Tensor,
+    chunk: int,
+    state: FeatureState | None = None,
+) -> tuple[Part, FeatureState]:
+    """Σ_{j <= i} phi(q_i).phi(k_j) [v_j, 1] for every query, after the keys already in `state`.
+
+    lq, lk: (B, H, L, m) log-features; vx: (B, H, L, E). Chunked: each chunk sees the carried
+    state of earlier chunks plus a masked intra-chunk block; memory O(L (m + chunk) + L/chunk m E).
+    Returns the part (B, H, L, E) and the state after all L keys.
+    """
+    length = lq.shape[-2]
+    state = state if state is not None else empty_state(lk, vx)
+    lq_c, vx_c = chunked(lq, chunk), chunked(vx, chunk)
+    lk_c = chunked(lk, chunk, fill=EMPTY)  # padded keys get weight exp(EMPTY - M) = 0
+    scan = scan_chunks(lk_c, vx_c, state)
+    earlier = _against_state(lq_c, scan.previous, scan.before)
+    part = combine(earlier, _within_chunk(lq_c, lk_c, vx_c))
+    return Part(unchunked(part.nd, length), unchunked(part.log_scale, length)), scan.final

@@ -1,0 +1,115 @@
+"""Exact softmax over a sliding window: query i sees keys j in (i - window, i]."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sbtrain.attention.common import (
+    Part,
+    cached_kv,
+    chunked,
+    compute_dtype,
+    full_precision,
+    normalise,
+    shifted,
+    unchunked,
+    with_ones,
+)
+
+
+def window_bias(
+    n_chunks: int, window: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive masks (0 or -inf) for query chunk c against key chunks c-1 and c.
+
+    Query r of chunk c is position cW + r. Key t of chunk c-1 ((c-1)W + t) is in its window iff
+    t > r; key t of chunk c iff t <= r. Chunk 0 has no chunk -1. Returns (N, W, W) and (W, W).
+    """
+    r = torch.arange(window, device=like.device).unsqueeze(-1)
+    t = torch.arange(window, device=like.device)
+    zero = torch.zeros((), dtype=like.dtype, device=like.device)
+    outside = torch.full((), -math.inf, dtype=like.dtype, device=like.device)
+    previous = torch.where(t > r, zero, outside).expand(n_chunks, -1, -1).clone()
+    previous[0] = -math.inf
+    return previous, torch.where(t <= r, zero, outside)
+
+
+def window_scores(q_c: torch.Tensor, k_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of query chunk c against key chunks c-1 and c, -inf outside the window.
+
+    q_c, k_c: (B, H, N, W, D), q already multiplied by the temperature. Returns two
+    (B, H, N, W, W): against chunk c-1 (window keys: strict upper triangle) and chunk c (lower
+    triangle with the diagonal). The mask is added in place: no extra tensor, and its backward is
+    the identity (masked scores get weight exp(-inf) = 0, hence zero gradient).
+    """
+    bias_previous, bias_current = window_bias(q_c.shape[2], q_c.shape[3], q_c)
+    previous = (q_c @ shifted(k_c).transpose(-1, -2)).add_(bias_previous)
+    current = (q_c @ k_c.transpose(-1, -2)).add_(bias_current)
+    return previous, current
+
+
+def local_part(q: torch.Tensor, k: torch.Tensor, vx: torch.Tensor, window: int) -> Part:
+    """Exact `exp(q.k)` over the window, chunked with chunk size = window.
+
+    q: (B, H, L, D), already multiplied by the temperature; k: (B, H, L, D); vx: (B, H, L, E).
+    Query chunk c meets keys of chunks c-1 and c only: scores 2 x (B, H, L/W, W, W), memory
+    O(L window), never L x L. Returns the part (B, H, L, E) on the per-query max score.
+    """
+    length = q.shape[-2]
+    q_c, k_c, vx_c = chunked(q, window), chunked(k, window), chunked(vx, window)
+    previous, current = window_scores(q_c, k_c)
+    top = torch.maximum(previous.detach().amax(-1), current.detach().amax(-1)).unsqueeze(-1)
+    nd = previous.sub_(top).exp_() @ shifted(vx_c) + current.sub_(top).exp_() @ vx_c
+    return Part(unchunked(nd, length), unchunked(top.squeeze(-1), length))
+
+
+class LocalAttention(nn.Module):
+    """Sliding-window softmax: query i sees the `window` most recent keys j in (i - window, i].
+
+    Time O(L window D), memory O(L window).
+    """
+
+    def __init__(self, head_dim: int, window: int = 128):
+        super().__init__()
+        self.head_dim = head_dim
+        self.window = window
+        self.tau = head_dim**-0.5
+
+    @staticmethod
+    def check_options(head_dim: int, window: int = 128) -> None:
+        if head_dim <= 0:
+            raise ValueError(f"head_dim must be positive, got {head_dim}")
+        if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+            raise ValueError(f"local: window must be a positive integer, got {window!r}")
+
+    def forward_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Part:
+        """(B, H, L, D) each -> the unnormalised part (fp32, or fp64 for fp64 inputs)."""
+        dtype = compute_dtype(q)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        return local_part(q * self.tau, k, with_ones(v), self.window)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype."""
+        with full_precision(q):
+            return normalise(self.forward_parts(q, k, v)).to(v.dtype)
+
+    def decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
+    ) -> tuple[torch.Tensor, dict]:
+        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
+
+        The cache holds the last window - 1 keys and values, all a later query can still see.
+        """
+        context_k, context_v = cached_kv(cache, k, v)
+        seen = context_k.shape[-2]
+        with full_precision(q):
+            # context positions get dummy zero queries; their outputs are dropped
+            padded_q = torch.cat([torch.zeros_like(context_k), q], dim=-2)
+            all_k = torch.cat([context_k, k], dim=-2)
+            all_v = torch.cat([context_v, v], dim=-2)
+            out = normalise(self.forward_parts(padded_q, all_k, all_v))[:, :, seen:]
+        start = max(0, all_k.shape[-2] - (self.window - 1))
+        return out.to(v.dtype), {"k": all_k[:, :, start:], "v": all_v[:, :, start:]}

@@ -1,0 +1,293 @@
+"""Scatterbrain: exact softmax on a sparse support, Performer features for the rest of the past.
+
+`Ahat[i, j] = exp(tau q_i.k_j)` for j in S_i, `phi(q_i).phi(k_j)` for the other j <= i, and
+`out_i = Σ_j Ahat[i, j] v_j / Σ_j Ahat[i, j]`. S_i is the local window (i - window, i], and/or the
+LSH support (the query itself plus its most recent same-bucket keys per round, see lsh.py).
+
+With a window the low-rank part covers exactly j <= i - window, computed with chunks aligned to
+the window (no subtraction). LSH entries outside the window are moved from the low-rank part to
+the exact part: their feature products are subtracted and their exact scores added. Every part
+is a (numerator, denominator, log-scale) triple, added on one shared log-scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sbtrain.attention.common import (
+    EMPTY,
+    Part,
+    cached_kv,
+    check_seed,
+    chunked,
+    combine,
+    compute_dtype,
+    full_precision,
+    generator,
+    normalise,
+    resolve_seed,
+    shifted,
+    subtract,
+    unchunked,
+    with_ones,
+)
+from sbtrain.attention.features import (
+    FeatureState,
+    causal_feature_sum,
+    draw_projection,
+    empty_state,
+    fold,
+    log_features,
+    scan_chunks,
+)
+from sbtrain.attention.local import window_scores
+from sbtrain.attention.lsh import (
+    KeyFeatures,
+    QueryFeatures,
+    check_lsh,
+    draw_rotations,
+    lsh_parts,
+)
+from sbtrain.attention.performer import check_features, state_from_cache, state_to_cache
+
+SPARSE = ("local", "lsh", "local+lsh")
+DEFAULTS = {"window": 128, "n_hashes": 2, "bucket_size": 64, "n_buckets": 16, "chunk_size": 64}
+LSH_OPTIONS = ("n_hashes", "bucket_size", "n_buckets")
+
+
+def resolve_options(sparse: str, **options) -> dict:
+    """The options `sparse` uses, defaults filled in; ValueError for those it cannot use."""
+    if sparse not in SPARSE:
+        raise ValueError(f"scatterbrain: sparse must be one of {', '.join(SPARSE)}, got {sparse!r}")
+    parts = sparse.split("+")
+    unused = [] if "local" in parts else ["window"]
+    if "lsh" not in parts:
+        unused += LSH_OPTIONS
+    given = sorted(name for name in unused if options.get(name) is not None)
+    if given:
+        raise ValueError(f"scatterbrain with sparse={sparse!r} does not use {', '.join(given)}")
+    resolved = {
+        name: (DEFAULTS[name] if options.get(name) is None else options[name])
+        for name in DEFAULTS
+        if name not in unused
+    }
+    resolved.setdefault("window", 0)
+    window = resolved["window"]
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(
+            f"scatterbrain: window must be an integer >= 0 (0: no exact window), got {window!r}"
+        )
+    if resolved["window"] and options.get("chunk_size") is not None:
+        raise ValueError(
+            "scatterbrain: chunk_size is not an option with a local window "
+            "(the low-rank chunks are aligned to the window); leave it unset"
+        )
+    if resolved["window"]:
+        resolved["chunk_size"] = resolved["window"]
+    return resolved
+
+
+class ScatterbrainAttention(nn.Module):
+    """Exact scores on the window and/or LSH support, FAVOR+ features on every other past key.
+
+    window 0 (with sparse=local) leaves no exact part: the same as Performer with the same W.
+    Time O(L (window D + m (D + window) + K D)), memory O(L (window + m + K)).
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        sparse: str = "local",
+        window: int | None = None,
+        n_features: int = 128,
+        chunk_size: int | None = None,
+        n_hashes: int | None = None,
+        bucket_size: int | None = None,
+        n_buckets: int | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        given = dict(window=window, chunk_size=chunk_size, n_hashes=n_hashes)
+        given.update(bucket_size=bucket_size, n_buckets=n_buckets)
+        options = resolve_options(sparse, **given)
+        self.head_dim = head_dim
+        self.sparse = sparse
+        self.n_features = n_features
+        self.window = options["window"]
+        self.chunk_size = options["chunk_size"]
+        self.lsh = "lsh" in sparse
+        self.tau = head_dim**-0.5
+        self.register_buffer("projection", torch.empty(n_features // 2, head_dim), persistent=True)
+        if self.lsh:
+            self.n_hashes = options["n_hashes"]
+            self.bucket_size = options["bucket_size"]
+            self.n_buckets = options["n_buckets"]
+            shape = (self.n_hashes, head_dim, self.n_buckets // 2)
+            self.register_buffer("rotations", torch.empty(shape), persistent=True)
+        self.redraw(resolve_seed(seed))
+
+    @staticmethod
+    def check_options(
+        head_dim: int,
+        sparse: str = "local",
+        window: int | None = None,
+        n_features: int = 128,
+        chunk_size: int | None = None,
+        n_hashes: int | None = None,
+        bucket_size: int | None = None,
+        n_buckets: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        given = dict(window=window, chunk_size=chunk_size, n_hashes=n_hashes)
+        given.update(bucket_size=bucket_size, n_buckets=n_buckets)
+        options = resolve_options(sparse, **given)
+        check_features(head_dim, n_features, options["chunk_size"])
+        if "lsh" in sparse:
+            check_lsh(options["n_hashes"], options["bucket_size"], options["n_buckets"])
+        check_seed(seed)
+
+    @torch.no_grad()
+    def redraw(self, seed: int) -> None:
+        """Draw a new projection W (and LSH rotations) from `seed` (never called automatically)."""
+        gen = generator(seed)
+        self.projection.copy_(draw_projection(self.head_dim, self.n_features, gen))
+        if self.lsh:
+            self.rotations.copy_(draw_rotations(self.head_dim, self.n_hashes, self.n_buckets, gen))
+
+    def _run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: dict | None,
+        keep_cache: bool,
+    ) -> tuple[Part, dict | None]:
+        """Parts for new queries q (B, H, T, D) after the tokens in `cache`, and the next cache."""
+        dtype = compute_dtype(q)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        context_k, context_v = cached_kv(cache, k, v)
+        all_k, all_v = torch.cat([context_k, k], dim=-2), torch.cat([context_v, v], dim=-2)
+        state = state_from_cache(cache)
+        lq = log_features(q, self.projection, self.tau)
+        lk = log_features(all_k, self.projection, self.tau)  # (B, H, n + T, m)
+        vx = with_ones(all_v)
+        if self.window:
+            part, state = self._windowed(q, all_k, lq, lk, vx, state, keep_cache)
+        else:
+            seen = context_k.shape[-2]
+            lk_new, vx_new = lk[:, :, seen:], vx[:, :, seen:]
+            part, state = causal_feature_sum(lq, lk_new, vx_new, self.chunk_size, state)
+        if self.lsh:
+            features = (_weights(lq, QueryFeatures), _weights(lk, KeyFeatures))
+            exact, products = lsh_parts(
+                q * self.tau, all_k, vx, self.rotations, self.bucket_size, self.window, features
+            )
+            part = combine(subtract(part, products), exact)
+        return part, (self._next_cache(state, all_k, all_v) if keep_cache else None)
+
+    def _windowed(
+        self,
+        q: torch.Tensor,
+        all_k: torch.Tensor,
+        lq: torch.Tensor,
+        lk: torch.Tensor,
+        vx: torch.Tensor,
+        state: FeatureState | None,
+        keep_cache: bool,
+    ) -> tuple[Part, FeatureState | None]:
+        """`window_part` for the last T = len(q) of n + T keys, and the state for the next call.
+
+        `state` holds every key before the last window - 1 cached ones; those cached keys get
+        dummy zero queries in front of q, whose outputs are dropped.
+        """
+        count, total, window = q.shape[-2], all_k.shape[-2], self.window
+        start = max(0, total - count - (window - 1))
+        dummies = total - count - start
+        if dummies:
+            q = torch.cat([q.new_zeros(*q.shape[:2], dummies, q.shape[-1]), q], dim=-2)
+            lq = torch.cat([lq.new_zeros(*lq.shape[:2], dummies, lq.shape[-1]), lq], dim=-2)
+        lk, vx = lk[:, :, start:], vx[:, :, start:]
+        state = state if state is not None else empty_state(lk, vx)
+        part = window_part(q * self.tau, all_k[:, :, start:], vx, lq, lk, window, state)
+        part = Part(part.nd[:, :, dummies:], part.log_scale[:, :, dummies:])
+        if keep_cache:
+            leaving = max(0, lk.shape[-2] - (window - 1))
+            state = fold(state, lk[:, :, :leaving], vx[:, :, :leaving])
+        return part, state
+
+    def _next_cache(self, state: FeatureState, all_k: torch.Tensor, all_v: torch.Tensor) -> dict:
+        cache = state_to_cache(state)
+        if self.lsh:
+            cache.update(k=all_k, v=all_v)
+        elif self.window:
+            start = max(0, all_k.shape[-2] - (self.window - 1))
+            cache.update(k=all_k[:, :, start:], v=all_v[:, :, start:])
+        return cache
+
+    def forward_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Part:
+        """(B, H, L, D) each -> the unnormalised part (fp32, or fp64 for fp64 inputs)."""
+        return self._run(q, k, v, None, keep_cache=False)[0]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype."""
+        with full_precision(q):
+            return normalise(self.forward_parts(q, k, v)).to(v.dtype)
+
+    def decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
+    ) -> tuple[torch.Tensor, dict]:
+        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
+
+        The cache holds the low-rank state (keys older than the window folded in) and the last
+        window - 1 keys and values; with LSH it keeps every key and value instead (the support can
+        reach arbitrarily far back), but still computes only the T new queries.
+        """
+        with full_precision(q):
+            part, cache = self._run(q, k, v, cache, keep_cache=True)
+            return normalise(part).to(v.dtype), cache
+
+
+def window_part(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    vx: torch.Tensor,
+    lq: torch.Tensor,
+    lk: torch.Tensor,
+    window: int,
+    state: FeatureState,
+) -> Part:
+    """Exact `exp(q.k)` on (i - window, i] plus `phi(q).phi(k)` on j <= i - window, one scale.
+
+    q: (B, H, L, D) multiplied by the temperature; k: (B, H, L, D); vx: (B, H, L, E); lq, lk:
+    (B, H, L, m) log-features; `state` holds keys older than the whole sequence. Chunks are
+    aligned to the window: query chunk c gets exact scores against chunks c-1 (strict upper
+    triangle) and c (lower triangle), and features against the state of chunks <= c-2 plus the
+    lower triangle, diagonal included, of chunk c-1: no subtraction. Feature scales are the running
+    max over chunks <= c-1, all in chunk c's past. One per-query log-scale (the max of exact
+    scores and feature logits) serves every term, so the parts add without rescaling.
+    Returns the part (B, H, L, E).
+    """
+    length = q.shape[-2]
+    q_c, k_c, vx_c, lq_c = (chunked(x, window) for x in (q, k, vx, lq))
+    scan = scan_chunks(chunked(lk, window, fill=EMPTY), vx_c, state)
+    # state before chunk c-1 on scale M_{c-1}; for chunk 0, the initial state
+    rescaled = scan.before * torch.exp(scan.previous - scan.running).unsqueeze(-1)
+    older = torch.cat([state.nd.unsqueeze(2), rescaled[:, :, :-1]], dim=2)  # (B, H, N, m, E)
+    previous, current = window_scores(q_c, k_c)  # (B, H, N, W, W) each
+    logits = lq_c + scan.previous.unsqueeze(-2)  # (B, H, N, W, m)
+    tops = [x.detach().amax(-1) for x in (previous, current, logits)]
+    top = torch.maximum(torch.maximum(tops[0], tops[1]), tops[2]).unsqueeze(-1)
+    query_weights = logits.sub_(top).exp_()
+    near = query_weights @ shifted(scan.key_weights).transpose(-1, -2)  # (B, H, N, W, W)
+    lower = torch.ones(window, window, dtype=q.dtype, device=q.device).tril()
+    previous_weights = torch.addcmul(previous.sub_(top).exp_(), near, lower)
+    nd = query_weights @ older + previous_weights @ shifted(vx_c)
+    nd = nd + current.sub_(top).exp_() @ vx_c  # (B, H, N, W, E)
+    return Part(unchunked(nd, length), unchunked(top.squeeze(-1), length))
+
+
+def _weights(logits: torch.Tensor, kind: type) -> QueryFeatures | KeyFeatures:
+    """Features exp(log phi - top) with top = max over features (B, H, L), as `kind`."""
+    top = logits.detach().amax(-1)
+    return kind(torch.exp(logits - top.unsqueeze(-1)), top)

@@ -1,0 +1,36 @@
+"""The attention benchmarks as library functions (small instances; no timing assertions)."""
+
+from __future__ import annotations
+
+from sbtrain.bench.approx import approx_errors, equal_budget_kinds, format_rows, mean_error
+from sbtrain.bench.attention import SpeedRow, measure, memory_growth
+
+
+def test_scatterbrain_is_no_worse_than_performer_with_the_same_features():
+    """Averaged over both input regimes and a range of temperatures."""
+    kinds = {
+        "performer": ("performer", dict(n_features=16), 16),
+        "scatterbrain": ("scatterbrain", dict(sparse="local", window=8, n_features=16), 24),
+    }
+    rows = approx_errors(kinds, length=128, heads=2, head_dim=16, temperatures=(1.0, 5.0, 20.0))
+    assert len(rows) == 2 * 3 * 2
+    assert mean_error(rows, "scatterbrain") <= mean_error(rows, "performer")
+    assert "drift" in format_rows(rows)
+
+
+def test_equal_budgets_count_what_a_query_pays_for():
+    paid = {
+        "local": lambda o: o["window"],
+        "performer": lambda o: o["n_features"],
+        "lsh": lambda o: o["n_hashes"] * o["bucket_size"],
+        "scatterbrain": lambda o: o["window"] + o["n_features"],
+    }
+    for label, (_, options, budget) in equal_budget_kinds(64).items():
+        assert paid[label](options) == budget == 64
+
+
+def test_speed_and_memory_of_one_case_in_a_fresh_process():
+    row = measure("local", "local", {"window": 16}, length=256, heads=2, head_dim=16, repeats=1)
+    assert row.kind == "local" and row.length == 256 and row.ms > 0 and row.peak_mib >= 0
+    rows = [SpeedRow("x", 1024, 1.0, 10.0), SpeedRow("x", 2048, 2.0, 21.0)]
+    assert memory_growth(rows) == {"x": [2.1]}
