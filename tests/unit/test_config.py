@@ -51,6 +51,12 @@ def test_attention_section_replaces_whole_across_includes(tmp_path):
     assert load_recipe(path).model.attention.options() == {}
 
 
+def test_dotted_override_reaches_nested_attention(tmp_path):
+    path = write(tmp_path, "r.yaml", "model: {d_model: 64, n_heads: 4, attention: {kind: local, window: 16}}\n")
+    r = load_recipe(path, ["model.attention.window=8"])
+    assert r.model.attention.window == 8
+
+
 def test_float_from_yaml_exponent_without_dot(tmp_path):
     path = write(tmp_path, "r.yaml", "optim: {lr: 1e-4}\n")
     assert load_recipe(path).optim.lr == pytest.approx(1e-4)
