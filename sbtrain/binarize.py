@@ -15,13 +15,13 @@ Output folder (format "sbtrain-bin-1", see data/README.md):
 
 Files are cut into byte ranges on line boundaries; worker processes decode and encode their
 ranges block by block and each writes its own part file, which is appended to `{split}.bin` in
-order. Everything is written to a hidden folder beside `data.dir` that replaces it only once
-complete, so a failed or interrupted run leaves the previous output as it was.
+order. A word vocabulary is fitted in the same pass that encodes train (see `_fit_word`).
+Everything is written to a hidden folder beside `data.dir` that replaces it only once complete,
+so a failed or interrupted run leaves the previous output as it was.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import multiprocessing
@@ -29,11 +29,12 @@ import os
 import shutil
 import signal
 import uuid
-from collections import Counter
+from array import array
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
+from itertools import pairwise, repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,8 +44,10 @@ from tqdm import tqdm
 from sbtrain.config import DataConfig
 from sbtrain.errors import UserError
 from sbtrain.tokenizer import (
+    EOS_ID,
     KINDS,
     SPECIALS,
+    UNK_ID,
     BpeTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
@@ -102,6 +105,23 @@ class EncodeTask(NamedTuple):
     dtype: str
 
 
+class IndexTask(NamedTuple):
+    range: Range
+    part_file: str  # where the worker writes the range's provisional word ids
+
+
+class FirstSeen(dict):
+    """word -> provisional id, new words numbered as they come: `map(d.__getitem__, words)`
+    assigns and looks up at C speed, calling Python only for a new word."""
+
+    def __missing__(self, word: str) -> int:
+        self[word] = len(self)
+        return self[word]
+
+
+EOL_KEY = ""  # provisional id 0 = end of line: str.split() never yields an empty word
+
+
 def preprocess(
     data: DataConfig,
     inputs: Mapping[str, str | Path | None] | None = None,
@@ -121,13 +141,15 @@ def preprocess(
     target = Path(os.path.abspath(data.dir))
     _check_target(target, sources, force)
     with _staging(target, force) as staging, _mapper(data.workers) as imap:
-        tokenizer = _obtain_tokenizer(data, sources, imap, log)
+        tokenizer, stats = _obtain_tokenizer(data, sources, staging, imap, log)
         dtype = token_dtype(tokenizer.vocab_size)
         tokenizer_file = tokenizer.save(staging)
-        stats = {}
         for split, source in sources.items():
-            bin_path = staging / f"{split}.bin"
-            stats[split] = _binarize(imap, source, tokenizer_file, bin_path, dtype, data.workers)
+            if split not in stats:  # train may be binarized already, while fitting
+                bin_path = staging / f"{split}.bin"
+                stats[split] = _binarize(
+                    imap, source, tokenizer_file, bin_path, dtype, data.workers
+                )
             _write_json(staging / f"{split}.json", stats[split].to_json())
             s = stats[split]
             log(
@@ -183,7 +205,7 @@ def line_ranges(path: str | Path, parts: int) -> list[Range]:
             if cuts[-1] < f.tell() < size:
                 cuts.append(f.tell())
     cuts.append(size)
-    return [Range(str(path), a, b) for a, b in itertools.pairwise(cuts)]
+    return [Range(str(path), a, b) for a, b in pairwise(cuts)]
 
 
 def sample_lines(path: str | Path, budget: int, windows: int = SAMPLE_WINDOWS) -> list[str]:
@@ -223,9 +245,12 @@ def _check_options(data: DataConfig) -> None:
 
 
 def _obtain_tokenizer(
-    data: DataConfig, sources: dict[str, Path], imap: Imap, log: Callable[[str], None]
-) -> Tokenizer:
-    """Load `data.tokenizer` when it names a file, else fit that kind on the train split."""
+    data: DataConfig, sources: dict[str, Path], staging: Path, imap: Imap, log: Callable
+) -> tuple[Tokenizer, dict[str, SplitStats]]:
+    """Load `data.tokenizer` when it names a file, else fit that kind on the train split.
+
+    Returns the tokenizer and the stats of splits already binarized into `staging` (train,
+    when a word vocabulary was fitted)."""
     kind = data.tokenizer
     if kind not in KINDS:
         if not Path(kind).is_file():
@@ -234,15 +259,15 @@ def _obtain_tokenizer(
             )
         tokenizer = tokenizer_from_file(kind)
         log(f"| {tokenizer.kind} tokenizer from {kind}: {tokenizer.vocab_size} types")
-        return tokenizer
+        return tokenizer, {}
     if "train" not in sources:
         raise UserError(
             f"fitting a {kind} tokenizer needs a train split (data.raw or --trainpref), "
             "or pass an existing model with --tokenizer-model/--srcdict"
         )
-    train = sources["train"]
+    train, done = sources["train"], {}
     if kind == "word":
-        tokenizer = _fit_word(imap, train, data)
+        tokenizer, done["train"] = _fit_word(imap, train, staging / "train.bin", data)
     else:
         vocab_size = data.vocab_size or DEFAULT_SUBWORD_VOCAB
         token_dtype(vocab_size)  # fail before a long training, not after
@@ -253,19 +278,49 @@ def _obtain_tokenizer(
         else:
             tokenizer = BpeTokenizer.fit(lines, vocab_size)
     log(f"| {kind} tokenizer fitted on {train}: {tokenizer.vocab_size} types")
-    return tokenizer
+    return tokenizer, done
 
 
-def _fit_word(imap: Imap, train: Path, data: DataConfig) -> WordTokenizer:
-    counts: Counter[str] = Counter()
+def _fit_word(
+    imap: Imap, train: Path, bin_path: Path, data: DataConfig
+) -> tuple[WordTokenizer, SplitStats]:
+    """Word vocabulary and train ids from one pass over the text.
+
+    Workers number words as they first see them, write those provisional ids and return their
+    words and counts; here the parts' numbering is merged into one, the vocabulary is built from
+    the total counts, and each part's ids are mapped to final ids with one table lookup. This
+    replaces a second tokenizing pass over train (the slow part) with a numpy gather.
+    """
     ranges = line_ranges(train, _parts(train, data.workers))
-    with _progress(train, f"count {train.name}") as bar:
-        for r, part in zip(ranges, imap(_count_words, ranges)):
-            counts.update(part)
-            bar.update(r.end - r.start)
-    if not counts:
+    tasks = [IndexTask(r, f"{bin_path}.part{i:05d}") for i, r in enumerate(ranges)]
+    index, counts = FirstSeen({EOL_KEY: 0}), np.zeros(1, np.int64)
+    to_global, stats = [], SplitStats()  # per part: its provisional ids -> ours
+    with _progress(train, f"count+encode {train.name}") as bar:
+        for words, part_counts, part_stats in imap(_index_range, tasks):
+            ids = np.fromiter(map(index.__getitem__, words), np.int64, len(words))
+            counts = np.concatenate([counts, np.zeros(len(index) - len(counts), np.int64)])
+            counts[ids] += part_counts  # ids are distinct within a part
+            to_global.append(ids)
+            stats += part_stats
+            bar.update(part_stats.bytes)
+    words = list(index)
+    if len(words) == 1:
         raise UserError(f"{train}: the train split holds no words to build a vocabulary from")
-    return WordTokenizer.from_counts(counts, data.vocab_size, data.min_count)
+    tokenizer = WordTokenizer.from_counts(
+        dict(zip(words[1:], counts[1:].tolist())), data.vocab_size, data.min_count
+    )
+    final = np.fromiter(map(tokenizer.index.get, words, repeat(UNK_ID)), np.int64, len(words))
+    final[0] = EOS_ID
+    replaced = final == UNK_ID
+    if "<unk>" in index:  # a literal <unk> in the text is no replacement
+        replaced[index["<unk>"]] = False
+    dtype = np.dtype(token_dtype(tokenizer.vocab_size)).newbyteorder("<")
+    with open(bin_path, "wb") as out:
+        for task, ids in zip(tasks, to_global):
+            table = final[ids].astype(dtype)
+            out.write(table[np.fromfile(task.part_file, dtype=np.uint32)].tobytes())
+            os.remove(task.part_file)
+    return tokenizer, replace(stats, unk=int(counts[replaced].sum()))
 
 
 def _binarize(
@@ -306,11 +361,25 @@ def _meta(tokenizer: Tokenizer, tokenizer_file: Path, dtype: str, splits: list[s
 # worker side: module-level functions, so a spawned process can run them
 
 
-def _count_words(r: Range) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    for text in _read_blocks(r):
-        counts.update(text.split())
-    return counts
+def _index_range(task: IndexTask) -> tuple[list[str], np.ndarray, SplitStats]:
+    """Write the range's words as provisional ids (0 = end of line, then in order of first
+    appearance, native uint32); returns the words in id order, their counts, the stats."""
+    index, counts = FirstSeen({EOL_KEY: 0}), np.zeros(1, np.int64)
+    stats = SplitStats(bytes=task.range.end - task.range.start)
+    lookup = index.__getitem__
+    with open(task.part_file, "wb") as out:
+        for text in _read_blocks(task.range):
+            ids = array("I")  # C unsigned int: 4 bytes wherever numpy runs
+            for line in _lines(text):
+                ids.extend(map(lookup, line.split()))
+                ids.append(0)
+            out.write(ids)
+            block = np.bincount(np.frombuffer(ids, np.uint32), minlength=len(index))
+            block[: len(counts)] += counts
+            counts = block
+            lines = text.count("\n")
+            stats += SplitStats(tokens=len(ids), lines=lines, words=len(ids) - lines)
+    return list(index), counts, stats
 
 
 def _encode_range(task: EncodeTask) -> SplitStats:

@@ -163,12 +163,15 @@ def test_dict_txt_lists_the_train_words_by_count(corpus, tmp_path):
     assert [int(c) for _, c in entries] == sorted((int(c) for _, c in entries), reverse=True)
 
 
-def test_workers_give_byte_identical_output(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["word", "sentencepiece"])
+def test_workers_give_byte_identical_output(corpus, tmp_path, monkeypatch, kind):
     monkeypatch.setattr(binarize, "TASK_BYTES", 4096)  # many ranges per split
     outputs = []
     for workers in (1, 2):
         dest = tmp_path / f"bin{workers}"
-        assert run_preprocess(corpus, dest, f"data.workers={workers}") == 0
+        assert (
+            run_preprocess(corpus, dest, f"data.workers={workers}", f"data.tokenizer={kind}") == 0
+        )
         outputs.append({p.name: p.read_bytes() for p in dest.iterdir()})
     assert outputs[0] == outputs[1]
 
@@ -206,12 +209,14 @@ def test_fairseq_flags_without_a_recipe(corpus, tmp_path):
     assert main(["preprocess", *args]) == 0
     assert read_json(dest / "meta.json")["splits"] == ["train", "valid"]
     assert read_json(dest / "meta.json")["vocab_size"] == 56  # 50, padded to a multiple of 8
-    # an existing dictionary is reused as is: same ids
+    # An existing dictionary is reused as is, through the plain encoding path: the same bytes
+    # as the one-pass fit-and-encode of train (many <unk>s here, with the cap).
     again = tmp_path / "again"
     assert main(["preprocess", *args[:4], "--destdir", str(again), "--srcdict",
                  str(dest / "dict.txt")]) == 0  # fmt: skip
-    assert (again / "valid.bin").read_bytes() == (dest / "valid.bin").read_bytes()
-    assert (again / "dict.txt").read_bytes() == (dest / "dict.txt").read_bytes()
+    for name in ("train.bin", "train.json", "valid.bin", "valid.json", "dict.txt"):
+        assert (again / name).read_bytes() == (dest / name).read_bytes(), name
+    assert read_json(dest / "train.json")["unk"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,15 +286,15 @@ def test_empty_train_split(corpus, tmp_path, capsys):
     assert not (tmp_path / "bin").exists() and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_non_utf8_names_file_and_byte_offset(corpus, tmp_path, capsys, monkeypatch, workers):
+@pytest.mark.parametrize("split, workers", [("train", 1), ("valid", 1), ("valid", 2)])
+def test_non_utf8_names_file_and_byte_offset(tmp_path, capsys, monkeypatch, split, workers):
     monkeypatch.setattr(binarize, "BLOCK_BYTES", 1000)  # the bad byte lies in a later block
     raw = make_corpus(tmp_path / "raw")
-    good = (raw / "wiki.valid.raw").read_bytes()
+    good = (raw / f"wiki.{split}.raw").read_bytes()
     offset = good.index(b"\n", 5000) + 3
-    (raw / "wiki.valid.raw").write_bytes(good[:offset] + b"\xff" + good[offset:])
+    (raw / f"wiki.{split}.raw").write_bytes(good[:offset] + b"\xff" + good[offset:])
     status = run_preprocess(raw, tmp_path / "bin", f"data.workers={workers}")
-    assert_refused(capsys, status, f"wiki.valid.raw: not UTF-8 at byte {offset} ")
+    assert_refused(capsys, status, f"wiki.{split}.raw: not UTF-8 at byte {offset} ")
     assert not (tmp_path / "bin").exists() and leftovers(tmp_path) == []
 
 
