@@ -18,6 +18,7 @@ from sbtrain.tokenizer import (
     BpeTokenizer,
     SentencePieceTokenizer,
     WordTokenizer,
+    count_words,
     load_tokenizer,
     tokenizer_from_file,
 )
@@ -194,6 +195,11 @@ def test_bpe_specials_and_bad_file(bpe, tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"nope": 1}))
     with pytest.raises(UserError, match=r"tokenizer\.json: not a tokenizers JSON file"):
         tokenizer_from_file(tmp_path / "tokenizer.json")
+
+
+def test_count_words_is_str_split():
+    for text in [*TEXT, *TRICKY, "\x1c\x1dx\x1e", "a\u3000b\u2028c\u0085d", "\ud800 lone"]:
+        assert count_words(text) == len(text.split()), repr(text)
 
 
 # ---------------------------------------------------------------------------------------------
