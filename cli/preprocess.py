@@ -50,11 +50,14 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    # SIGTERM as an exception, so the unfinished output folder is removed on the way out
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     recipe = _recipe(args)
     inputs = {"train": args.trainpref, "valid": args.validpref, "test": args.testpref}
-    preprocess(recipe.data, inputs=inputs, force=args.force)
+    # SIGTERM as an exception, so the unfinished output folder is removed on the way out
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        preprocess(recipe.data, inputs=inputs, force=args.force)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -8,7 +8,9 @@ lines, paragraphs of Zipf-distributed words (real function words at the top rank
 words below, a few with accents). Each tokenizer runs as its own `python -m sbtrain preprocess`
 process, so the numbers include start-up and worker processes; peak memory is the largest sum of
 the RSS of that process and all its descendants, sampled every 0.1 s from /proc (Linux), and the
-largest single-process peak the kernel recorded (wait4's ru_maxrss).
+largest single-process peak the kernel recorded (wait4's ru_maxrss). CPU seconds (user + system,
+workers included) and the load average before each run are reported too: on a machine shared
+with other jobs, MB per CPU-second is the figure that does not depend on them.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ def _measure(raw: Path, dest: Path, kind: str, workers: int, corpus_bytes: int) 
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     )
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak_tree = 0
@@ -154,10 +157,14 @@ def _measure(raw: Path, dest: Path, kind: str, workers: int, corpus_bytes: int) 
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"preprocess with {kind} failed:\n{log}")
     stats = json.loads((dest / "train.json").read_text())
+    cpu_seconds = usage.ru_utime + usage.ru_stime  # the child and the workers it waited for
     return {
         "tokenizer": kind,
         "seconds": round(seconds, 2),
         "mb_per_s": round(corpus_bytes / 1e6 / seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "mb_per_cpu_s": round(corpus_bytes / 1e6 / cpu_seconds, 2),
+        "load_avg_before": round(load_before, 2),
         "peak_rss_tree_mb": round(peak_tree / 1e6, 1),
         "peak_rss_one_process_mb": round(usage.ru_maxrss * 1024 / 1e6, 1),  # ru_maxrss is in KiB
         "vocab_size": json.loads((dest / "meta.json").read_text())["vocab_size"],
@@ -189,9 +196,13 @@ def _tree_rss(root: int) -> int:
 
 
 def _print_table(runs: list[dict]) -> None:
-    print(f"| {'tokenizer':<14} {'seconds':>8} {'MB/s':>7} {'peak RSS tree':>14} {'one proc':>9}")
+    print(
+        f"| {'tokenizer':<14} {'seconds':>8} {'MB/s':>7} {'MB/cpu-s':>9} {'peak RSS tree':>14} "
+        f"{'one proc':>9} {'load':>5}"
+    )
     for r in runs:
         print(
             f"| {r['tokenizer']:<14} {r['seconds']:>8.1f} {r['mb_per_s']:>7.1f} "
-            f"{r['peak_rss_tree_mb']:>11.0f} MB {r['peak_rss_one_process_mb']:>6.0f} MB"
+            f"{r['mb_per_cpu_s']:>9.1f} {r['peak_rss_tree_mb']:>11.0f} MB "
+            f"{r['peak_rss_one_process_mb']:>6.0f} MB {r['load_avg_before']:>5.1f}"
         )

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import signal
 import subprocess
 import zipfile
 from collections import Counter
@@ -357,6 +359,22 @@ def test_interrupted_run_keeps_the_old_output(corpus, tmp_path, capsys, monkeypa
     assert run_preprocess(corpus, dest, "data.min_count=2", "--force") == 130
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert leftovers(tmp_path) == []
+
+
+def test_sigterm_removes_the_unfinished_output(corpus, tmp_path, monkeypatch):
+    encode = binarize._encode_range
+
+    def terminated(task):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would, in the middle of the work
+        return encode(task)
+
+    monkeypatch.setattr(binarize, "_encode_range", terminated)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        run_preprocess(corpus, tmp_path / "bin")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "bin").exists() and leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
 
 
 # ---------------------------------------------------------------------------------------------
