@@ -58,7 +58,7 @@ from sbtrain.tokenizer import (
 FORMAT = "sbtrain-bin-1"
 SPLITS = ("train", "valid", "test")
 BLOCK_BYTES = 4 << 20  # text decoded and tokenized at once: bounds a worker's memory (~60 MB)
-TASK_BYTES = 32 << 20  # byte range per task: balances the workers and paces the progress bar
+TASK_BYTES = 64 << 20  # byte range per task: balances the workers and paces the progress bar
 SAMPLE_WINDOWS = 256  # evenly spaced windows a subword tokenizer's training sample is cut from
 DEFAULT_SUBWORD_VOCAB = 32_000
 COPY_BYTES = 16 << 20
@@ -272,7 +272,8 @@ def _obtain_tokenizer(
         vocab_size = data.vocab_size or DEFAULT_SUBWORD_VOCAB
         token_dtype(vocab_size)  # fail before a long training, not after
         lines = sample_lines(train, int(data.tokenizer_sample_mb * 1e6))
-        log(f"| fitting {kind} on {len(lines)} lines sampled from {train}")
+        megabytes = sum(map(len, lines)) / 1e6  # characters: close enough to bytes for a log
+        log(f"| fitting {kind} on {len(lines)} lines ({megabytes:.1f} MB) of {train}")
         if kind == "sentencepiece":
             tokenizer = SentencePieceTokenizer.fit(lines, vocab_size, data.spm_model_type)
         else:

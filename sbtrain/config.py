@@ -73,7 +73,7 @@ class DataConfig:
     tokens_per_sample: int = opt(2048, "lm: tokens per sample, the model's context (copy: 2|w|+1)")
     workers: int = opt(1, "preprocess: binarization processes")
     tokenizer_sample_mb: float = opt(
-        32.0, "preprocess, sentencepiece | bpe: MB of train text (evenly spread lines) to fit on"
+        20.0, "preprocess, sentencepiece | bpe: MB of train text (evenly spread lines) to fit on"
     )
 
 
