@@ -165,6 +165,13 @@ def test_sentencepiece_file_round_trip_and_block(spm, tmp_path):
     assert block.words == sum(len(line.split()) for line in lines)
 
 
+def test_sentencepiece_bpe_model_type():
+    tok = SentencePieceTokenizer.fit(corpus_lines(100), vocab_size=200, model_type="bpe")
+    assert tok.sp.id_to_piece(2) == "</s>" and tok.eol_id == 2
+    line = TEXT[3]
+    assert tok.decode(tok.encode(line)) == " ".join(line.split())
+
+
 def test_not_a_sentencepiece_model(tmp_path):
     (tmp_path / "x.model").write_bytes(b"not a protobuf")
     with pytest.raises(UserError, match=r"x\.model: not a sentencepiece model"):
