@@ -76,6 +76,9 @@ class DataConfig:
     spm_model_type: Literal["unigram", "bpe"] = opt("unigram", "sentencepiece model type")
     tokens_per_sample: int = opt(2048, "lm: tokens per sample, the model's context (copy: 2|w|+1)")
     workers: int = opt(1, "preprocess: binarization processes")
+    tokenizer_sample_mb: float = opt(
+        20.0, "preprocess, sentencepiece | bpe: MB of train text (evenly spread lines) to fit on"
+    )
 
 
 @dataclass(frozen=True)
