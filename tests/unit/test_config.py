@@ -52,7 +52,8 @@ def test_attention_section_replaces_whole_across_includes(tmp_path):
 
 
 def test_dotted_override_reaches_nested_attention(tmp_path):
-    path = write(tmp_path, "r.yaml", "model: {d_model: 64, n_heads: 4, attention: {kind: local, window: 16}}\n")
+    text = "model: {d_model: 64, n_heads: 4, attention: {kind: local, window: 16}}\n"
+    path = write(tmp_path, "r.yaml", text)
     r = load_recipe(path, ["model.attention.window=8"])
     assert r.model.attention.window == 8
 
