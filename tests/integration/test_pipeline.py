@@ -1,0 +1,82 @@
+"""preprocess -> train -> eval-ppl through the real CLI, on a generated corpus and on wiki-leads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cli.main import main
+from tests.conftest import DEBUG_RECIPE, WIKI_LEADS, read_jsonl
+
+
+def write_corpus(folder, seed=0):
+    """A WikiText-like corpus: headings, blank lines, Zipfian words from a 300-word vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(300)]
+    p = 1.0 / np.arange(1, 301)
+    p /= p.sum()
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, articles in (("train", 60), ("valid", 6), ("test", 6)):
+        lines = []
+        for a in range(articles):
+            lines += [f" = Article {split} {a} = ", ""]
+            for _ in range(rng.integers(2, 6)):
+                lines.append(" " + " ".join(rng.choice(words, rng.integers(5, 40), p=p)) + " ")
+            lines.append("")
+        (folder / f"wiki.{split}.raw").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def expected_tokens(path) -> int:
+    """Whitespace tokens plus one end-of-line per line, counted from the raw text."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":
+        lines = lines[:-1]
+    return sum(len(line.split()) for line in lines) + len(lines)
+
+
+def pipeline(tmp_path, raw, capsys, *overrides):
+    data = tmp_path / "bin"
+    assert (
+        main(["preprocess", str(DEBUG_RECIPE), f"data.raw={raw}", f"data.dir={data}", *overrides])
+        == 0
+    )
+    save = tmp_path / "ckpt"
+    train = [
+        "train",
+        str(DEBUG_RECIPE),
+        f"data.dir={data}",
+        f"train.save_dir={save}",
+        "train.tensorboard=false",
+        "train.log_interval=5",
+        *overrides,
+    ]
+    assert main(train) == 0
+    capsys.readouterr()
+    assert main(["eval-ppl", str(save / "checkpoint_best.pt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    return result, read_jsonl(save / "train.jsonl")
+
+
+def check(result, log, raw):
+    assert result["split"] == "test"
+    assert result["tokens"] == expected_tokens(raw / "wiki.test.raw")
+    assert result["ppl"] == pytest.approx(math.exp(result["loss_nats"]), rel=1e-12)
+    assert result["loss_bits"] == pytest.approx(result["loss_nats"] / math.log(2), rel=1e-12)
+    assert log[-1]["loss"] < log[0]["loss"] - 0.5  # bits: the training loss falls
+
+
+def test_generated_corpus_end_to_end(tmp_path, capsys):
+    raw = write_corpus(tmp_path / "raw")
+    result, log = pipeline(tmp_path, raw, capsys, "train.max_updates=40")
+    check(result, log, raw)
+
+
+@pytest.mark.skipif(not WIKI_LEADS.is_dir(), reason=f"wiki-leads corpus not found at {WIKI_LEADS}")
+def test_wiki_leads_end_to_end(tmp_path, capsys):
+    overrides = ["data.vocab_size=4000", "train.max_updates=40", "train.max_valid_batches=4"]
+    result, log = pipeline(tmp_path, WIKI_LEADS, capsys, *overrides)
+    check(result, log, WIKI_LEADS)
