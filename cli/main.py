@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    args = parser.parse_intermixed_args(rest)  # flags may follow key=value overrides
+    try:
+        args = parser.parse_intermixed_args(rest)  # flags may follow key=value overrides
+    except TypeError:  # argparse cannot intermix with subcommands (sbtrain bench WHAT)
+        args = parser.parse_args(rest)
     try:
         status = module.run(args) or 0
     except UserError as e:
