@@ -1,0 +1,304 @@
+"""Fused Triton forward and backward for causal Scatterbrain (`sparse: local`) and Performer.
+
+    out = scatterbrain_local(q, k, v, projection, window)   # (B, H, L, D) each -> (B, H, L, D)
+    out = performer(q, k, v, projection)
+
+Same semantics as `ScatterbrainAttention` / `PerformerAttention` (and their float64 twins in
+reference.py): tau = D**-0.5, x' = tau**0.5 x, log phi(x) = [W x', -W x'] - |x'|²/2 - log(m)/2
+with W = module.projection (m/2, D). Scatterbrain: query i sees keys j in (i - window, i] through
+exp(tau q.k) and keys j <= i - window through phi(q_i).phi(k_j); Performer: phi.phi for all j <= i.
+Inputs fp32/bf16/fp16 (the output has v's dtype); everything accumulates in fp32.
+
+The algorithm: positions are cut into blocks of BLOCK (a divisor of the window, so the window is
+N_W whole blocks); N = ceil(L / BLOCK). Three forward passes, three backward passes:
+
+1. `key_block_sums` (grid N x BH): per key block b, log phi(k) and, per feature, the block max
+   mk_b and S_b = Σ_j exp(log phi(k_j) - mk_b) [v_j, 1].
+2. `state_scan` (grid BH x feature tiles, sequential over b, in place): the running max
+   R_b = max(R_{b-1}, mk_b) — it covers blocks <= b only, never the future — and the prefix state
+   on R_b: for Scatterbrain the keys of blocks < b ("before"), for Performer blocks <= b ("after").
+3. `forward` (grid N x BH), query block c:
+   - Scatterbrain: the state before block k0 = c - N_W, then block k0 itself, where
+     query r meets key t exactly if t > r and through features if t <= r (key and query features
+     scaled by R_{k0}, which only covers keys before the query block), then blocks k0+1..c exact
+     (window and causal masks), online-softmax style.
+   - Performer: the state after block c-1 (scale R_{c-1}), then block c's causal feature products.
+     Here no per-feature key scale may be used (block c's max would include later keys), so each
+     key is scaled by its own max over features s_j and query i by r_i = max_{j<=i} s_j: every
+     factor exp(s_j - r_i) <= 1 and depends only on keys j <= i.
+   All terms meet on one per-row log-scale `top` (the max of the query's feature logits and its
+   exact scores); the normaliser l_i is a sum of positive terms, so it stays > 0 and nothing
+   overflows. Saved for backward: q, k, v, out, the states (m x D + m per block, fp32), their
+   scales R (m per block), and per row `top` and `lse` = top + log l.
+
+Backward, with dA_ij = (dO_i . v_j - delta_i) / normaliser_i and delta_i = dO_i . O_i:
+
+4. `backward_query` (grid N x BH): dq from exact scores (flash style, P = exp(s - lse)), from the
+   state (d log phi(q_i) = Q_i * (T [dO_i, -delta_i]) with Q_i = phi(q_i) e^R / normaliser, all
+   factors <= 1 except 1/l), and from the near/diagonal block; delta; and the block's query sum
+   Y = Σ_i Q_i [dO_i, -delta_i]^T, stored at the state index the block read.
+5. `reverse_scan` (grid BH x feature tiles, sequential, in place): V_b = Σ of later Y_b', rescaled
+   by exp(R_b - R_b') <= 1 — the mirror of pass 2.
+6. `backward_key` (grid N x BH): dk, dv of key block b from V_b (d log phi(k_j) = kw_j * (V_b
+   [v_j, 1]), dv_j = V_b^T kw_j with kw_j = exp(log phi(k_j) - R_b) <= 1), the near/diagonal
+   block, and exact scores of the query blocks whose window covers b.
+Log-features are recomputed from q and k in every pass (a (BLOCK x D) @ (D x m/2) product,
+3-pass tf32) rather than stored.
+
+Memory traffic per (batch, head), BLOCK = 64, D = 64, m = 128, bf16 inputs: q, k, v, out, dO read
+once or twice each per pass that needs them (exact scores re-read N_W + 1 blocks of k, v per
+query block, as flash attention does), 2 x 4 B x L of row statistics, and the fp32 states
+(m (D + 2) x 4 B = 33 KiB per block, 0.5 KiB per position) written in pass 1, read and written in
+pass 2, read in pass 3, read in 4, Y written in 4, read and written in 5, read in 6: 8 state
+transfers, ~4 KiB per position — the largest stream, roughly 4x that of q, k, v, dO and out.
+
+Dots: exact scores and P @ V use the inputs' dtype (bf16/fp16 tensor cores, fp32 accumulate);
+feature and state products use tf32 (fp32 inputs: 3-pass tf32, ≈ fp32, for 1e-4 accuracy).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+BLOCKS = (64, 32, 16)  # block sizes tried for a window, largest first (tl.dot needs >= 16)
+PERFORMER_BLOCK = 64
+SCAN_FEATURES = 16  # features per program of the scans
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the kernels run on `device`: triton importable and CUDA, or TRITON_INTERPRET=1."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.device(device).type == "cuda" or _interpreting()
+
+
+def supports(q: torch.Tensor, window: int | None = None) -> bool:
+    """True if `available` and the kernels take these inputs: fp32/bf16/fp16, and for
+    Scatterbrain a window that is 0 (Performer) or a multiple of 16."""
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not available(q.device):
+        return False
+    return window is None or window == 0 or window % BLOCKS[-1] == 0
+
+
+def scatterbrain_local(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    window: int,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Causal Scatterbrain with a local window: q, k, v (B, H, L, D) -> (B, H, L, D), v's dtype.
+
+    projection: W (m/2, D); window: a multiple of 16 (0: Performer); block: the block size (a
+    divisor of the window, >= 16), by default the largest of 64, 32, 16 that divides it.
+    """
+    if window == 0:
+        return performer(q, k, v, projection, block)
+    if block is None:
+        block = next((b for b in BLOCKS if window % b == 0), None)
+    if block is None or window % block or block < 16 or block & (block - 1):
+        raise ValueError(
+            f"scatterbrain_local: window {window} needs a block size, a power of 2 >= 16 that "
+            f"divides it (got block={block})"
+        )
+    return _FusedAttention.apply(q, k, v, projection, window, block)
+
+
+def performer(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Causal Performer (FAVOR+): q, k, v (B, H, L, D) -> (B, H, L, D), v's dtype."""
+    block = PERFORMER_BLOCK if block is None else block
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"performer: block must be a power of 2 >= 16, got {block}")
+    return _FusedAttention.apply(q, k, v, projection, 0, block)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _patch_interpreter() -> None:
+    """Make triton 3.6's interpreter run loops with runtime bounds under numpy >= 2.3.
+
+    The interpreter keeps scalars as 1-element arrays and converts them with `int(array)`, which
+    newer numpy refuses for arrays of ndim 1. This replaces that conversion (interpreter only).
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "sbtrain_patched", False):
+        return
+
+    def patch(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch.sbtrain_patched = True
+    interpreter._patch_lang_tensor = patch
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the kernels fill (tests replace this to fill them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _rows_last(x: torch.Tensor) -> torch.Tensor:
+    """x with unit stride along head_dim (the kernels take any batch/head/length strides)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _Config:
+    """Sizes and compile-time constants of one call."""
+
+    def __init__(self, q: torch.Tensor, projection: torch.Tensor, window: int, block: int):
+        import triton
+        import triton.language as tl
+
+        self.batch, self.heads, self.length, self.head_dim = q.shape
+        self.half = projection.shape[0]  # m/2
+        if projection.shape[1] != self.head_dim:
+            raise ValueError(
+                f"projection {tuple(projection.shape)} does not match D = {q.shape[-1]}"
+            )
+        self.window, self.block = window, block
+        self.n_blocks = triton.cdiv(self.length, block)
+        self.bh = self.batch * self.heads
+        tau = self.head_dim**-0.5
+        self.scalars = (tau, tau**0.5, 0.5 * math.log(2 * self.half))
+        self.block_d = max(16, triton.next_power_of_2(self.head_dim))
+        self.block_f = max(16, triton.next_power_of_2(self.half))
+        dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+        self.constants = dict(
+            N_W=window // block,
+            BLOCK=block,
+            BLOCK_D=self.block_d,
+            BLOCK_F=self.block_f,
+            DTYPE=dtype[q.dtype],
+            PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
+            UPCAST=_interpreting(),
+        )
+        big = block * max(self.block_d, self.block_f) > 64 * 64
+        self.launch = dict(num_warps=8 if big else 4, num_stages=1 if big else 2)
+        if _interpreting():
+            _patch_interpreter()
+
+    def sizes(self) -> tuple[int, ...]:
+        return self.heads, self.length, self.head_dim, self.half, self.n_blocks
+
+    def state_buffers(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        m = 2 * self.half
+        shape = (self.bh, self.n_blocks, m)
+        return (
+            _empty((*shape, self.head_dim), torch.float32, device),
+            _empty(shape, torch.float32, device),
+        )
+
+    def scan(self, kernel, state, ones, scale, *extra, after: bool) -> None:
+        m = 2 * self.half
+        grid = (self.bh, (m + SCAN_FEATURES - 1) // SCAN_FEATURES)
+        kernel[grid](
+            state, ones, scale, m, self.head_dim, self.n_blocks, *extra,
+            AFTER=after, BLOCK_FS=SCAN_FEATURES, BLOCK_D=self.block_d,
+        )  # fmt: skip
+
+
+def _forward(q, k, v, projection, config: _Config):
+    from sbtrain.attention import triton_jit as jit
+
+    device = q.device
+    state, ones = config.state_buffers(device)
+    scale = _empty(ones.shape, torch.float32, device)
+    heads, length, head_dim, half, n_blocks = config.sizes()
+    tau, sqrt_tau, log_norm = config.scalars
+    c = config.constants
+    grid = (n_blocks, config.bh)
+    jit.key_block_sums_kernel[grid](
+        k, v, projection, state, ones, scale, *_strides(k), *_strides(v),
+        heads, length, head_dim, half, n_blocks, sqrt_tau, log_norm,
+        BLOCK=c["BLOCK"], BLOCK_D=c["BLOCK_D"], BLOCK_F=c["BLOCK_F"], PREC=c["PREC"],
+        **config.launch,
+    )  # fmt: skip
+    config.scan(jit.state_scan_kernel, state, ones, scale, after=c["N_W"] == 0)
+    out = _empty(v.shape, v.dtype, device)
+    rows = (config.bh, n_blocks * config.block)
+    top = _empty(rows, torch.float32, device)
+    lse = _empty(rows, torch.float32, device)
+    jit.forward_kernel[grid](
+        q, k, v, projection, state, ones, scale, out, top, lse,
+        *_strides(q), *_strides(k), *_strides(v),
+        heads, length, head_dim, half, n_blocks, tau, sqrt_tau, log_norm, config.window,
+        **c, **config.launch,
+    )  # fmt: skip
+    return out, state, ones, scale, top, lse
+
+
+def _backward(grad_out, saved, projection, config: _Config):
+    from sbtrain.attention import triton_jit as jit
+
+    q, k, v, out, state, ones, scale, top, lse = saved
+    device = q.device
+    heads, length, head_dim, half, n_blocks = config.sizes()
+    tau, sqrt_tau, log_norm = config.scalars
+    c = config.constants
+    grid = (n_blocks, config.bh)
+    dq = _empty(q.shape, q.dtype, device)
+    dk = _empty(k.shape, k.dtype, device)
+    dv = _empty(v.shape, v.dtype, device)
+    delta = _empty(top.shape, torch.float32, device)
+    ystate, yones = config.state_buffers(device)
+    jit.backward_query_kernel[grid](
+        q, k, v, out, grad_out, projection, state, ones, scale, top, lse, dq, delta, ystate, yones,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out),
+        heads, length, head_dim, half, n_blocks, tau, sqrt_tau, log_norm, config.window,
+        **c, **config.launch,
+    )  # fmt: skip
+    shift = c["N_W"] if c["N_W"] else 1
+    config.scan(jit.reverse_scan_kernel, ystate, yones, scale, shift, after=c["N_W"] == 0)
+    jit.backward_key_kernel[grid](
+        q, k, v, grad_out, projection, ystate, yones, scale, top, lse, delta, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+        heads, length, head_dim, half, n_blocks, tau, sqrt_tau, log_norm, config.window,
+        **c, **config.launch,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Scatterbrain (window > 0) or Performer (window 0); the projection gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, projection, window: int, block: int):
+        if not (q.dtype == k.dtype == v.dtype) or q.shape != k.shape or q.shape != v.shape:
+            raise ValueError(
+                f"q, k, v must share shape and dtype, got {tuple(q.shape)} {q.dtype}, "
+                f"{tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}"
+            )
+        q, k, v = (_rows_last(x) for x in (q, k, v))
+        projection = projection.detach().to(device=q.device, dtype=torch.float32).contiguous()
+        config = _Config(q, projection, window, block)
+        out, *saved = _forward(q, k, v, projection, config)
+        ctx.save_for_backward(q, k, v, out, *saved, projection)
+        ctx.config = config
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        *saved, projection = ctx.saved_tensors
+        grad_out = _rows_last(grad_out)
+        dq, dk, dv = _backward(grad_out, saved, projection, ctx.config)
+        return dq, dk, dv, None, None, None
