@@ -1,14 +1,21 @@
 """The Triton kernels behind `triton_kernels.py` (which documents the algorithm): six passes.
 
 Imported only where triton is installed. Every kernel works on one (batch, head) pair per program
-along one grid axis; tiles are BLOCK rows (queries or keys) x BLOCK_D (head dim, padded) or
-BLOCK_F (half the features, padded). Index conventions:
+along one grid axis; tiles are BLOCK rows (queries or keys) x BLOCK_D (head dim D, padded to a
+power of 2) or BLOCK_F (MH = m/2 features, padded). Conventions:
 
-- positions: rows `r` of query block c are i = c BLOCK + r, columns `t` of key block b are
+- positions: rows of query block c are i = c BLOCK + r, columns of key block b are
   j = b BLOCK + t; rows at or past L are loaded as zeros and never stored.
-- features: a state holds m = 2 MH rows, the `+W x` half first, then the `-W x` half; the
-  kernels keep the halves as two (…, BLOCK_F) tiles. Padded features have log-feature -inf.
-- states, scales, per-row statistics: fp32, contiguous, (BH, N, m, D), (BH, N, m), (BH, N BLOCK).
+- features: log phi(x) = [proj, -proj] - offset with proj = x' W^T and offset = |x'|²/2 +
+  log(m)/2. Kernels keep `proj` and `offset` and derive one half at a time (`_half`, HALF 0 is
+  +W x', HALF 1 is -W x') in a static two-step loop, so only one half's tiles are ever live.
+  Padded features have log-feature -inf.
+- states, scales, per-row statistics: fp32, contiguous, (BH, N, m, D), (BH, N, m), (BH, N BLOCK);
+  a state's features are the + half (rows 0..MH-1), then the - half.
+- D and MH are compile-time constants, so unpadded tiles need no column masks.
+- gradients w.r.t. log-features are accumulated as `dlin` = d(+ half) - d(- half)
+  (BLOCK, BLOCK_F) and `dsum` = the row sums of both (BLOCK,): all the input gradient needs,
+  since d log phi_f(x) / d x' = ±W_f - x'.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import triton
 import triton.language as tl
 
 # The log-scale of "nothing yet": finite, so EMPTY - EMPTY is 0 rather than NaN.
-EMPTY = -1.0e30
+EMPTY = tl.constexpr(-1.0e30)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -25,30 +32,59 @@ EMPTY = -1.0e30
 
 
 @triton.jit
-def _load_rows(base, stride_l, start, L, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(BLOCK, BLOCK_D) rows start.. of a (L, D) matrix with row stride `stride_l`, zero-padded,
-    converted to fp32."""
-    rows = start + tl.arange(0, BLOCK)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < L) & (cols[None, :] < D)
-    x = tl.load(base + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0)
-    return x.to(tl.float32)
+def _tile_mask(rows, n_rows, cols, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """rows < n_rows, and cols < D only where D is padded (an all-true column mask would stop
+    vectorised loads)."""
+    if D == BLOCK_D:
+        return rows[:, None] < n_rows
+    else:
+        return (rows[:, None] < n_rows) & (cols[None, :] < D)
 
 
 @triton.jit
-def _store_rows(base, stride_l, start, L, D, x, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_rows(base, stride_l, start, L, D: tl.constexpr, BLOCK: tl.constexpr,
+               BLOCK_D: tl.constexpr):  # fmt: skip
+    """(BLOCK, BLOCK_D) rows start.. of a (L, D) matrix with row stride `stride_l`, zero-padded,
+    in its own dtype."""
     rows = start + tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < L) & (cols[None, :] < D)
-    tl.store(
-        base + rows[:, None] * stride_l + cols[None, :], x.to(base.dtype.element_ty), mask=mask
-    )
+    mask = _tile_mask(rows, L, cols, D, BLOCK_D)
+    return tl.load(base + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, start, L, D: tl.constexpr, x, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store rows start.. (< L) of a contiguous (L, D) matrix."""
+    rows = start + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    mask = _tile_mask(rows, L, cols, D, BLOCK_D)
+    tl.store(base + rows[:, None] * D + cols[None, :], x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _head(ptr, bh, H, stride_b, stride_h):
+    """Where (batch, head) = divmod(bh, H) starts in a (B, H, L, D) tensor. Offsets of whole
+    heads are int64; positions and in-tile offsets stay int32 (int64 tiles cost 2 registers an
+    element)."""
+    return ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _row_stats(ptr, bh, N, BLOCK: tl.constexpr):
+    """Where head bh's per-row statistics (N BLOCK rows: delta, lse) start."""
+    return ptr + bh.to(tl.int64) * N * BLOCK
+
+
+@triton.jit
+def _load_row_stat(ptr, bh, N, i, L, fill, BLOCK: tl.constexpr):
+    """Per-row statistic (delta, lse) of rows i; `fill` at or past L (no gradient flows there)."""
+    return tl.load(_row_stats(ptr, bh, N, BLOCK) + i, mask=i < L, other=fill)
 
 
 @triton.jit
 def _operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """x rounded to the dot-operand dtype (the inputs' dtype); UPCAST (interpreter only, whose
-    bf16 dot is unusable) keeps the rounding but hands fp32 to the dot."""
+    """x as a dot operand: rounded to DTYPE; UPCAST (interpreter only, whose bf16 dot is
+    unusable) keeps the rounding but hands fp32 to the dot."""
     x = x.to(DTYPE)
     if UPCAST:
         x = x.to(tl.float32)
@@ -56,120 +92,129 @@ def _operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_projection(w_ptr, MH, D, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
-    """W: (BLOCK_F, BLOCK_D) fp32, zero-padded."""
+def _fdot(a, b, acc, DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b (+ acc) in fp32 with both operands rounded to DTYPE. Feature and state operands use
+    FDTYPE: bf16 for bf16/fp16 inputs (features are <= 1; states need bf16's range), fp32 for
+    fp32 inputs (with PREC = 3-pass tf32)."""
+    return tl.dot(_operand(a, DTYPE, UPCAST), _operand(b, DTYPE, UPCAST), acc,
+                  input_precision=PREC)  # fmt: skip
+
+
+@triton.jit
+def _feature_tile(base, n_rows: tl.constexpr, D: tl.constexpr, BLOCK_F: tl.constexpr,
+                  BLOCK_D: tl.constexpr):  # fmt: skip
+    """Pointers and mask of a (BLOCK_F, BLOCK_D) tile of a row-major (n_rows, D) matrix."""
     f = tl.arange(0, BLOCK_F)
     d = tl.arange(0, BLOCK_D)
-    mask = (f[:, None] < MH) & (d[None, :] < D)
-    return tl.load(w_ptr + f[:, None] * D + d[None, :], mask=mask, other=0.0)
+    return base + f[:, None] * D + d[None, :], (f[:, None] < n_rows) & (d[None, :] < D)
 
 
 @triton.jit
-def _log_features(x, w, sqrt_tau, log_norm, MH, BLOCK_F: tl.constexpr):
-    """log phi(x) for x (BLOCK, BLOCK_D) fp32: the two halves (BLOCK, BLOCK_F) and x' = tau**.5 x.
+def _load_feature_tile(base, n_rows: tl.constexpr, D: tl.constexpr, BLOCK_F: tl.constexpr,
+                       BLOCK_D: tl.constexpr):  # fmt: skip
+    """A (BLOCK_F, BLOCK_D) tile of a row-major (n_rows, D) fp32 matrix, zero-padded."""
+    ptrs, mask = _feature_tile(base, n_rows, D, BLOCK_F, BLOCK_D)
+    if n_rows == BLOCK_F and D == BLOCK_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
 
-    log phi(x) = [W x', -W x'] - |x'|²/2 - log_norm; padded features get -inf. The projection
-    runs as 3-pass tf32 (≈ fp32): feature logits feed exp, where 1e-3 relative errors would show.
-    """
-    xs = x * sqrt_tau
+
+@triton.jit
+def _load_projection(w_ptr, MH: tl.constexpr, D: tl.constexpr, BLOCK_F: tl.constexpr,
+                     BLOCK_D: tl.constexpr):  # fmt: skip
+    """W: (BLOCK_F, BLOCK_D) fp32, zero-padded."""
+    return _load_feature_tile(w_ptr, MH, D, BLOCK_F, BLOCK_D)
+
+
+@triton.jit
+def _projection(x, w, sqrt_tau, log_norm):
+    """Rows x (BLOCK, BLOCK_D), any float dtype -> proj = x' W^T (BLOCK, BLOCK_F) and offset =
+    |x'|²/2 + log_norm (BLOCK,), x' = sqrt_tau x. As 3-pass tf32 (≈ fp32): proj feeds exp,
+    where tf32's 1e-3 relative error would show."""
+    xs = x.to(tl.float32) * sqrt_tau
     proj = tl.dot(xs, tl.trans(w), input_precision="tf32x3")
-    offset = 0.5 * tl.sum(xs * xs, 1) + log_norm
-    real = (tl.arange(0, BLOCK_F) < MH)[None, :]
-    plus = tl.where(real, proj - offset[:, None], float("-inf"))
-    minus = tl.where(real, -proj - offset[:, None], float("-inf"))
-    return plus, minus, xs
+    return proj, 0.5 * tl.sum(xs * xs, 1) + log_norm
 
 
 @triton.jit
-def _input_grad(d_plus, d_minus, xs, w, sqrt_tau):
-    """Gradient w.r.t. x from gradients w.r.t. both halves of log phi(x) (fp32 (BLOCK, BLOCK_D)):
-    d log phi_f / d x' = ±W_f - x'."""
-    dxs = tl.dot(d_plus - d_minus, w, input_precision="tf32x3")
-    dxs -= xs * (tl.sum(d_plus, 1) + tl.sum(d_minus, 1))[:, None]
+def _half(proj, offset, HALF: tl.constexpr, MH: tl.constexpr, BLOCK_F: tl.constexpr):
+    """log phi of one half of the features (BLOCK, BLOCK_F): ±proj - offset, -inf if padded."""
+    logits = proj - offset[:, None] if HALF == 0 else -proj - offset[:, None]
+    if MH != BLOCK_F:
+        logits = tl.where((tl.arange(0, BLOCK_F) < MH)[None, :], logits, float("-inf"))
+    return logits
+
+
+@triton.jit
+def _top(proj, offset, MH: tl.constexpr, BLOCK_F: tl.constexpr):
+    """max over both halves of log phi, per row: max_f |proj_f| - offset."""
+    size = tl.abs(proj)
+    if MH != BLOCK_F:
+        size = tl.where((tl.arange(0, BLOCK_F) < MH)[None, :], size, float("-inf"))
+    return tl.max(size, 1) - offset
+
+
+@triton.jit
+def _input_grad(dlin, dsum, x, w_ptr, sqrt_tau, MH: tl.constexpr, D: tl.constexpr,
+                BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """d loss / d x from d loss / d log phi(x), given as `dlin` and `dsum`. W is reloaded here
+    rather than kept live since the start."""
+    w = _load_projection(w_ptr, MH, D, BLOCK_F, BLOCK_D)
+    dxs = tl.dot(dlin, w, input_precision=PREC) - x.to(tl.float32) * (sqrt_tau * dsum)[:, None]
     return dxs * sqrt_tau
 
 
 @triton.jit
-def _load_scale(scale_ptr, idx, MH, BLOCK_F: tl.constexpr):
-    """Per-feature log-scales (R_plus, R_minus) of state `idx`; 0 for padded features."""
+def _accumulate(dlin, dsum, d, HALF: tl.constexpr):
+    """Add one half's d loss / d log phi (BLOCK, BLOCK_F) to (dlin, dsum)."""
+    if HALF == 0:
+        dlin += d
+    else:
+        dlin -= d
+    return dlin, dsum + tl.sum(d, 1)
+
+
+@triton.jit
+def _load_scale(scale_ptr, idx, HALF: tl.constexpr, MH: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Per-feature log-scales R of one half of state `idx`; 0 for padded features."""
     f = tl.arange(0, BLOCK_F)
-    row = scale_ptr + idx * 2 * MH
-    plus = tl.load(row + f, mask=f < MH, other=0.0)
-    minus = tl.load(row + MH + f, mask=f < MH, other=0.0)
-    return plus, minus
+    return tl.load((scale_ptr + (idx * 2 + HALF) * MH) + f, mask=f < MH, other=0.0)
 
 
 @triton.jit
-def _load_state(state_ptr, ones_ptr, idx, MH, D, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
-    """State `idx`: numerator halves (BLOCK_F, BLOCK_D) and denominator halves (BLOCK_F,)."""
+def _load_state(state_ptr, ones_ptr, idx, HALF: tl.constexpr, MH: tl.constexpr,
+                D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """One half of state `idx`: numerator (BLOCK_F, BLOCK_D) and denominator (BLOCK_F,)."""
+    row = idx * 2 + HALF
     f = tl.arange(0, BLOCK_F)
-    d = tl.arange(0, BLOCK_D)
-    mask = (f[:, None] < MH) & (d[None, :] < D)
-    tile = state_ptr + idx * 2 * MH * D + f[:, None] * D + d[None, :]
-    plus = tl.load(tile, mask=mask, other=0.0)
-    minus = tl.load(tile + MH * D, mask=mask, other=0.0)
-    ones = ones_ptr + idx * 2 * MH + f
-    plus1 = tl.load(ones, mask=f < MH, other=0.0)
-    minus1 = tl.load(ones + MH, mask=f < MH, other=0.0)
-    return plus, minus, plus1, minus1
+    ones = tl.load((ones_ptr + row * MH) + f, mask=f < MH, other=0.0)
+    return _load_feature_tile(state_ptr + row * MH * D, MH, D, BLOCK_F, BLOCK_D), ones
 
 
 @triton.jit
-def _store_state(
-    state_ptr,
-    ones_ptr,
-    idx,
-    MH,
-    D,
-    plus,
-    minus,
-    plus1,
-    minus1,
-    BLOCK_F: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+def _store_state(state_ptr, ones_ptr, idx, HALF: tl.constexpr, x, x1, MH: tl.constexpr,
+                 D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    row = idx * 2 + HALF
+    ptrs, mask = _feature_tile(state_ptr + row * MH * D, MH, D, BLOCK_F, BLOCK_D)
+    tl.store(ptrs, x, mask=mask)
     f = tl.arange(0, BLOCK_F)
-    d = tl.arange(0, BLOCK_D)
-    mask = (f[:, None] < MH) & (d[None, :] < D)
-    tile = state_ptr + idx * 2 * MH * D + f[:, None] * D + d[None, :]
-    tl.store(tile, plus, mask=mask)
-    tl.store(tile + MH * D, minus, mask=mask)
-    ones = ones_ptr + idx * 2 * MH + f
-    tl.store(ones, plus1, mask=f < MH)
-    tl.store(ones + MH, minus1, mask=f < MH)
+    tl.store((ones_ptr + row * MH) + f, x1, mask=f < MH)
 
 
 @triton.jit
-def _row_max(plus, minus):
-    return tl.maximum(tl.max(plus, 1), tl.max(minus, 1))
-
-
-@triton.jit
-def _intra_block_weights(lq_plus, lq_minus, lk_plus, lk_minus, causal):
+def _intra_block_scales(proj_q, offset_q, proj_k, offset_k, causal, MH: tl.constexpr,
+                        BLOCK_F: tl.constexpr):  # fmt: skip
     """Performer's diagonal block, where no per-feature key scale may be used (it would include
     keys after the query). Each key is scaled by its own max over features s_j, each query by its
     own max qtop_i and by reach_i = max_{j <= i} s_j, so every factor is <= 1 and only keys j <= i
-    set a query's scale. Returns query features, key features (both halves, <= 1),
-    exp(s_j - reach_i) on the causal triangle (0 elsewhere), and the log-scale qtop_i + reach_i."""
-    key_top = _row_max(lk_plus, lk_minus)
-    query_top = _row_max(lq_plus, lq_minus)
+    set a query's scale. Returns qtop (BLOCK,), s (BLOCK,), exp(s_j - reach_i) on the causal
+    triangle (0 elsewhere), and the block's log-scale qtop_i + reach_i."""
+    query_top = _top(proj_q, offset_q, MH, BLOCK_F)
+    key_top = _top(proj_k, offset_k, MH, BLOCK_F)
     reach = tl.max(tl.where(causal, key_top[None, :], float("-inf")), 1)
     decay = tl.exp(tl.where(causal, key_top[None, :] - reach[:, None], float("-inf")))
-    return (
-        tl.exp(lq_plus - query_top[:, None]),
-        tl.exp(lq_minus - query_top[:, None]),
-        tl.exp(lk_plus - key_top[:, None]),
-        tl.exp(lk_minus - key_top[:, None]),
-        decay,
-        query_top + reach,
-    )
-
-
-@triton.jit
-def _feature_dot(a_plus, a_minus, b_plus, b_minus, PREC: tl.constexpr):
-    """(BLOCK, BLOCK) products a_i . b_j over both halves of the features."""
-    out = tl.dot(a_plus, tl.trans(b_plus), input_precision=PREC)
-    return tl.dot(a_minus, tl.trans(b_minus), out, input_precision=PREC)
+    return query_top, key_top, decay, query_top + reach
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,55 +225,39 @@ def _feature_dot(a_plus, a_minus, b_plus, b_minus, PREC: tl.constexpr):
 def key_block_sums_kernel(
     k_ptr, v_ptr, w_ptr, state_ptr, ones_ptr, scale_ptr,
     stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-    H, L, D, MH, N, sqrt_tau, log_norm,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, PREC: tl.constexpr,
+    H, L, N, sqrt_tau, log_norm,
+    D: tl.constexpr, MH: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_F: tl.constexpr, FDTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Pass 1, grid (N, BH): per key block b, the block max of log phi(k) (per feature) and
     Σ_j exp(log phi(k_j) - max) [v_j, 1]: written as states[b] (later scanned in place)."""
-    blk = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
     start = blk * BLOCK
-    k = _load_rows(
-        k_ptr + (bh // H) * stride_kb + (bh % H) * stride_kh, stride_kl, start, L, D, BLOCK, BLOCK_D
-    )
-    v = _load_rows(
-        v_ptr + (bh // H) * stride_vb + (bh % H) * stride_vh, stride_vl, start, L, D, BLOCK, BLOCK_D
-    )
-    w = _load_projection(w_ptr, MH, D, BLOCK_F, BLOCK_D)
-    lk_plus, lk_minus, _ = _log_features(k, w, sqrt_tau, log_norm, MH, BLOCK_F)
+    k = _load_rows(_head(k_ptr, bh, H, stride_kb, stride_kh), stride_kl, start, L, D, BLOCK,
+                   BLOCK_D)  # fmt: skip
+    v = _load_rows(_head(v_ptr, bh, H, stride_vb, stride_vh), stride_vl, start, L, D, BLOCK,
+                   BLOCK_D)  # fmt: skip
+    proj, offset = _projection(k, _load_projection(w_ptr, MH, D, BLOCK_F, BLOCK_D), sqrt_tau,
+                               log_norm)  # fmt: skip
     valid = (start + tl.arange(0, BLOCK) < L)[:, None]
-    lk_plus = tl.where(valid, lk_plus, float("-inf"))
-    lk_minus = tl.where(valid, lk_minus, float("-inf"))
     real = tl.arange(0, BLOCK_F) < MH
-    top_plus = tl.where(real, tl.max(lk_plus, 0), 0.0)
-    top_minus = tl.where(real, tl.max(lk_minus, 0), 0.0)
-    w_plus = tl.exp(lk_plus - top_plus[None, :])  # (BLOCK, BLOCK_F), <= 1, 0 past L
-    w_minus = tl.exp(lk_minus - top_minus[None, :])
-    sum_plus = tl.dot(tl.trans(w_plus), v, input_precision=PREC)
-    sum_minus = tl.dot(tl.trans(w_minus), v, input_precision=PREC)
-    idx = bh * N + blk
-    _store_state(
-        state_ptr,
-        ones_ptr,
-        idx,
-        MH,
-        D,
-        sum_plus,
-        sum_minus,
-        tl.sum(w_plus, 0),
-        tl.sum(w_minus, 0),
-        BLOCK_F,
-        BLOCK_D,
-    )
-    f = tl.arange(0, BLOCK_F)
-    tl.store(scale_ptr + idx * 2 * MH + f, top_plus, mask=real)
-    tl.store(scale_ptr + idx * 2 * MH + MH + f, top_minus, mask=real)
+    idx = bh.to(tl.int64) * N + blk
+    for HALF in tl.static_range(2):
+        logits = tl.where(valid, _half(proj, offset, HALF, MH, BLOCK_F), float("-inf"))
+        top = tl.where(real, tl.max(logits, 0), 0.0)
+        weights = tl.exp(logits - top[None, :])  # (BLOCK, BLOCK_F), <= 1, 0 past L
+        sums = _fdot(tl.trans(weights), v, None, FDTYPE, PREC, UPCAST)
+        _store_state(state_ptr, ones_ptr, idx, HALF, sums, tl.sum(weights, 0), MH, D, BLOCK_F,
+                     BLOCK_D)  # fmt: skip
+        tl.store((scale_ptr + (idx * 2 + HALF) * MH) + tl.arange(0, BLOCK_F), top, mask=real)
 
 
 @triton.jit
 def state_scan_kernel(
-    state_ptr, ones_ptr, scale_ptr, M, D, N,
-    AFTER: tl.constexpr, BLOCK_FS: tl.constexpr, BLOCK_D: tl.constexpr,
+    state_ptr, ones_ptr, scale_ptr, N,
+    M: tl.constexpr, D: tl.constexpr, AFTER: tl.constexpr, BLOCK_FS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 2, grid (BH, cdiv(m, BLOCK_FS)): in place, block sums -> prefix states.
 
@@ -245,10 +274,10 @@ def state_scan_kernel(
     previous = tl.full((BLOCK_FS,), float("-inf"), tl.float32)
     for blk in range(N):
         idx = bh * N + blk
-        tile = state_ptr + idx * M * D + f[:, None] * D + d[None, :]
-        block_max = tl.load(scale_ptr + idx * M + f, mask=real, other=0.0)
+        tile = (state_ptr + idx * M * D) + f[:, None] * D + d[None, :]
+        block_max = tl.load((scale_ptr + idx * M) + f, mask=real, other=0.0)
         block_sum = tl.load(tile, mask=mask, other=0.0)
-        block_sum1 = tl.load(ones_ptr + idx * M + f, mask=real, other=0.0)
+        block_sum1 = tl.load((ones_ptr + idx * M) + f, mask=real, other=0.0)
         running = tl.maximum(previous, block_max)
         decay = tl.exp(previous - running)
         carry *= decay[:, None]
@@ -258,8 +287,8 @@ def state_scan_kernel(
             carry += block_sum * growth[:, None]
             carry1 += block_sum1 * growth
         tl.store(tile, carry, mask=mask)
-        tl.store(ones_ptr + idx * M + f, carry1, mask=real)
-        tl.store(scale_ptr + idx * M + f, running, mask=real)
+        tl.store((ones_ptr + idx * M) + f, carry1, mask=real)
+        tl.store((scale_ptr + idx * M) + f, running, mask=real)
         if not AFTER:
             carry += block_sum * growth[:, None]
             carry1 += block_sum1 * growth
@@ -268,117 +297,101 @@ def state_scan_kernel(
 
 @triton.jit
 def forward_kernel(
-    q_ptr, k_ptr, v_ptr, w_ptr, state_ptr, ones_ptr, scale_ptr, out_ptr, top_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, w_ptr, state_ptr, ones_ptr, scale_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
-    H, L, D, MH, N, tau, sqrt_tau, log_norm, WINDOW,
-    N_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
-    DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    H, L, N, tau, sqrt_tau, log_norm, WINDOW,
+    D: tl.constexpr, MH: tl.constexpr, N_W: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    DTYPE: tl.constexpr, FDTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Pass 3, grid (N, BH): outputs of query block c, and per row the log-scale `top` and
-    log-normaliser `lse` for the backward.
+    """Pass 3, grid (N, BH): outputs of query block c, and per row the log-normaliser `lse`.
 
-    N_W = WINDOW / BLOCK > 0 (scatterbrain): the state before key block k0 = c - N_W, the near
-    block k0 (features where j <= i - WINDOW, exact scores elsewhere), then exact blocks
-    k0+1..c, flash style. N_W = 0 (performer): the state after block c-1 and block c's own
-    causal feature products. Everything meets on one per-row log-scale `top`."""
-    blk = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    batch, head = bh // H, bh % H
-    q_base = q_ptr + batch * stride_qb + head * stride_qh
-    k_base = k_ptr + batch * stride_kb + head * stride_kh
-    v_base = v_ptr + batch * stride_vb + head * stride_vh
+    First the low-rank part on the scale top_i = max_f(log phi(q_i) + R): Scatterbrain (N_W =
+    WINDOW / BLOCK > 0) reads the state before key block k0 = c - N_W and adds block k0's keys
+    with j <= i - WINDOW; Performer (N_W = 0) reads the state after block c-1. Then, merged like
+    online softmax: Scatterbrain's exact scores on key blocks k0..c (window and causal masks), or
+    Performer's causal feature products inside block c."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    k_base = _head(k_ptr, bh, H, stride_kb, stride_kh)
+    v_base = _head(v_ptr, bh, H, stride_vb, stride_vh)
     start = blk * BLOCK
     i = start + tl.arange(0, BLOCK)
-    q = _load_rows(q_base, stride_ql, start, L, D, BLOCK, BLOCK_D)
+    q = _load_rows(_head(q_ptr, bh, H, stride_qb, stride_qh), stride_ql, start, L, D, BLOCK,
+                   BLOCK_D)  # fmt: skip
     w = _load_projection(w_ptr, MH, D, BLOCK_F, BLOCK_D)
-    lq_plus, lq_minus, _ = _log_features(q, w, sqrt_tau, log_norm, MH, BLOCK_F)
-    q_op = _operand(q, DTYPE, UPCAST)
+    proj_q, offset_q = _projection(q, w, sqrt_tau, log_norm)
     acc = tl.zeros((BLOCK, BLOCK_D), tl.float32)
     denom = tl.zeros((BLOCK,), tl.float32)
+    top = tl.full((BLOCK,), EMPTY, tl.float32)
+    idx = blk - 1 if N_W == 0 else blk - N_W  # the state this block reads
+    if idx >= 0:
+        state = bh.to(tl.int64) * N + idx
+        for HALF in tl.static_range(2):
+            logits = _half(proj_q, offset_q, HALF, MH, BLOCK_F)
+            logits += _load_scale(scale_ptr, state, HALF, MH, BLOCK_F)[None, :]
+            top = tl.maximum(top, tl.max(logits, 1))
+        if N_W > 0:
+            # block k0's keys j <= i - WINDOW, features on the state's scale R_{k0}
+            k = _load_rows(k_base, stride_kl, idx * BLOCK, L, D, BLOCK, BLOCK_D)
+            proj_k, offset_k = _projection(k, w, sqrt_tau, log_norm)
+            near = tl.zeros((BLOCK, BLOCK), tl.float32)
+        for HALF in tl.static_range(2):
+            r = _load_scale(scale_ptr, state, HALF, MH, BLOCK_F)
+            logits = _half(proj_q, offset_q, HALF, MH, BLOCK_F) + r[None, :]
+            weights = _operand(tl.exp(logits - top[:, None]), FDTYPE, UPCAST)
+            s, s1 = _load_state(state_ptr, ones_ptr, state, HALF, MH, D, BLOCK_F, BLOCK_D)
+            acc = _fdot(weights, s, acc, FDTYPE, PREC, UPCAST)
+            denom += tl.sum(weights.to(tl.float32) * s1[None, :], 1)
+            if N_W > 0:
+                key_weights = tl.exp(_half(proj_k, offset_k, HALF, MH, BLOCK_F) - r[None, :])
+                near = _fdot(weights, tl.trans(key_weights), near, FDTYPE, PREC, UPCAST)
+        if N_W > 0:
+            j = idx * BLOCK + tl.arange(0, BLOCK)
+            near = tl.where(j[None, :] <= i[:, None] - WINDOW, near, 0.0)
+            v = _load_rows(v_base, stride_vl, idx * BLOCK, L, D, BLOCK, BLOCK_D)
+            acc = _fdot(near, v, acc, DTYPE, PREC, UPCAST)
+            denom += tl.sum(near, 1)
     if N_W == 0:
-        # state after block c-1, on R_{c-1}; block 0 has none (logits -inf)
-        idx = bh * N + tl.maximum(blk - 1, 0)
-        r_plus, r_minus = _load_scale(scale_ptr, idx, MH, BLOCK_F)
-        logit_plus = tl.where(blk > 0, lq_plus + r_plus[None, :], float("-inf"))
-        logit_minus = tl.where(blk > 0, lq_minus + r_minus[None, :], float("-inf"))
+        # block c's own keys j <= i, on the scale qtop_i + reach_i (see _intra_block_scales)
         k = _load_rows(k_base, stride_kl, start, L, D, BLOCK, BLOCK_D)
+        proj_k, offset_k = _projection(k, w, sqrt_tau, log_norm)
+        query_top, key_top, decay, intra_top = _intra_block_scales(
+            proj_q, offset_q, proj_k, offset_k, i[None, :] <= i[:, None], MH, BLOCK_F
+        )
+        p = tl.zeros((BLOCK, BLOCK), tl.float32)
+        for HALF in tl.static_range(2):
+            qf = tl.exp(_half(proj_q, offset_q, HALF, MH, BLOCK_F) - query_top[:, None])
+            kf = tl.exp(_half(proj_k, offset_k, HALF, MH, BLOCK_F) - key_top[:, None])
+            p = _fdot(qf, tl.trans(kf), p, FDTYPE, PREC, UPCAST)
+        new_top = tl.maximum(top, intra_top)
+        p = p * decay * tl.exp(intra_top - new_top)[:, None]
+        rescale = tl.exp(top - new_top)
         v = _load_rows(v_base, stride_vl, start, L, D, BLOCK, BLOCK_D)
-        lk_plus, lk_minus, _ = _log_features(k, w, sqrt_tau, log_norm, MH, BLOCK_F)
-        causal = i[None, :] <= i[:, None]
-        qf_plus, qf_minus, kf_plus, kf_minus, decay, intra_top = _intra_block_weights(
-            lq_plus, lq_minus, lk_plus, lk_minus, causal
-        )
-        top = tl.maximum(_row_max(logit_plus, logit_minus), intra_top)
-        qw_plus = tl.exp(logit_plus - top[:, None])
-        qw_minus = tl.exp(logit_minus - top[:, None])
-        s_plus, s_minus, s1_plus, s1_minus = _load_state(
-            state_ptr, ones_ptr, idx, MH, D, BLOCK_F, BLOCK_D
-        )
-        acc = tl.dot(qw_plus, s_plus, acc, input_precision=PREC)
-        acc = tl.dot(qw_minus, s_minus, acc, input_precision=PREC)
-        denom += tl.sum(qw_plus * s1_plus[None, :], 1) + tl.sum(qw_minus * s1_minus[None, :], 1)
-        products = _feature_dot(qf_plus, qf_minus, kf_plus, kf_minus, PREC)
-        p = products * decay * tl.exp(intra_top - top)[:, None]
-        acc = tl.dot(
-            _operand(p, DTYPE, UPCAST), _operand(v, DTYPE, UPCAST), acc, input_precision=PREC
-        )
-        denom += tl.sum(p, 1)
+        acc = _fdot(p, v, acc * rescale[:, None], DTYPE, PREC, UPCAST)
+        denom = denom * rescale + tl.sum(p, 1)
+        top = new_top
     else:
-        top = tl.full((BLOCK,), EMPTY, tl.float32)
-        k0 = blk - N_W
-        if k0 >= 0:
-            idx = bh * N + k0
-            r_plus, r_minus = _load_scale(scale_ptr, idx, MH, BLOCK_F)
-            logit_plus = lq_plus + r_plus[None, :]
-            logit_minus = lq_minus + r_minus[None, :]
-            k = _load_rows(k_base, stride_kl, k0 * BLOCK, L, D, BLOCK, BLOCK_D)
-            v = _load_rows(v_base, stride_vl, k0 * BLOCK, L, D, BLOCK, BLOCK_D)
-            j = k0 * BLOCK + tl.arange(0, BLOCK)
-            exact = j[None, :] > i[:, None] - WINDOW  # every j < i here: the rest is low-rank
-            scores = tl.dot(q_op, tl.trans(_operand(k, DTYPE, UPCAST)), input_precision=PREC)
-            scores = tl.where(exact, scores * tau, float("-inf"))
-            top = tl.maximum(_row_max(logit_plus, logit_minus), tl.max(scores, 1))
-            qw_plus = tl.exp(logit_plus - top[:, None])
-            qw_minus = tl.exp(logit_minus - top[:, None])
-            s_plus, s_minus, s1_plus, s1_minus = _load_state(
-                state_ptr, ones_ptr, idx, MH, D, BLOCK_F, BLOCK_D
-            )
-            acc = tl.dot(qw_plus, s_plus, acc, input_precision=PREC)
-            acc = tl.dot(qw_minus, s_minus, acc, input_precision=PREC)
-            denom += tl.sum(qw_plus * s1_plus[None, :], 1)
-            denom += tl.sum(qw_minus * s1_minus[None, :], 1)
-            lk_plus, lk_minus, _ = _log_features(k, w, sqrt_tau, log_norm, MH, BLOCK_F)
-            kw_plus = tl.exp(lk_plus - r_plus[None, :])
-            kw_minus = tl.exp(lk_minus - r_minus[None, :])
-            near = _feature_dot(qw_plus, qw_minus, kw_plus, kw_minus, PREC)
-            p = tl.where(exact, tl.exp(scores - top[:, None]), near)
-            acc = tl.dot(
-                _operand(p, DTYPE, UPCAST), _operand(v, DTYPE, UPCAST), acc, input_precision=PREC
-            )
-            denom += tl.sum(p, 1)
-        for kb in range(tl.maximum(k0 + 1, 0), blk + 1):
-            k = _load_rows(k_base, stride_kl, kb * BLOCK, L, D, BLOCK, BLOCK_D)
-            v = _load_rows(v_base, stride_vl, kb * BLOCK, L, D, BLOCK, BLOCK_D)
+        q_op = _operand(q, DTYPE, UPCAST)
+        for kb in range(tl.maximum(blk - N_W, 0), blk + 1):
+            k_op = _operand(_load_rows(k_base, stride_kl, kb * BLOCK, L, D, BLOCK, BLOCK_D),
+                            DTYPE, UPCAST)  # fmt: skip
             j = kb * BLOCK + tl.arange(0, BLOCK)
             seen = (j[None, :] <= i[:, None]) & (j[None, :] > i[:, None] - WINDOW)
-            scores = tl.dot(q_op, tl.trans(_operand(k, DTYPE, UPCAST)), input_precision=PREC)
+            scores = tl.dot(q_op, tl.trans(k_op), input_precision=PREC)
             scores = tl.where(seen, scores * tau, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, 1))
-            decay = tl.exp(top - new_top)
+            rescale = tl.exp(top - new_top)
             p = tl.exp(scores - new_top[:, None])
-            acc = tl.dot(
-                _operand(p, DTYPE, UPCAST),
-                _operand(v, DTYPE, UPCAST),
-                acc * decay[:, None],
-                input_precision=PREC,
-            )
-            denom = denom * decay + tl.sum(p, 1)
+            v = _load_rows(v_base, stride_vl, kb * BLOCK, L, D, BLOCK, BLOCK_D)
+            acc = _fdot(p, v, acc * rescale[:, None], DTYPE, PREC, UPCAST)
+            denom = denom * rescale + tl.sum(p, 1)
             top = new_top
-    out_base = out_ptr + bh * L * D
-    _store_rows(out_base, D, start, L, D, acc / denom[:, None], BLOCK, BLOCK_D)
-    tl.store(top_ptr + bh * N * BLOCK + i, top)
-    tl.store(lse_ptr + bh * N * BLOCK + i, top + tl.log(denom))
+    _store_rows(
+        out_ptr + bh.to(tl.int64) * L * D, start, L, D, acc / denom[:, None], BLOCK, BLOCK_D
+    )
+    tl.store(_row_stats(lse_ptr, bh, N, BLOCK) + i, top + tl.log(denom))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,127 +400,102 @@ def forward_kernel(
 
 @triton.jit
 def backward_query_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, w_ptr, state_ptr, ones_ptr, scale_ptr, top_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, w_ptr, state_ptr, ones_ptr, scale_ptr, lse_ptr,
     dq_ptr, delta_ptr, y_ptr, y1_ptr,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
     stride_db, stride_dh, stride_dl,
-    H, L, D, MH, N, tau, sqrt_tau, log_norm, WINDOW,
-    N_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
-    DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    H, L, N, tau, sqrt_tau, log_norm, WINDOW,
+    D: tl.constexpr, MH: tl.constexpr, N_W: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    DTYPE: tl.constexpr, FDTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Backward pass 1, grid (N, BH), query block c: dq, delta_i = dO_i . O_i, and the block's
-    contribution Y to the reverse scan: Σ_i exp(lq_i + R - lse_i) [dO_i, -delta_i], stored at the
-    state index the block read in the forward."""
-    blk = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    batch, head = bh // H, bh % H
-    k_base = k_ptr + batch * stride_kb + head * stride_kh
-    v_base = v_ptr + batch * stride_vb + head * stride_vh
+    contribution to the reverse scan, Y = Σ_i Q_i [dO_i, -delta_i]^T with
+    Q_i = exp(log phi(q_i) + R - lse_i), stored at the state index the block read.
+
+    With A_ij = phi(q_i).phi(k_j) and dA_ij = (dO_i.v_j - delta_i) / normaliser_i,
+    d loss / d log phi(q_i) = Q_i * Σ_j (dO_i.v_j - delta_i) exp(log phi(k_j) - R)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    k_base = _head(k_ptr, bh, H, stride_kb, stride_kh)
+    v_base = _head(v_ptr, bh, H, stride_vb, stride_vh)
     start = blk * BLOCK
     i = start + tl.arange(0, BLOCK)
-    valid = i < L
-    q = _load_rows(
-        q_ptr + batch * stride_qb + head * stride_qh, stride_ql, start, L, D, BLOCK, BLOCK_D
-    )
-    do = _load_rows(
-        do_ptr + batch * stride_db + head * stride_dh, stride_dl, start, L, D, BLOCK, BLOCK_D
-    )
-    o = _load_rows(
-        o_ptr + batch * stride_ob + head * stride_oh, stride_ol, start, L, D, BLOCK, BLOCK_D
-    )
-    delta = tl.sum(do * o, 1)
-    tl.store(delta_ptr + bh * N * BLOCK + i, delta)
-    top = tl.load(top_ptr + bh * N * BLOCK + i)
-    lse = tl.load(lse_ptr + bh * N * BLOCK + i, mask=valid, other=float("inf"))
-    inv_denom = tl.exp(top - lse)  # 1 / (normaliser on the scale `top`); 0 past L
-    w = _load_projection(w_ptr, MH, D, BLOCK_F, BLOCK_D)
-    lq_plus, lq_minus, xs = _log_features(q, w, sqrt_tau, log_norm, MH, BLOCK_F)
-    q_op = _operand(q, DTYPE, UPCAST)
+    q = _load_rows(_head(q_ptr, bh, H, stride_qb, stride_qh), stride_ql, start, L, D, BLOCK,
+                   BLOCK_D)  # fmt: skip
+    do = _load_rows(_head(do_ptr, bh, H, stride_db, stride_dh), stride_dl, start, L, D, BLOCK,
+                    BLOCK_D)  # fmt: skip
+    o = _load_rows(_head(o_ptr, bh, H, stride_ob, stride_oh), stride_ol, start, L, D, BLOCK,
+                   BLOCK_D)  # fmt: skip
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(_row_stats(delta_ptr, bh, N, BLOCK) + i, delta)
     do_op = _operand(do, DTYPE, UPCAST)
-    dq = tl.zeros((BLOCK, BLOCK_D), tl.float32)  # from exact scores, times tau at the end
-    dl_plus = tl.zeros((BLOCK, BLOCK_F), tl.float32)  # d loss / d log phi(q)
-    dl_minus = tl.zeros((BLOCK, BLOCK_F), tl.float32)
-    idx = tl.maximum(blk - 1, 0) if N_W == 0 else blk - N_W
+    lse = _load_row_stat(lse_ptr, bh, N, i, L, float("inf"), BLOCK)
+    w = _load_projection(w_ptr, MH, D, BLOCK_F, BLOCK_D)
+    proj_q, offset_q = _projection(q, w, sqrt_tau, log_norm)
+    dlin = tl.zeros((BLOCK, BLOCK_F), tl.float32)
+    dsum = tl.zeros((BLOCK,), tl.float32)
+    idx = blk - 1 if N_W == 0 else blk - N_W
     if idx >= 0:
-        state = bh * N + idx
-        r_plus, r_minus = _load_scale(scale_ptr, state, MH, BLOCK_F)
-        qw_plus = tl.exp(lq_plus + r_plus[None, :] - top[:, None])
-        qw_minus = tl.exp(lq_minus + r_minus[None, :] - top[:, None])
-        if N_W == 0:
-            qw_plus = tl.where(blk > 0, qw_plus, 0.0)
-            qw_minus = tl.where(blk > 0, qw_minus, 0.0)
-        # Q_i = phi(q_i) exp(R) / normaliser, 0 past L
-        big_q_plus = qw_plus * inv_denom[:, None]
-        big_q_minus = qw_minus * inv_denom[:, None]
-        s_plus, s_minus, s1_plus, s1_minus = _load_state(
-            state_ptr, ones_ptr, state, MH, D, BLOCK_F, BLOCK_D
-        )
-        # dA_ij = (dO_i . v_j - delta_i) / normaliser_i  =>  d log phi(q_i) = Q_i * (T g_i)
-        g_plus = tl.dot(do, tl.trans(s_plus), input_precision=PREC)
-        g_minus = tl.dot(do, tl.trans(s_minus), input_precision=PREC)
-        dl_plus += big_q_plus * (g_plus - delta[:, None] * s1_plus[None, :])
-        dl_minus += big_q_minus * (g_minus - delta[:, None] * s1_minus[None, :])
-        write = blk > 0 if N_W == 0 else True
-        if write:
-            y_plus = tl.dot(tl.trans(big_q_plus), do, input_precision=PREC)
-            y_minus = tl.dot(tl.trans(big_q_minus), do, input_precision=PREC)
-            y1_plus = -tl.sum(big_q_plus * delta[:, None], 0)
-            y1_minus = -tl.sum(big_q_minus * delta[:, None], 0)
-            _store_state(
-                y_ptr, y1_ptr, state, MH, D, y_plus, y_minus, y1_plus, y1_minus, BLOCK_F, BLOCK_D
-            )
+        state = bh.to(tl.int64) * N + idx
         if N_W > 0:
-            # the near block k0: exact where j > i - WINDOW, features elsewhere
+            # block k0's keys j <= i - WINDOW
             k = _load_rows(k_base, stride_kl, idx * BLOCK, L, D, BLOCK, BLOCK_D)
+            proj_k, offset_k = _projection(k, w, sqrt_tau, log_norm)
             v = _load_rows(v_base, stride_vl, idx * BLOCK, L, D, BLOCK, BLOCK_D)
-            j = idx * BLOCK + tl.arange(0, BLOCK)
-            exact = j[None, :] > i[:, None] - WINDOW
-            k_op = _operand(k, DTYPE, UPCAST)
-            scores = tl.dot(q_op, tl.trans(k_op), input_precision=PREC) * tau
-            p = tl.where(exact, tl.exp(scores - lse[:, None]), 0.0)
             dp = tl.dot(do_op, tl.trans(_operand(v, DTYPE, UPCAST)), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(_operand(ds, DTYPE, UPCAST), k_op, dq, input_precision=PREC)
-            da = tl.where(exact, 0.0, (dp - delta[:, None]) * inv_denom[:, None])
-            lk_plus, lk_minus, _ = _log_features(k, w, sqrt_tau, log_norm, MH, BLOCK_F)
-            kw_plus = tl.exp(lk_plus - r_plus[None, :])
-            kw_minus = tl.exp(lk_minus - r_minus[None, :])
-            dl_plus += qw_plus * tl.dot(da, kw_plus, input_precision=PREC)
-            dl_minus += qw_minus * tl.dot(da, kw_minus, input_precision=PREC)
+            j = idx * BLOCK + tl.arange(0, BLOCK)
+            da = tl.where(j[None, :] <= i[:, None] - WINDOW, dp - delta[:, None], 0.0)
+        for HALF in tl.static_range(2):
+            r = _load_scale(scale_ptr, state, HALF, MH, BLOCK_F)
+            big_q = tl.exp(_half(proj_q, offset_q, HALF, MH, BLOCK_F) + r[None, :] - lse[:, None])
+            s, s1 = _load_state(state_ptr, ones_ptr, state, HALF, MH, D, BLOCK_F, BLOCK_D)
+            g = _fdot(do_op, tl.trans(s), None, FDTYPE, PREC, UPCAST) - delta[:, None] * s1[None, :]
+            if N_W > 0:
+                key_weights = tl.exp(_half(proj_k, offset_k, HALF, MH, BLOCK_F) - r[None, :])
+                g = _fdot(da, key_weights, g, FDTYPE, PREC, UPCAST)
+            dlin, dsum = _accumulate(dlin, dsum, big_q * g, HALF)
+            y = _fdot(tl.trans(big_q), do_op, None, FDTYPE, PREC, UPCAST)
+            y1 = -tl.sum(big_q * delta[:, None], 0)
+            _store_state(y_ptr, y1_ptr, state, HALF, y, y1, MH, D, BLOCK_F, BLOCK_D)
+    dq = tl.zeros((BLOCK, BLOCK_D), tl.float32)  # from exact scores, times tau at the end
+    q_op = _operand(q, DTYPE, UPCAST)
     if N_W == 0:
         k = _load_rows(k_base, stride_kl, start, L, D, BLOCK, BLOCK_D)
-        v = _load_rows(v_base, stride_vl, start, L, D, BLOCK, BLOCK_D)
-        lk_plus, lk_minus, _ = _log_features(k, w, sqrt_tau, log_norm, MH, BLOCK_F)
-        causal = i[None, :] <= i[:, None]
-        qf_plus, qf_minus, kf_plus, kf_minus, decay, intra_top = _intra_block_weights(
-            lq_plus, lq_minus, lk_plus, lk_minus, causal
+        proj_k, offset_k = _projection(k, w, sqrt_tau, log_norm)
+        query_top, key_top, decay, intra_top = _intra_block_scales(
+            proj_q, offset_q, proj_k, offset_k, i[None, :] <= i[:, None], MH, BLOCK_F
         )
+        v = _load_rows(v_base, stride_vl, start, L, D, BLOCK, BLOCK_D)
         dp = tl.dot(do_op, tl.trans(_operand(v, DTYPE, UPCAST)), input_precision=PREC)
-        weight = decay * (tl.exp(intra_top - top) * inv_denom)[:, None]
-        z = (dp - delta[:, None]) * weight
-        dl_plus += qf_plus * tl.dot(z, kf_plus, input_precision=PREC)
-        dl_minus += qf_minus * tl.dot(z, kf_minus, input_precision=PREC)
+        z = (dp - delta[:, None]) * decay * tl.exp(intra_top - lse)[:, None]
+        for HALF in tl.static_range(2):
+            qf = tl.exp(_half(proj_q, offset_q, HALF, MH, BLOCK_F) - query_top[:, None])
+            kf = tl.exp(_half(proj_k, offset_k, HALF, MH, BLOCK_F) - key_top[:, None])
+            dlin, dsum = _accumulate(dlin, dsum, qf * _fdot(z, kf, None, FDTYPE, PREC, UPCAST),
+                                     HALF)  # fmt: skip
     else:
-        for kb in range(tl.maximum(blk - N_W + 1, 0), blk + 1):
-            k = _load_rows(k_base, stride_kl, kb * BLOCK, L, D, BLOCK, BLOCK_D)
-            v = _load_rows(v_base, stride_vl, kb * BLOCK, L, D, BLOCK, BLOCK_D)
+        for kb in range(tl.maximum(blk - N_W, 0), blk + 1):
+            k_op = _operand(_load_rows(k_base, stride_kl, kb * BLOCK, L, D, BLOCK, BLOCK_D),
+                            DTYPE, UPCAST)  # fmt: skip
+            v_op = _operand(_load_rows(v_base, stride_vl, kb * BLOCK, L, D, BLOCK, BLOCK_D),
+                            DTYPE, UPCAST)  # fmt: skip
             j = kb * BLOCK + tl.arange(0, BLOCK)
             seen = (j[None, :] <= i[:, None]) & (j[None, :] > i[:, None] - WINDOW)
-            k_op = _operand(k, DTYPE, UPCAST)
             scores = tl.dot(q_op, tl.trans(k_op), input_precision=PREC) * tau
             p = tl.where(seen, tl.exp(scores - lse[:, None]), 0.0)
-            dp = tl.dot(do_op, tl.trans(_operand(v, DTYPE, UPCAST)), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(_operand(ds, DTYPE, UPCAST), k_op, dq, input_precision=PREC)
-    dq = dq * tau + _input_grad(dl_plus, dl_minus, xs, w, sqrt_tau)
-    _store_rows(dq_ptr + bh * L * D, D, start, L, D, dq, BLOCK, BLOCK_D)
+            dp = tl.dot(do_op, tl.trans(v_op), input_precision=PREC)
+            dq = _fdot(p * (dp - delta[:, None]), k_op, dq, DTYPE, PREC, UPCAST)
+    dq = dq * tau + _input_grad(dlin, dsum, q_op, w_ptr, sqrt_tau, MH, D, BLOCK_F, BLOCK_D, PREC)
+    _store_rows(dq_ptr + bh.to(tl.int64) * L * D, start, L, D, dq, BLOCK, BLOCK_D)
 
 
 @triton.jit
 def reverse_scan_kernel(
-    y_ptr, y1_ptr, scale_ptr, M, D, N, SHIFT,
-    AFTER: tl.constexpr, BLOCK_FS: tl.constexpr, BLOCK_D: tl.constexpr,
+    y_ptr, y1_ptr, scale_ptr, N, SHIFT,
+    M: tl.constexpr, D: tl.constexpr, AFTER: tl.constexpr, BLOCK_FS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Backward pass 2, grid (BH, cdiv(m, BLOCK_FS)): in place, per-state-index query sums Y_b
     -> V_b = Σ_{b' > b} (AFTER False) or Σ_{b' >= b} (AFTER True) of Y_b' exp(R_b - R_b'), the
@@ -520,15 +508,15 @@ def reverse_scan_kernel(
     mask = real[:, None] & (d[None, :] < D)
     carry = tl.zeros((BLOCK_FS, BLOCK_D), tl.float32)
     carry1 = tl.zeros((BLOCK_FS,), tl.float32)
-    later = tl.load(scale_ptr + (bh * N + N - 1) * M + f, mask=real, other=0.0)
+    later = tl.load((scale_ptr + (bh * N + N - 1) * M) + f, mask=real, other=0.0)
     for step in range(N):
         blk = N - 1 - step
         idx = bh * N + blk
-        tile = y_ptr + idx * M * D + f[:, None] * D + d[None, :]
+        tile = (y_ptr + idx * M * D) + f[:, None] * D + d[None, :]
         has = blk + SHIFT < N
         block_y = tl.load(tile, mask=mask & has, other=0.0)
-        block_y1 = tl.load(y1_ptr + idx * M + f, mask=real & has, other=0.0)
-        running = tl.load(scale_ptr + idx * M + f, mask=real, other=0.0)
+        block_y1 = tl.load((y1_ptr + idx * M) + f, mask=real & has, other=0.0)
+        running = tl.load((scale_ptr + idx * M) + f, mask=real, other=0.0)
         decay = tl.exp(running - later)
         carry *= decay[:, None]
         carry1 *= decay
@@ -536,7 +524,7 @@ def reverse_scan_kernel(
             carry += block_y
             carry1 += block_y1
         tl.store(tile, carry, mask=mask)
-        tl.store(y1_ptr + idx * M + f, carry1, mask=real)
+        tl.store((y1_ptr + idx * M) + f, carry1, mask=real)
         if not AFTER:
             carry += block_y
             carry1 += block_y1
@@ -545,112 +533,107 @@ def reverse_scan_kernel(
 
 @triton.jit
 def backward_key_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, w_ptr, vstate_ptr, vones_ptr, scale_ptr, top_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, w_ptr, vstate_ptr, vones_ptr, scale_ptr, lse_ptr,
     delta_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl, stride_db, stride_dh, stride_dl,
-    H, L, D, MH, N, tau, sqrt_tau, log_norm, WINDOW,
-    N_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
-    DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    H, L, N, tau, sqrt_tau, log_norm, WINDOW,
+    D: tl.constexpr, MH: tl.constexpr, N_W: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    DTYPE: tl.constexpr, FDTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Backward pass 3, grid (N, BH), key block b: dk and dv from the suffix state V_b (every
-    later query that sees block b through the state), the near (or diagonal) block's features,
-    and the exact scores of the query blocks whose window covers block b."""
-    blk = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    batch, head = bh // H, bh % H
-    q_base = q_ptr + batch * stride_qb + head * stride_qh
-    do_base = do_ptr + batch * stride_db + head * stride_dh
+    later query that sees block b through a state), the queries that see block b through
+    features directly (block b + N_W's rows i >= j + WINDOW; Performer: block b's rows i >= j),
+    and the exact scores of the query blocks whose window covers block b.
+
+    d loss / d log phi(k_j) = kw_j * (V_b [v_j, 1] + Σ_i Q_i (dO_i.v_j - delta_i)) with
+    kw_j = exp(log phi(k_j) - R_b) <= 1, and dv_j = V_b^T kw_j + Σ_i (Q_i.kw_j) dO_i."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    q_base = _head(q_ptr, bh, H, stride_qb, stride_qh)
+    do_base = _head(do_ptr, bh, H, stride_db, stride_dh)
     start = blk * BLOCK
     j = start + tl.arange(0, BLOCK)
-    k = _load_rows(
-        k_ptr + batch * stride_kb + head * stride_kh, stride_kl, start, L, D, BLOCK, BLOCK_D
-    )
-    v = _load_rows(
-        v_ptr + batch * stride_vb + head * stride_vh, stride_vl, start, L, D, BLOCK, BLOCK_D
-    )
-    k_op = _operand(k, DTYPE, UPCAST)
+    k = _load_rows(_head(k_ptr, bh, H, stride_kb, stride_kh), stride_kl, start, L, D, BLOCK,
+                   BLOCK_D)  # fmt: skip
+    v = _load_rows(_head(v_ptr, bh, H, stride_vb, stride_vh), stride_vl, start, L, D, BLOCK,
+                   BLOCK_D)  # fmt: skip
     v_op = _operand(v, DTYPE, UPCAST)
     w = _load_projection(w_ptr, MH, D, BLOCK_F, BLOCK_D)
-    lk_plus, lk_minus, xs = _log_features(k, w, sqrt_tau, log_norm, MH, BLOCK_F)
-    state = bh * N + blk
-    r_plus, r_minus = _load_scale(scale_ptr, state, MH, BLOCK_F)
-    kw_plus = tl.exp(lk_plus - r_plus[None, :])  # <= 1: R_b covers block b
-    kw_minus = tl.exp(lk_minus - r_minus[None, :])
-    # later queries through the state: d log phi(k_j) = kw_j * (V_b [v_j, 1]), dv_j = V_b^T kw_j
-    u_plus, u_minus, u1_plus, u1_minus = _load_state(
-        vstate_ptr, vones_ptr, state, MH, D, BLOCK_F, BLOCK_D
-    )
-    dl_plus = kw_plus * (tl.dot(v, tl.trans(u_plus), input_precision=PREC) + u1_plus[None, :])
-    dl_minus = kw_minus * (tl.dot(v, tl.trans(u_minus), input_precision=PREC) + u1_minus[None, :])
-    dv = tl.dot(kw_plus, u_plus, input_precision=PREC)
-    dv = tl.dot(kw_minus, u_minus, dv, input_precision=PREC)
+    proj_k, offset_k = _projection(k, w, sqrt_tau, log_norm)
+    state = bh.to(tl.int64) * N + blk
+    dlin = tl.zeros((BLOCK, BLOCK_F), tl.float32)
+    dsum = tl.zeros((BLOCK,), tl.float32)
+    dv = tl.zeros((BLOCK, BLOCK_D), tl.float32)
+    if N_W > 0:
+        # queries of block b + N_W with i >= j + WINDOW, through features on the scale R_b; past
+        # the last block every load is masked and they add nothing
+        near_start = (blk + N_W) * BLOCK
+        i = near_start + tl.arange(0, BLOCK)
+        q = _load_rows(q_base, stride_ql, near_start, L, D, BLOCK, BLOCK_D)
+        do_op = _operand(_load_rows(do_base, stride_dl, near_start, L, D, BLOCK, BLOCK_D), DTYPE,
+                         UPCAST)  # fmt: skip
+        delta = _load_row_stat(delta_ptr, bh, N, i, L, 0.0, BLOCK)
+        lse = _load_row_stat(lse_ptr, bh, N, i, L, float("inf"), BLOCK)
+        proj_q, offset_q = _projection(q, w, sqrt_tau, log_norm)
+        lower = j[None, :] <= i[:, None] - WINDOW
+        da = tl.trans(tl.where(lower, tl.dot(do_op, tl.trans(v_op), input_precision=PREC)
+                               - delta[:, None], 0.0))  # fmt: skip
+        p = tl.zeros((BLOCK, BLOCK), tl.float32)  # normalised weights A_ij / normaliser_i
+    for HALF in tl.static_range(2):
+        r = _load_scale(scale_ptr, state, HALF, MH, BLOCK_F)
+        key_weights = tl.exp(_half(proj_k, offset_k, HALF, MH, BLOCK_F) - r[None, :])  # <= 1
+        u, u1 = _load_state(vstate_ptr, vones_ptr, state, HALF, MH, D, BLOCK_F, BLOCK_D)
+        g = _fdot(v_op, tl.trans(u), None, FDTYPE, PREC, UPCAST) + u1[None, :]
+        dv = _fdot(key_weights, u, dv, FDTYPE, PREC, UPCAST)
+        if N_W > 0:
+            big_q = tl.exp(_half(proj_q, offset_q, HALF, MH, BLOCK_F) + r[None, :] - lse[:, None])
+            p = _fdot(big_q, tl.trans(key_weights), p, FDTYPE, PREC, UPCAST)
+            g = _fdot(da, big_q, g, FDTYPE, PREC, UPCAST)
+        dlin, dsum = _accumulate(dlin, dsum, key_weights * g, HALF)
+    if N_W > 0:
+        dv = _fdot(tl.trans(tl.where(lower, p, 0.0)), do_op, dv, DTYPE, PREC, UPCAST)
     dk = tl.zeros((BLOCK, BLOCK_D), tl.float32)  # from exact scores, times tau at the end
+    k_op = _operand(k, DTYPE, UPCAST)
     if N_W == 0:
-        # the diagonal block: queries i >= j of block b
+        # block b's own queries i >= j
         i = j
         q = _load_rows(q_base, stride_ql, start, L, D, BLOCK, BLOCK_D)
-        do = _load_rows(do_base, stride_dl, start, L, D, BLOCK, BLOCK_D)
-        delta = tl.load(delta_ptr + bh * N * BLOCK + i)
-        top = tl.load(top_ptr + bh * N * BLOCK + i)
-        lse = tl.load(lse_ptr + bh * N * BLOCK + i, mask=i < L, other=float("inf"))
-        lq_plus, lq_minus, _ = _log_features(q, w, sqrt_tau, log_norm, MH, BLOCK_F)
-        causal = j[None, :] <= i[:, None]
-        qf_plus, qf_minus, kf_plus, kf_minus, decay, intra_top = _intra_block_weights(
-            lq_plus, lq_minus, lk_plus, lk_minus, causal
+        do_op = _operand(_load_rows(do_base, stride_dl, start, L, D, BLOCK, BLOCK_D), DTYPE,
+                         UPCAST)  # fmt: skip
+        delta = _load_row_stat(delta_ptr, bh, N, i, L, 0.0, BLOCK)
+        lse = _load_row_stat(lse_ptr, bh, N, i, L, float("inf"), BLOCK)
+        proj_q, offset_q = _projection(q, w, sqrt_tau, log_norm)
+        query_top, key_top, decay, intra_top = _intra_block_scales(
+            proj_q, offset_q, proj_k, offset_k, j[None, :] <= i[:, None], MH, BLOCK_F
         )
         weight = decay * tl.exp(intra_top - lse)[:, None]
-        p = _feature_dot(qf_plus, qf_minus, kf_plus, kf_minus, PREC) * weight
-        do_op = _operand(do, DTYPE, UPCAST)
-        dv = tl.dot(tl.trans(_operand(p, DTYPE, UPCAST)), do_op, dv, input_precision=PREC)
         dp = tl.dot(do_op, tl.trans(v_op), input_precision=PREC)
-        z = (dp - delta[:, None]) * weight
-        dl_plus += kf_plus * tl.dot(tl.trans(z), qf_plus, input_precision=PREC)
-        dl_minus += kf_minus * tl.dot(tl.trans(z), qf_minus, input_precision=PREC)
+        z = tl.trans((dp - delta[:, None]) * weight)
+        p = tl.zeros((BLOCK, BLOCK), tl.float32)
+        for HALF in tl.static_range(2):
+            qf = tl.exp(_half(proj_q, offset_q, HALF, MH, BLOCK_F) - query_top[:, None])
+            kf = tl.exp(_half(proj_k, offset_k, HALF, MH, BLOCK_F) - key_top[:, None])
+            p = _fdot(qf, tl.trans(kf), p, FDTYPE, PREC, UPCAST)
+            dlin, dsum = _accumulate(dlin, dsum, kf * _fdot(z, qf, None, FDTYPE, PREC, UPCAST),
+                                     HALF)  # fmt: skip
+        dv = _fdot(tl.trans(p * weight), do_op, dv, DTYPE, PREC, UPCAST)
     else:
-        for qb in range(blk, tl.minimum(blk + N_W, N)):
+        for qb in range(blk, tl.minimum(blk + N_W + 1, N)):
             i = qb * BLOCK + tl.arange(0, BLOCK)
-            q_op = _operand(
-                _load_rows(q_base, stride_ql, qb * BLOCK, L, D, BLOCK, BLOCK_D), DTYPE, UPCAST
-            )
-            do_op = _operand(
-                _load_rows(do_base, stride_dl, qb * BLOCK, L, D, BLOCK, BLOCK_D), DTYPE, UPCAST
-            )
-            delta = tl.load(delta_ptr + bh * N * BLOCK + i)
-            lse = tl.load(lse_ptr + bh * N * BLOCK + i, mask=i < L, other=float("inf"))
+            q_op = _operand(_load_rows(q_base, stride_ql, qb * BLOCK, L, D, BLOCK, BLOCK_D),
+                            DTYPE, UPCAST)  # fmt: skip
+            do_op = _operand(_load_rows(do_base, stride_dl, qb * BLOCK, L, D, BLOCK, BLOCK_D),
+                             DTYPE, UPCAST)  # fmt: skip
+            delta = _load_row_stat(delta_ptr, bh, N, i, L, 0.0, BLOCK)
+            lse = _load_row_stat(lse_ptr, bh, N, i, L, float("inf"), BLOCK)
             seen = (j[None, :] <= i[:, None]) & (j[None, :] > i[:, None] - WINDOW)
             scores = tl.dot(q_op, tl.trans(k_op), input_precision=PREC) * tau
             p = tl.where(seen, tl.exp(scores - lse[:, None]), 0.0)
             dp = tl.dot(do_op, tl.trans(v_op), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dv = tl.dot(tl.trans(_operand(p, DTYPE, UPCAST)), do_op, dv, input_precision=PREC)
-            dk = tl.dot(tl.trans(_operand(ds, DTYPE, UPCAST)), q_op, dk, input_precision=PREC)
-        qb = blk + N_W
-        if qb < N:
-            # the block whose near block is b: exact where j > i - WINDOW, features elsewhere
-            i = qb * BLOCK + tl.arange(0, BLOCK)
-            q = _load_rows(q_base, stride_ql, qb * BLOCK, L, D, BLOCK, BLOCK_D)
-            do = _load_rows(do_base, stride_dl, qb * BLOCK, L, D, BLOCK, BLOCK_D)
-            q_op = _operand(q, DTYPE, UPCAST)
-            do_op = _operand(do, DTYPE, UPCAST)
-            delta = tl.load(delta_ptr + bh * N * BLOCK + i)
-            top = tl.load(top_ptr + bh * N * BLOCK + i)
-            lse = tl.load(lse_ptr + bh * N * BLOCK + i, mask=i < L, other=float("inf"))
-            inv_denom = tl.exp(top - lse)
-            lq_plus, lq_minus, _ = _log_features(q, w, sqrt_tau, log_norm, MH, BLOCK_F)
-            qw_plus = tl.exp(lq_plus + r_plus[None, :] - top[:, None])
-            qw_minus = tl.exp(lq_minus + r_minus[None, :] - top[:, None])
-            exact = j[None, :] > i[:, None] - WINDOW
-            scores = tl.dot(q_op, tl.trans(k_op), input_precision=PREC) * tau
-            near = _feature_dot(qw_plus, qw_minus, kw_plus, kw_minus, PREC)
-            p = tl.where(exact, tl.exp(scores - lse[:, None]), near * inv_denom[:, None])
-            dp = tl.dot(do_op, tl.trans(v_op), input_precision=PREC)
-            ds = tl.where(exact, p * (dp - delta[:, None]), 0.0)
-            da = tl.where(exact, 0.0, (dp - delta[:, None]) * inv_denom[:, None])
-            dv = tl.dot(tl.trans(_operand(p, DTYPE, UPCAST)), do_op, dv, input_precision=PREC)
-            dk = tl.dot(tl.trans(_operand(ds, DTYPE, UPCAST)), q_op, dk, input_precision=PREC)
-            dl_plus += kw_plus * tl.dot(tl.trans(da), qw_plus, input_precision=PREC)
-            dl_minus += kw_minus * tl.dot(tl.trans(da), qw_minus, input_precision=PREC)
-    dk = dk * tau + _input_grad(dl_plus, dl_minus, xs, w, sqrt_tau)
-    _store_rows(dk_ptr + bh * L * D, D, start, L, D, dk, BLOCK, BLOCK_D)
-    _store_rows(dv_ptr + bh * L * D, D, start, L, D, dv, BLOCK, BLOCK_D)
+            dv = _fdot(tl.trans(p), do_op, dv, DTYPE, PREC, UPCAST)
+            dk = _fdot(tl.trans(p * (dp - delta[:, None])), q_op, dk, DTYPE, PREC, UPCAST)
+    dk = dk * tau + _input_grad(dlin, dsum, k_op, w_ptr, sqrt_tau, MH, D, BLOCK_F, BLOCK_D, PREC)
+    _store_rows(dk_ptr + bh.to(tl.int64) * L * D, start, L, D, dk, BLOCK, BLOCK_D)
+    _store_rows(dv_ptr + bh.to(tl.int64) * L * D, start, L, D, dv, BLOCK, BLOCK_D)

@@ -184,11 +184,14 @@ class _Config:
         self.block_f = max(16, triton.next_power_of_2(self.half))
         dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
         self.constants = dict(
+            D=self.head_dim,
+            MH=self.half,
             N_W=window // block,
             BLOCK=block,
             BLOCK_D=self.block_d,
             BLOCK_F=self.block_f,
             DTYPE=dtype[q.dtype],
+            FDTYPE=tl.float32 if q.dtype == torch.float32 else tl.bfloat16,
             PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
             UPCAST=_interpreting(),
         )
@@ -197,8 +200,8 @@ class _Config:
         if _interpreting():
             _patch_interpreter()
 
-    def sizes(self) -> tuple[int, ...]:
-        return self.heads, self.length, self.head_dim, self.half, self.n_blocks
+    def sizes(self) -> tuple[int, int, int]:
+        return self.heads, self.length, self.n_blocks
 
     def state_buffers(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         m = 2 * self.half
@@ -212,8 +215,8 @@ class _Config:
         m = 2 * self.half
         grid = (self.bh, (m + SCAN_FEATURES - 1) // SCAN_FEATURES)
         kernel[grid](
-            state, ones, scale, m, self.head_dim, self.n_blocks, *extra,
-            AFTER=after, BLOCK_FS=SCAN_FEATURES, BLOCK_D=self.block_d,
+            state, ones, scale, self.n_blocks, *extra,
+            M=m, D=self.head_dim, AFTER=after, BLOCK_FS=SCAN_FEATURES, BLOCK_D=self.block_d,
         )  # fmt: skip
 
 
@@ -223,56 +226,55 @@ def _forward(q, k, v, projection, config: _Config):
     device = q.device
     state, ones = config.state_buffers(device)
     scale = _empty(ones.shape, torch.float32, device)
-    heads, length, head_dim, half, n_blocks = config.sizes()
+    heads, length, n_blocks = config.sizes()
     tau, sqrt_tau, log_norm = config.scalars
     c = config.constants
     grid = (n_blocks, config.bh)
     jit.key_block_sums_kernel[grid](
         k, v, projection, state, ones, scale, *_strides(k), *_strides(v),
-        heads, length, head_dim, half, n_blocks, sqrt_tau, log_norm,
-        BLOCK=c["BLOCK"], BLOCK_D=c["BLOCK_D"], BLOCK_F=c["BLOCK_F"], PREC=c["PREC"],
+        heads, length, n_blocks, sqrt_tau, log_norm,
+        **{name: c[name] for name in ("D", "MH", "BLOCK", "BLOCK_D", "BLOCK_F", "FDTYPE", "PREC",
+                                      "UPCAST")},
         **config.launch,
     )  # fmt: skip
     config.scan(jit.state_scan_kernel, state, ones, scale, after=c["N_W"] == 0)
     out = _empty(v.shape, v.dtype, device)
-    rows = (config.bh, n_blocks * config.block)
-    top = _empty(rows, torch.float32, device)
-    lse = _empty(rows, torch.float32, device)
+    lse = _empty((config.bh, n_blocks * config.block), torch.float32, device)
     jit.forward_kernel[grid](
-        q, k, v, projection, state, ones, scale, out, top, lse,
+        q, k, v, projection, state, ones, scale, out, lse,
         *_strides(q), *_strides(k), *_strides(v),
-        heads, length, head_dim, half, n_blocks, tau, sqrt_tau, log_norm, config.window,
+        heads, length, n_blocks, tau, sqrt_tau, log_norm, config.window,
         **c, **config.launch,
     )  # fmt: skip
-    return out, state, ones, scale, top, lse
+    return out, state, ones, scale, lse
 
 
 def _backward(grad_out, saved, projection, config: _Config):
     from sbtrain.attention import triton_jit as jit
 
-    q, k, v, out, state, ones, scale, top, lse = saved
+    q, k, v, out, state, ones, scale, lse = saved
     device = q.device
-    heads, length, head_dim, half, n_blocks = config.sizes()
+    heads, length, n_blocks = config.sizes()
     tau, sqrt_tau, log_norm = config.scalars
     c = config.constants
     grid = (n_blocks, config.bh)
     dq = _empty(q.shape, q.dtype, device)
     dk = _empty(k.shape, k.dtype, device)
     dv = _empty(v.shape, v.dtype, device)
-    delta = _empty(top.shape, torch.float32, device)
+    delta = _empty(lse.shape, torch.float32, device)
     ystate, yones = config.state_buffers(device)
     jit.backward_query_kernel[grid](
-        q, k, v, out, grad_out, projection, state, ones, scale, top, lse, dq, delta, ystate, yones,
+        q, k, v, out, grad_out, projection, state, ones, scale, lse, dq, delta, ystate, yones,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out),
-        heads, length, head_dim, half, n_blocks, tau, sqrt_tau, log_norm, config.window,
+        heads, length, n_blocks, tau, sqrt_tau, log_norm, config.window,
         **c, **config.launch,
     )  # fmt: skip
     shift = c["N_W"] if c["N_W"] else 1
     config.scan(jit.reverse_scan_kernel, ystate, yones, scale, shift, after=c["N_W"] == 0)
     jit.backward_key_kernel[grid](
-        q, k, v, grad_out, projection, ystate, yones, scale, top, lse, delta, dk, dv,
+        q, k, v, grad_out, projection, ystate, yones, scale, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
-        heads, length, head_dim, half, n_blocks, tau, sqrt_tau, log_norm, config.window,
+        heads, length, n_blocks, tau, sqrt_tau, log_norm, config.window,
         **c, **config.launch,
     )  # fmt: skip
     return dq, dk, dv
