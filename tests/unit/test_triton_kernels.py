@@ -219,3 +219,24 @@ def test_available_needs_cuda_or_the_interpreter(monkeypatch):
     assert not triton_kernels.available("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert triton_kernels.available("cpu")
+
+
+def test_kernel_bench_runs_on_tiny_shapes():
+    """The GPU timing harness, on shapes the interpreter can run: rows for every implementation,
+    and the kernels agree with the PyTorch path."""
+    from sbtrain.bench.kernels import format_rows, time_kernels
+
+    rows = time_kernels(
+        lengths=(64,), tokens=64, heads=1, head_dim=16, window=32, n_features=32,
+        performer_features=32, dtype=torch.float32, device=DEVICE, warmup=0, repeats=1,
+    )  # fmt: skip
+    assert [(r["kind"], r["impl"]) for r in rows] == [
+        ("full", "sdpa"),
+        ("scatterbrain", "pytorch"),
+        ("scatterbrain", "triton"),
+        ("performer", "pytorch"),
+        ("performer", "triton"),
+    ]
+    assert all(r["length"] == 64 and r["batch"] == 1 and r["ms"] > 0 for r in rows)
+    assert all(r["rel_diff"] < 1e-4 for r in rows if r["impl"] == "triton")
+    assert "scatterbrain" in format_rows(rows)
