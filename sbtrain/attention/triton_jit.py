@@ -10,8 +10,11 @@ power of 2) or BLOCK_F (MH = m/2 features, padded). Conventions:
   log(m)/2. Kernels keep `proj` and `offset` and derive one half at a time (`_half`, HALF 0 is
   +W x', HALF 1 is -W x') in a static two-step loop, so only one half's tiles are ever live.
   Padded features have log-feature -inf.
-- states, scales, per-row statistics: fp32, contiguous, (BH, N, m, D), (BH, N, m), (BH, N BLOCK);
-  a state's features are the + half (rows 0..MH-1), then the - half.
+- states (BH, N, m, D) with the + half's features (rows 0..MH-1) first, their denominators
+  (BH, N, m), scales R (BH, N, m), per-row statistics (BH, N BLOCK): fp32, contiguous.
+- dots: exact scores and P @ V take the inputs' dtype (DTYPE); every dot with a feature or state
+  operand takes fp32 operands with PREC (tf32 for bf16/fp16 inputs, 3-pass tf32 for fp32):
+  bf16-rounded features or states cost bf16 results ~1e-2 relative error.
 - D and MH are compile-time constants, so unpadded tiles need no column masks.
 - gradients w.r.t. log-features are accumulated as `dlin` = d(+ half) - d(- half)
   (BLOCK, BLOCK_F) and `dsum` = the row sums of both (BLOCK,): all the input gradient needs,
@@ -92,12 +95,21 @@ def _operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tf32(x, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """In the interpreter, which multiplies fp32 exactly, drop the 13 mantissa bits that a tf32
+    dot ignores, so tests see the GPU's rounding (bf16 values have none to drop)."""
+    if UPCAST and PREC == "tf32":
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True) & 0xFFFFE000
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def _fdot(a, b, acc, DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b (+ acc) in fp32 with both operands rounded to DTYPE. Feature and state operands use
-    FDTYPE: bf16 for bf16/fp16 inputs (features are <= 1; states need bf16's range), fp32 for
-    fp32 inputs (with PREC = 3-pass tf32)."""
-    return tl.dot(_operand(a, DTYPE, UPCAST), _operand(b, DTYPE, UPCAST), acc,
-                  input_precision=PREC)  # fmt: skip
+    """a @ b (+ acc) in fp32 with both operands rounded to DTYPE (and to tf32 if PREC says so)."""
+    a = _tf32(_operand(a, DTYPE, UPCAST), PREC, UPCAST)
+    b = _tf32(_operand(b, DTYPE, UPCAST), PREC, UPCAST)
+    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -197,7 +209,7 @@ def _store_state(state_ptr, ones_ptr, idx, HALF: tl.constexpr, x, x1, MH: tl.con
                  D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     row = idx * 2 + HALF
     ptrs, mask = _feature_tile(state_ptr + row * MH * D, MH, D, BLOCK_F, BLOCK_D)
-    tl.store(ptrs, x, mask=mask)
+    tl.store(ptrs, x.to(state_ptr.dtype.element_ty), mask=mask)
     f = tl.arange(0, BLOCK_F)
     tl.store((ones_ptr + row * MH) + f, x1, mask=f < MH)
 
@@ -227,7 +239,7 @@ def key_block_sums_kernel(
     stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     H, L, N, sqrt_tau, log_norm,
     D: tl.constexpr, MH: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_F: tl.constexpr, FDTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_F: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Pass 1, grid (N, BH): per key block b, the block max of log phi(k) (per feature) and
     Σ_j exp(log phi(k_j) - max) [v_j, 1]: written as states[b] (later scanned in place)."""
@@ -247,7 +259,7 @@ def key_block_sums_kernel(
         logits = tl.where(valid, _half(proj, offset, HALF, MH, BLOCK_F), float("-inf"))
         top = tl.where(real, tl.max(logits, 0), 0.0)
         weights = tl.exp(logits - top[None, :])  # (BLOCK, BLOCK_F), <= 1, 0 past L
-        sums = _fdot(tl.trans(weights), v, None, FDTYPE, PREC, UPCAST)
+        sums = _fdot(tl.trans(weights), v, None, tl.float32, PREC, UPCAST)
         _store_state(state_ptr, ones_ptr, idx, HALF, sums, tl.sum(weights, 0), MH, D, BLOCK_F,
                      BLOCK_D)  # fmt: skip
         tl.store((scale_ptr + (idx * 2 + HALF) * MH) + tl.arange(0, BLOCK_F), top, mask=real)
@@ -276,7 +288,7 @@ def state_scan_kernel(
         idx = bh * N + blk
         tile = (state_ptr + idx * M * D) + f[:, None] * D + d[None, :]
         block_max = tl.load((scale_ptr + idx * M) + f, mask=real, other=0.0)
-        block_sum = tl.load(tile, mask=mask, other=0.0)
+        block_sum = tl.load(tile, mask=mask, other=0.0).to(tl.float32)
         block_sum1 = tl.load((ones_ptr + idx * M) + f, mask=real, other=0.0)
         running = tl.maximum(previous, block_max)
         decay = tl.exp(previous - running)
@@ -286,7 +298,7 @@ def state_scan_kernel(
         if AFTER:
             carry += block_sum * growth[:, None]
             carry1 += block_sum1 * growth
-        tl.store(tile, carry, mask=mask)
+        tl.store(tile, carry.to(state_ptr.dtype.element_ty), mask=mask)
         tl.store((ones_ptr + idx * M) + f, carry1, mask=real)
         tl.store((scale_ptr + idx * M) + f, running, mask=real)
         if not AFTER:
@@ -303,7 +315,7 @@ def forward_kernel(
     H, L, N, tau, sqrt_tau, log_norm, WINDOW,
     D: tl.constexpr, MH: tl.constexpr, N_W: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
-    DTYPE: tl.constexpr, FDTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Pass 3, grid (N, BH): outputs of query block c, and per row the log-normaliser `lse`.
 
@@ -340,13 +352,13 @@ def forward_kernel(
         for HALF in tl.static_range(2):
             r = _load_scale(scale_ptr, state, HALF, MH, BLOCK_F)
             logits = _half(proj_q, offset_q, HALF, MH, BLOCK_F) + r[None, :]
-            weights = _operand(tl.exp(logits - top[:, None]), FDTYPE, UPCAST)
+            weights = tl.exp(logits - top[:, None])
             s, s1 = _load_state(state_ptr, ones_ptr, state, HALF, MH, D, BLOCK_F, BLOCK_D)
-            acc = _fdot(weights, s, acc, FDTYPE, PREC, UPCAST)
-            denom += tl.sum(weights.to(tl.float32) * s1[None, :], 1)
+            acc = _fdot(weights, s, acc, tl.float32, PREC, UPCAST)
+            denom += tl.sum(weights * s1[None, :], 1)
             if N_W > 0:
                 key_weights = tl.exp(_half(proj_k, offset_k, HALF, MH, BLOCK_F) - r[None, :])
-                near = _fdot(weights, tl.trans(key_weights), near, FDTYPE, PREC, UPCAST)
+                near = _fdot(weights, tl.trans(key_weights), near, tl.float32, PREC, UPCAST)
         if N_W > 0:
             j = idx * BLOCK + tl.arange(0, BLOCK)
             near = tl.where(j[None, :] <= i[:, None] - WINDOW, near, 0.0)
@@ -364,7 +376,7 @@ def forward_kernel(
         for HALF in tl.static_range(2):
             qf = tl.exp(_half(proj_q, offset_q, HALF, MH, BLOCK_F) - query_top[:, None])
             kf = tl.exp(_half(proj_k, offset_k, HALF, MH, BLOCK_F) - key_top[:, None])
-            p = _fdot(qf, tl.trans(kf), p, FDTYPE, PREC, UPCAST)
+            p = _fdot(qf, tl.trans(kf), p, tl.float32, PREC, UPCAST)
         new_top = tl.maximum(top, intra_top)
         p = p * decay * tl.exp(intra_top - new_top)[:, None]
         rescale = tl.exp(top - new_top)
@@ -408,7 +420,7 @@ def backward_query_kernel(
     H, L, N, tau, sqrt_tau, log_norm, WINDOW,
     D: tl.constexpr, MH: tl.constexpr, N_W: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
-    DTYPE: tl.constexpr, FDTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Backward pass 1, grid (N, BH), query block c: dq, delta_i = dO_i . O_i, and the block's
     contribution to the reverse scan, Y = Σ_i Q_i [dO_i, -delta_i]^T with
@@ -451,12 +463,15 @@ def backward_query_kernel(
             r = _load_scale(scale_ptr, state, HALF, MH, BLOCK_F)
             big_q = tl.exp(_half(proj_q, offset_q, HALF, MH, BLOCK_F) + r[None, :] - lse[:, None])
             s, s1 = _load_state(state_ptr, ones_ptr, state, HALF, MH, D, BLOCK_F, BLOCK_D)
-            g = _fdot(do_op, tl.trans(s), None, FDTYPE, PREC, UPCAST) - delta[:, None] * s1[None, :]
+            g = (
+                _fdot(do_op, tl.trans(s), None, tl.float32, PREC, UPCAST)
+                - delta[:, None] * s1[None, :]
+            )
             if N_W > 0:
                 key_weights = tl.exp(_half(proj_k, offset_k, HALF, MH, BLOCK_F) - r[None, :])
-                g = _fdot(da, key_weights, g, FDTYPE, PREC, UPCAST)
+                g = _fdot(da, key_weights, g, tl.float32, PREC, UPCAST)
             dlin, dsum = _accumulate(dlin, dsum, big_q * g, HALF)
-            y = _fdot(tl.trans(big_q), do_op, None, FDTYPE, PREC, UPCAST)
+            y = _fdot(tl.trans(big_q), do_op, None, tl.float32, PREC, UPCAST)
             y1 = -tl.sum(big_q * delta[:, None], 0)
             _store_state(y_ptr, y1_ptr, state, HALF, y, y1, MH, D, BLOCK_F, BLOCK_D)
     dq = tl.zeros((BLOCK, BLOCK_D), tl.float32)  # from exact scores, times tau at the end
@@ -473,7 +488,7 @@ def backward_query_kernel(
         for HALF in tl.static_range(2):
             qf = tl.exp(_half(proj_q, offset_q, HALF, MH, BLOCK_F) - query_top[:, None])
             kf = tl.exp(_half(proj_k, offset_k, HALF, MH, BLOCK_F) - key_top[:, None])
-            dlin, dsum = _accumulate(dlin, dsum, qf * _fdot(z, kf, None, FDTYPE, PREC, UPCAST),
+            dlin, dsum = _accumulate(dlin, dsum, qf * _fdot(z, kf, None, tl.float32, PREC, UPCAST),
                                      HALF)  # fmt: skip
     else:
         for kb in range(tl.maximum(blk - N_W, 0), blk + 1):
@@ -514,7 +529,7 @@ def reverse_scan_kernel(
         idx = bh * N + blk
         tile = (y_ptr + idx * M * D) + f[:, None] * D + d[None, :]
         has = blk + SHIFT < N
-        block_y = tl.load(tile, mask=mask & has, other=0.0)
+        block_y = tl.load(tile, mask=mask & has, other=0.0).to(tl.float32)
         block_y1 = tl.load((y1_ptr + idx * M) + f, mask=real & has, other=0.0)
         running = tl.load((scale_ptr + idx * M) + f, mask=real, other=0.0)
         decay = tl.exp(running - later)
@@ -523,7 +538,7 @@ def reverse_scan_kernel(
         if AFTER:
             carry += block_y
             carry1 += block_y1
-        tl.store(tile, carry, mask=mask)
+        tl.store(tile, carry.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store((y1_ptr + idx * M) + f, carry1, mask=real)
         if not AFTER:
             carry += block_y
@@ -540,7 +555,7 @@ def backward_key_kernel(
     H, L, N, tau, sqrt_tau, log_norm, WINDOW,
     D: tl.constexpr, MH: tl.constexpr, N_W: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
-    DTYPE: tl.constexpr, FDTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DTYPE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Backward pass 3, grid (N, BH), key block b: dk and dv from the suffix state V_b (every
     later query that sees block b through a state), the queries that see block b through
@@ -585,12 +600,12 @@ def backward_key_kernel(
         r = _load_scale(scale_ptr, state, HALF, MH, BLOCK_F)
         key_weights = tl.exp(_half(proj_k, offset_k, HALF, MH, BLOCK_F) - r[None, :])  # <= 1
         u, u1 = _load_state(vstate_ptr, vones_ptr, state, HALF, MH, D, BLOCK_F, BLOCK_D)
-        g = _fdot(v_op, tl.trans(u), None, FDTYPE, PREC, UPCAST) + u1[None, :]
-        dv = _fdot(key_weights, u, dv, FDTYPE, PREC, UPCAST)
+        g = _fdot(v_op, tl.trans(u), None, tl.float32, PREC, UPCAST) + u1[None, :]
+        dv = _fdot(key_weights, u, dv, tl.float32, PREC, UPCAST)
         if N_W > 0:
             big_q = tl.exp(_half(proj_q, offset_q, HALF, MH, BLOCK_F) + r[None, :] - lse[:, None])
-            p = _fdot(big_q, tl.trans(key_weights), p, FDTYPE, PREC, UPCAST)
-            g = _fdot(da, big_q, g, FDTYPE, PREC, UPCAST)
+            p = _fdot(big_q, tl.trans(key_weights), p, tl.float32, PREC, UPCAST)
+            g = _fdot(da, big_q, g, tl.float32, PREC, UPCAST)
         dlin, dsum = _accumulate(dlin, dsum, key_weights * g, HALF)
     if N_W > 0:
         dv = _fdot(tl.trans(tl.where(lower, p, 0.0)), do_op, dv, DTYPE, PREC, UPCAST)
@@ -615,8 +630,8 @@ def backward_key_kernel(
         for HALF in tl.static_range(2):
             qf = tl.exp(_half(proj_q, offset_q, HALF, MH, BLOCK_F) - query_top[:, None])
             kf = tl.exp(_half(proj_k, offset_k, HALF, MH, BLOCK_F) - key_top[:, None])
-            p = _fdot(qf, tl.trans(kf), p, FDTYPE, PREC, UPCAST)
-            dlin, dsum = _accumulate(dlin, dsum, kf * _fdot(z, qf, None, FDTYPE, PREC, UPCAST),
+            p = _fdot(qf, tl.trans(kf), p, tl.float32, PREC, UPCAST)
+            dlin, dsum = _accumulate(dlin, dsum, kf * _fdot(z, qf, None, tl.float32, PREC, UPCAST),
                                      HALF)  # fmt: skip
         dv = _fdot(tl.trans(p * weight), do_op, dv, DTYPE, PREC, UPCAST)
     else:

@@ -191,7 +191,6 @@ class _Config:
             BLOCK_D=self.block_d,
             BLOCK_F=self.block_f,
             DTYPE=dtype[q.dtype],
-            FDTYPE=tl.float32 if q.dtype == torch.float32 else tl.bfloat16,
             PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
             UPCAST=_interpreting(),
         )
@@ -203,9 +202,9 @@ class _Config:
     def sizes(self) -> tuple[int, int, int]:
         return self.heads, self.length, self.n_blocks
 
-    def state_buffers(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        m = 2 * self.half
-        shape = (self.bh, self.n_blocks, m)
+    def state_buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per block: the m x D state numerators and the m denominators, fp32."""
+        shape = (self.bh, self.n_blocks, 2 * self.half)
         return (
             _empty((*shape, self.head_dim), torch.float32, device),
             _empty(shape, torch.float32, device),
@@ -233,7 +232,7 @@ def _forward(q, k, v, projection, config: _Config):
     jit.key_block_sums_kernel[grid](
         k, v, projection, state, ones, scale, *_strides(k), *_strides(v),
         heads, length, n_blocks, sqrt_tau, log_norm,
-        **{name: c[name] for name in ("D", "MH", "BLOCK", "BLOCK_D", "BLOCK_F", "FDTYPE", "PREC",
+        **{name: c[name] for name in ("D", "MH", "BLOCK", "BLOCK_D", "BLOCK_F", "PREC",
                                       "UPCAST")},
         **config.launch,
     )  # fmt: skip
