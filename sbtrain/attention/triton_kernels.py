@@ -162,6 +162,29 @@ def _rows_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# Launch settings tried on a GPU for each per-block kernel (they write only their outputs, so
+# the autotuner may run them repeatedly); chosen again when a key value changes.
+TUNING_CONFIGS = tuple((warps, stages) for warps in (4, 8) for stages in (1, 2))
+TUNING_KEY = ["N", "N_W", "D", "MH", "BLOCK", "DTYPE", "PREC"]
+_tuned_kernels: dict = {}
+
+
+def _tuned(name: str):
+    """Kernel `name` of triton_jit; on a GPU wrapped in an autotuner over num_warps and
+    num_stages (register pressure and pipelining depend on the card and the sizes)."""
+    from sbtrain.attention import triton_jit as jit
+
+    kernel = getattr(jit, name)
+    if _interpreting():
+        return kernel
+    if name not in _tuned_kernels:
+        import triton
+
+        configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in TUNING_CONFIGS]
+        _tuned_kernels[name] = triton.autotune(configs, key=TUNING_KEY)(kernel)
+    return _tuned_kernels[name]
+
+
 class _Config:
     """Sizes and compile-time constants of one call."""
 
@@ -194,8 +217,6 @@ class _Config:
             PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
             UPCAST=_interpreting(),
         )
-        big = block * max(self.block_d, self.block_f) > 64 * 64
-        self.launch = dict(num_warps=8 if big else 4, num_stages=1 if big else 2)
         if _interpreting():
             _patch_interpreter()
 
@@ -229,21 +250,20 @@ def _forward(q, k, v, projection, config: _Config):
     tau, sqrt_tau, log_norm = config.scalars
     c = config.constants
     grid = (n_blocks, config.bh)
-    jit.key_block_sums_kernel[grid](
+    _tuned("key_block_sums_kernel")[grid](
         k, v, projection, state, ones, scale, *_strides(k), *_strides(v),
         heads, length, n_blocks, sqrt_tau, log_norm,
         **{name: c[name] for name in ("D", "MH", "BLOCK", "BLOCK_D", "BLOCK_F", "PREC",
                                       "UPCAST")},
-        **config.launch,
     )  # fmt: skip
     config.scan(jit.state_scan_kernel, state, ones, scale, after=c["N_W"] == 0)
     out = _empty(v.shape, v.dtype, device)
     lse = _empty((config.bh, n_blocks * config.block), torch.float32, device)
-    jit.forward_kernel[grid](
+    _tuned("forward_kernel")[grid](
         q, k, v, projection, state, ones, scale, out, lse,
         *_strides(q), *_strides(k), *_strides(v),
         heads, length, n_blocks, tau, sqrt_tau, log_norm, config.window,
-        **c, **config.launch,
+        **c,
     )  # fmt: skip
     return out, state, ones, scale, lse
 
@@ -262,19 +282,19 @@ def _backward(grad_out, saved, projection, config: _Config):
     dv = _empty(v.shape, v.dtype, device)
     delta = _empty(lse.shape, torch.float32, device)
     ystate, yones = config.state_buffers(device)
-    jit.backward_query_kernel[grid](
+    _tuned("backward_query_kernel")[grid](
         q, k, v, out, grad_out, projection, state, ones, scale, lse, dq, delta, ystate, yones,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out),
         heads, length, n_blocks, tau, sqrt_tau, log_norm, config.window,
-        **c, **config.launch,
+        **c,
     )  # fmt: skip
     shift = c["N_W"] if c["N_W"] else 1
     config.scan(jit.reverse_scan_kernel, ystate, yones, scale, shift, after=c["N_W"] == 0)
-    jit.backward_key_kernel[grid](
+    _tuned("backward_key_kernel")[grid](
         q, k, v, grad_out, projection, ystate, yones, scale, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         heads, length, n_blocks, tau, sqrt_tau, log_norm, config.window,
-        **c, **config.launch,
+        **c,
     )  # fmt: skip
     return dq, dk, dv
 

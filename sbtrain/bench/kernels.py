@@ -5,11 +5,12 @@
 
 Every implementation runs on the same inputs in the same process: causal SDPA (`full`), and for
 Scatterbrain (local window 128, 128 features) and Performer (256 features) the module's PyTorch
-forward (`pytorch`) and the fused kernels (`triton`). Times are medians of CUDA-event timings
-after warmup; each row also gives the peak memory above the inputs and, for `triton`, the
-relative difference of its output from the PyTorch path on the same inputs (a check that the
-compiled kernel is right at full size). On CPU (TRITON_INTERPRET=1) it runs, slowly, on tiny
-shapes: for checking the harness, not for timing.
+forward (`pytorch`) and the fused kernels (`triton`) at each block size in `blocks` (the kernels'
+chunk; the default is 64). Times are medians of CUDA-event timings after warmup (which includes
+compiling and autotuning); each row also gives the peak memory above the inputs and, for
+`triton`, the relative difference of its output from the PyTorch path on the same inputs (a
+check that the compiled kernel is right at full size). On CPU (TRITON_INTERPRET=1) it runs,
+slowly, on tiny shapes: for checking the harness, not for timing.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def time_kernels(
     device: str = "cuda",
     warmup: int = 5,
     repeats: int = 20,
+    blocks: tuple[int, ...] = (32, 64, 128),
 ) -> list[dict]:
     """One row per (length, kind, implementation): batch = tokens // length sequences.
 
     Row keys: card, kind, impl, length, batch, ms (median forward+backward), peak_mib, and for
-    `triton` rel_diff (|out - out_pytorch| / |out_pytorch|, Frobenius norms).
+    `triton` block and rel_diff (|out - out_pytorch| / |out_pytorch|, Frobenius norms).
     """
     torch.manual_seed(0)
     card = _card(device)
@@ -55,22 +57,29 @@ def time_kernels(
     ).to(device)
     performer = build_attention("performer", head_dim=head_dim, n_features=performer_features)
     performer = performer.to(device)
-    implementations: list[tuple[str, str, Attention]] = [
-        ("full", "sdpa", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-        ("scatterbrain", "pytorch", scatterbrain),
+    implementations: list[tuple[str, str, int | None, Attention]] = [
+        (
+            "full",
+            "sdpa",
+            None,
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        ),
+        ("scatterbrain", "pytorch", None, scatterbrain),
+    ]
+    implementations += [
         (
             "scatterbrain",
             "triton",
-            lambda q, k, v: triton_kernels.scatterbrain_local(
-                q, k, v, scatterbrain.projection, window
-            ),
-        ),
-        ("performer", "pytorch", performer),
-        (
-            "performer",
-            "triton",
-            lambda q, k, v: triton_kernels.performer(q, k, v, performer.projection),
-        ),
+            block,
+            _fused_scatterbrain(scatterbrain.projection, window, block),
+        )
+        for block in blocks
+        if window % block == 0
+    ]
+    implementations.append(("performer", "pytorch", None, performer))
+    implementations += [
+        ("performer", "triton", block, _fused_performer(performer.projection, block))
+        for block in blocks
     ]
     rows = []
     for length in lengths:
@@ -80,8 +89,10 @@ def time_kernels(
         inputs = [x.requires_grad_() for x in inputs]
         grad = torch.randn(shape, device=device, dtype=dtype)
         reference: dict[str, torch.Tensor] = {}
-        for kind, impl, attention in implementations:
+        for kind, impl, block, attention in implementations:
             row = dict(card=card, kind=kind, impl=impl, length=length, batch=batch)
+            if block is not None:
+                row["block"] = block
             with torch.no_grad():
                 out = attention(*inputs)
             if impl == "pytorch":
@@ -94,6 +105,14 @@ def time_kernels(
             rows.append(row)
         reference.clear()
     return rows
+
+
+def _fused_scatterbrain(projection: torch.Tensor, window: int, block: int) -> Attention:
+    return lambda q, k, v: triton_kernels.scatterbrain_local(q, k, v, projection, window, block)
+
+
+def _fused_performer(projection: torch.Tensor, block: int) -> Attention:
+    return lambda q, k, v: triton_kernels.performer(q, k, v, projection, block)
 
 
 def _measure(
@@ -139,12 +158,13 @@ def _card(device: str) -> str:
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table, one line per row."""
-    lines = [f"{'kind':<14}{'impl':<9}{'L':>7}{'B':>5}{'ms':>10}{'peak MiB':>10}{'rel_diff':>10}"]
+    lines = [f"{'kind':<14}{'impl':<9}{'block':>6}{'L':>7}{'B':>5}{'ms':>10}{'peak MiB':>10}"
+             f"{'rel_diff':>10}"]  # fmt: skip
     for r in rows:
         diff = f"{r['rel_diff']:.1e}" if "rel_diff" in r else "-"
         lines.append(
-            f"{r['kind']:<14}{r['impl']:<9}{r['length']:>7}{r['batch']:>5}{r['ms']:>10.3f}"
-            f"{r['peak_mib']:>10.1f}{diff:>10}"
+            f"{r['kind']:<14}{r['impl']:<9}{r.get('block', '-'):>6}{r['length']:>7}"
+            f"{r['batch']:>5}{r['ms']:>10.3f}{r['peak_mib']:>10.1f}{diff:>10}"
         )
     return "\n".join(lines)
 
@@ -155,13 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32768, help="batch x length per call")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench kernels: needs a CUDA device", file=sys.stderr)
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    rows = time_kernels(tuple(args.lengths), args.tokens, dtype=dtype, repeats=args.repeats)
+    rows = time_kernels(
+        tuple(args.lengths),
+        args.tokens,
+        dtype=dtype,
+        repeats=args.repeats,
+        blocks=tuple(args.blocks),
+    )
     print(format_rows(rows), flush=True)
     if args.out:
         import triton

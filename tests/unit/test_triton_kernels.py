@@ -229,13 +229,16 @@ def test_kernel_bench_runs_on_tiny_shapes():
     rows = time_kernels(
         lengths=(64,), tokens=64, heads=1, head_dim=16, window=32, n_features=32,
         performer_features=32, dtype=torch.float32, device=DEVICE, warmup=0, repeats=1,
+        blocks=(16, 32),
     )  # fmt: skip
-    assert [(r["kind"], r["impl"]) for r in rows] == [
-        ("full", "sdpa"),
-        ("scatterbrain", "pytorch"),
-        ("scatterbrain", "triton"),
-        ("performer", "pytorch"),
-        ("performer", "triton"),
+    assert [(r["kind"], r["impl"], r.get("block")) for r in rows] == [
+        ("full", "sdpa", None),
+        ("scatterbrain", "pytorch", None),
+        ("scatterbrain", "triton", 16),
+        ("scatterbrain", "triton", 32),
+        ("performer", "pytorch", None),
+        ("performer", "triton", 16),
+        ("performer", "triton", 32),
     ]
     assert all(r["length"] == 64 and r["batch"] == 1 and r["ms"] > 0 for r in rows)
     assert all(r["rel_diff"] < 1e-4 for r in rows if r["impl"] == "triton")
