@@ -63,8 +63,12 @@ import os
 
 import torch
 
-BLOCKS = (64, 32, 16)  # block sizes tried for a window, largest first (tl.dot needs >= 16)
-PERFORMER_BLOCK = 64
+# Default block sizes: for a window the largest of BLOCKS that divides it (tl.dot needs >= 16).
+# 32 rather than 64: at 64 rows with m = 128 and D = 64 the backward kernels spill ~1 KiB of
+# registers per thread on sm_90 (ahead-of-time compile), at 32 almost nothing; 32 doubles the
+# state traffic, though (see above), so `sbtrain.bench.kernels` times 32, 64 and 128.
+BLOCKS = (32, 16)
+PERFORMER_BLOCK = 32
 SCAN_FEATURES = 16  # features per program of the scans
 
 
@@ -96,7 +100,7 @@ def scatterbrain_local(
     """Causal Scatterbrain with a local window: q, k, v (B, H, L, D) -> (B, H, L, D), v's dtype.
 
     projection: W (m/2, D); window: a multiple of 16 (0: Performer); block: the block size (a
-    divisor of the window, >= 16), by default the largest of 64, 32, 16 that divides it.
+    power of 2 >= 16 dividing the window), by default the largest of BLOCKS that divides it.
     """
     if window == 0:
         return performer(q, k, v, projection, block)

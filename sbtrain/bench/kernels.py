@@ -48,7 +48,9 @@ def time_kernels(
     """One row per (length, kind, implementation): batch = tokens // length sequences.
 
     Row keys: card, kind, impl, length, batch, ms (median forward+backward), peak_mib, and for
-    `triton` block and rel_diff (|out - out_pytorch| / |out_pytorch|, Frobenius norms).
+    `triton` block and rel_diff (|out - out_pytorch| / |out_pytorch|, Frobenius norms); a case
+    that cannot run (e.g. a block whose tiles exceed the card's shared memory) has `error`
+    instead of the measurements.
     """
     torch.manual_seed(0)
     card = _card(device)
@@ -93,15 +95,18 @@ def time_kernels(
             row = dict(card=card, kind=kind, impl=impl, length=length, batch=batch)
             if block is not None:
                 row["block"] = block
-            with torch.no_grad():
-                out = attention(*inputs)
-            if impl == "pytorch":
-                reference[kind] = out
-            elif kind in reference:
-                expected = reference[kind].float()
-                row["rel_diff"] = float((out.float() - expected).norm() / expected.norm())
-            del out
-            row["ms"], row["peak_mib"] = _measure(attention, inputs, grad, warmup, repeats)
+            try:
+                with torch.no_grad():
+                    out = attention(*inputs)
+                if impl == "pytorch":
+                    reference[kind] = out
+                elif kind in reference:
+                    expected = reference[kind].float()
+                    row["rel_diff"] = float((out.float() - expected).norm() / expected.norm())
+                del out
+                row["ms"], row["peak_mib"] = _measure(attention, inputs, grad, warmup, repeats)
+            except Exception as error:  # recorded, not raised: e.g. tiles too large for the card
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             rows.append(row)
         reference.clear()
     return rows
@@ -161,6 +166,10 @@ def format_rows(rows: list[dict]) -> str:
     lines = [f"{'kind':<14}{'impl':<9}{'block':>6}{'L':>7}{'B':>5}{'ms':>10}{'peak MiB':>10}"
              f"{'rel_diff':>10}"]  # fmt: skip
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['kind']:<14}{r['impl']:<9}{r.get('block', '-'):>6}{r['length']:>7}"
+                         f"{r['batch']:>5}  {r['error']}")  # fmt: skip
+            continue
         diff = f"{r['rel_diff']:.1e}" if "rel_diff" in r else "-"
         lines.append(
             f"{r['kind']:<14}{r['impl']:<9}{r.get('block', '-'):>6}{r['length']:>7}"
