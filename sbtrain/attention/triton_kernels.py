@@ -9,51 +9,63 @@ with W = module.projection (m/2, D). Scatterbrain: query i sees keys j in (i - w
 exp(tau q.k) and keys j <= i - window through phi(q_i).phi(k_j); Performer: phi.phi for all j <= i.
 Inputs fp32/bf16/fp16 (the output has v's dtype); everything accumulates in fp32.
 
-The algorithm: positions are cut into blocks of BLOCK (a divisor of the window, so the window is
-N_W whole blocks); N = ceil(L / BLOCK). Three forward passes, three backward passes:
+The algorithm: positions are cut into blocks of BLOCK rows (BLOCK divides the window, so the
+window is N_W = window / BLOCK whole blocks; Performer is N_W = 0); N = ceil(L / BLOCK). Three
+forward and three backward launches, all with one (batch, head) per program along one grid axis:
 
-1. `key_block_sums` (grid N x BH): per key block b, log phi(k) and, per feature, the block max
-   mk_b and S_b = Σ_j exp(log phi(k_j) - mk_b) [v_j, 1].
-2. `state_scan` (grid BH x feature tiles, sequential over b, in place): the running max
-   R_b = max(R_{b-1}, mk_b) — it covers blocks <= b only, never the future — and the prefix state
-   on R_b: for Scatterbrain the keys of blocks < b ("before"), for Performer blocks <= b ("after").
-3. `forward` (grid N x BH), query block c:
-   - Scatterbrain: the state before block k0 = c - N_W, then block k0 itself, where
-     query r meets key t exactly if t > r and through features if t <= r (key and query features
-     scaled by R_{k0}, which only covers keys before the query block), then blocks k0+1..c exact
-     (window and causal masks), online-softmax style.
-   - Performer: the state after block c-1 (scale R_{c-1}), then block c's causal feature products.
-     Here no per-feature key scale may be used (block c's max would include later keys), so each
-     key is scaled by its own max over features s_j and query i by r_i = max_{j<=i} s_j: every
-     factor exp(s_j - r_i) <= 1 and depends only on keys j <= i.
-   All terms meet on one per-row log-scale `top` (the max of the query's feature logits and its
-   exact scores); the normaliser l_i is a sum of positive terms, so it stays > 0 and nothing
-   overflows. Saved for backward: q, k, v, out, the states (m x D + m per block, fp32), their
-   scales R (m per block), and per row `top` and `lse` = top + log l.
+1. `key_block_sums` (grid N x BH): per key block b, per feature, the block max mk_b of
+   log phi(k) and S_b = Σ_j exp(log phi(k_j) - mk_b) [v_j, 1].
+2. `state_scan` (grid BH x 16-feature tiles, sequential over blocks, in place over pass 1's
+   output): the running max R_b = max(R_{b-1}, mk_b), which covers blocks <= b only, never the
+   future, and the prefix state on the scale R_b: the keys of blocks < b for Scatterbrain
+   ("before"), of blocks <= b for Performer ("after").
+3. `forward` (grid N x BH), query block c, in two phases merged like online softmax:
+   - low-rank, on the per-row scale top_i = max_f(log phi(q_i)_f + R_f): Scatterbrain reads the
+     state before block k0 = c - N_W and adds block k0's keys with j <= i - window (the lower
+     triangle; their features are scaled by R_{k0}, which covers only keys before block c);
+     Performer reads the state after block c-1.
+   - Scatterbrain: exact scores exp(tau q.k) on key blocks k0..c under the window and causal masks,
+     flash-attention style. Performer: block c's own causal feature products, where a per-feature
+     key scale would include later keys; instead each key is scaled by its own max over features
+     s_j and query i by reach_i = max_{j<=i} s_j, so every factor exp(s_j - reach_i) <= 1 and
+     depends only on keys j <= i.
+   Every term is a positive weight on one shared per-row log-scale, so nothing overflows and the
+   normaliser stays > 0. Stored per row: lse = log(normaliser).
+   Saved for backward: q, k, v, out, the states (m x D numerators + m denominators per block, fp32),
+   their scales R (m per block) and lse.
 
-Backward, with dA_ij = (dO_i . v_j - delta_i) / normaliser_i and delta_i = dO_i . O_i:
+Backward, with delta_i = dO_i . O_i, A_ij the unnormalised weight and
+dA_ij = (dO_i . v_j - delta_i) / normaliser_i:
 
-4. `backward_query` (grid N x BH): dq from exact scores (flash style, P = exp(s - lse)), from the
-   state (d log phi(q_i) = Q_i * (T [dO_i, -delta_i]) with Q_i = phi(q_i) e^R / normaliser, all
-   factors <= 1 except 1/l), and from the near/diagonal block; delta; and the block's query sum
-   Y = Σ_i Q_i [dO_i, -delta_i]^T, stored at the state index the block read.
-5. `reverse_scan` (grid BH x feature tiles, sequential, in place): V_b = Σ of later Y_b', rescaled
-   by exp(R_b - R_b') <= 1 — the mirror of pass 2.
-6. `backward_key` (grid N x BH): dk, dv of key block b from V_b (d log phi(k_j) = kw_j * (V_b
-   [v_j, 1]), dv_j = V_b^T kw_j with kw_j = exp(log phi(k_j) - R_b) <= 1), the near/diagonal
-   block, and exact scores of the query blocks whose window covers b.
-Log-features are recomputed from q and k in every pass (a (BLOCK x D) @ (D x m/2) product,
-3-pass tf32) rather than stored.
+4. `backward_query` (grid N x BH): delta; dq from the exact scores (P = exp(s - lse), flash style)
+   and from the features: d loss / d log phi(q_i) = Q_i * (T_c [dO_i, -delta_i] + the near block's
+   Σ_j (dO_i.v_j - delta_i) kw_j) with Q_i = exp(log phi(q_i) + R - lse_i), kw_j = exp(log phi(k_j)
+   - R) (Performer: block c's products on the per-key scales); and the block's query sum
+   Y_c = Σ_i Q_i [dO_i, -delta_i]^T, stored at the state index the block read.
+5. `reverse_scan` (grid BH x feature tiles, sequential, in place over Y): V_b = the sum of the Y
+   of every later state index that includes block b, rescaled by exp(R_b - R_b') <= 1 (R only
+   grows): the mirror of pass 2.
+6. `backward_key` (grid N x BH): dk, dv of key block b from V_b (d loss / d log phi(k_j) =
+   kw_j * (V_b [v_j, 1]) and dv_j = V_b^T kw_j, kw_j = exp(log phi(k_j) - R_b) <= 1), from the
+   queries that see block b through features directly (block b + N_W's rows i >= j + window;
+   Performer: block b's rows i >= j), and from the exact scores of the query blocks b..b+N_W.
+Gradients w.r.t. log-features become input gradients through d log phi_f(x) / d x' = ±W_f - x'.
+Log-features are recomputed from q and k where needed (a (BLOCK x D) @ (D x m/2) product, 3-pass
+tf32) rather than stored.
 
-Memory traffic per (batch, head), BLOCK = 64, D = 64, m = 128, bf16 inputs: q, k, v, out, dO read
-once or twice each per pass that needs them (exact scores re-read N_W + 1 blocks of k, v per
-query block, as flash attention does), 2 x 4 B x L of row statistics, and the fp32 states
-(m (D + 2) x 4 B = 33 KiB per block, 0.5 KiB per position) written in pass 1, read and written in
-pass 2, read in pass 3, read in 4, Y written in 4, read and written in 5, read in 6: 8 state
-transfers, ~4 KiB per position — the largest stream, roughly 4x that of q, k, v, dO and out.
+Memory traffic per (batch, head) and position, D = 64, m = 128 features, bf16 inputs: q, k, v,
+out and dO (128 B each) are read by 2-3 passes each, the exact part re-reading the N_W + 1 key
+blocks of a query block (and the query blocks of a key block) as flash attention does: ~2 KiB.
+The states dominate: m (D + 2) x 4 B per block, i.e. 33 KiB / BLOCK per position (1 KiB at
+BLOCK = 32, 0.5 KiB at 64), moved 8 times (pass 1 writes, 2 reads and writes, 3 reads, 4 reads
+and writes Y, 5 reads and writes, 6 reads): ~8 KiB at BLOCK = 32, ~4 KiB at 64. Row statistics
+(lse, delta) add 16 B. Storing states in bf16 would halve that stream but costs bf16 results
+about 1e-2 relative error in the Performer's gradients (measured), so they are fp32.
 
 Dots: exact scores and P @ V use the inputs' dtype (bf16/fp16 tensor cores, fp32 accumulate);
-feature and state products use tf32 (fp32 inputs: 3-pass tf32, ≈ fp32, for 1e-4 accuracy).
+every dot with a feature or state operand uses fp32 operands as tf32 (fp32 inputs: 3-pass tf32,
+≈ fp32, for 1e-4 accuracy); rounding features to bf16 would cost ~1e-2 as well. On a GPU,
+num_warps and num_stages of the four per-block kernels are autotuned (`TUNING_CONFIGS`).
 """
 
 from __future__ import annotations
