@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sbtrain.attention import build_attention, triton_kernels
+from sbtrain.attention.common import full_precision, normalise
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,7 +67,7 @@ def time_kernels(
             None,
             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         ),
-        ("scatterbrain", "pytorch", None, scatterbrain),
+        ("scatterbrain", "pytorch", None, _pytorch_path(scatterbrain)),
     ]
     implementations += [
         (
@@ -78,7 +79,7 @@ def time_kernels(
         for block in blocks
         if window % block == 0
     ]
-    implementations.append(("performer", "pytorch", None, performer))
+    implementations.append(("performer", "pytorch", None, _pytorch_path(performer)))
     implementations += [
         ("performer", "triton", block, _fused_performer(performer.projection, block))
         for block in blocks
@@ -110,6 +111,16 @@ def time_kernels(
             rows.append(row)
         reference.clear()
     return rows
+
+
+def _pytorch_path(module: torch.nn.Module) -> Attention:
+    """The module's PyTorch forward, even where `forward` would dispatch to the fused kernels."""
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with full_precision(q):
+            return normalise(module.forward_parts(q, k, v)).to(v.dtype)
+
+    return attention
 
 
 def _fused_scatterbrain(projection: torch.Tensor, window: int, block: int) -> Attention:
