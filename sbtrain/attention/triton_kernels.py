@@ -325,6 +325,8 @@ class _FusedAttention(torch.autograd.Function):
                 f"q, k, v must share shape and dtype, got {tuple(q.shape)} {q.dtype}, "
                 f"{tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}"
             )
+        if q.shape[2] == 0:
+            return torch.empty_like(v)
         q, k, v = (_rows_last(x) for x in (q, k, v))
         projection = projection.detach().to(device=q.device, dtype=torch.float32).contiguous()
         config = _Config(q, projection, window, block)

@@ -203,6 +203,26 @@ def test_window_zero_is_performer():
     assert torch.equal(got, expected)
 
 
+def test_empty_sequence():
+    _, module = build("performer")
+    q, k, v = qkv(0)
+    assert triton_kernels.scatterbrain_local(q, k, v, module.projection, 32).shape == v.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the modules dispatch only on CUDA")
+@pytest.mark.parametrize("name", ["scatterbrain-w32", "performer"])
+def test_modules_dispatch_to_the_kernels_on_cuda(name):
+    window, module = build(name)
+    module = module.to(DEVICE)
+    q, k, v = qkv(100, torch.bfloat16)
+    projection = module.projection
+    if window:
+        fused_out = triton_kernels.scatterbrain_local(q, k, v, projection, window)
+    else:
+        fused_out = triton_kernels.performer(q, k, v, projection)
+    assert torch.equal(module(q, k, v), fused_out)
+
+
 def test_rejects_what_it_cannot_run():
     _, module = build("performer")
     q, k, v = qkv(8)
