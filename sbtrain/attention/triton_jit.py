@@ -275,7 +275,8 @@ def state_scan_kernel(
 
     Reads block b's sum S_b and max mk_b; keeps R_b = max(R_{b-1}, mk_b) (a running max: only
     blocks <= b) and writes the state of blocks < b (AFTER False) or <= b (AFTER True) on the
-    scale R_b, and R_b itself. Loads do not depend on the carry, so they pipeline."""
+    scale R_b, and R_b itself. Loads do not depend on the carry: the loop prefetches them
+    (cp.async, 3 stages), which is safe in place since each step stores only the block it read."""
     bh = tl.program_id(0).to(tl.int64)
     f = tl.program_id(1) * BLOCK_FS + tl.arange(0, BLOCK_FS)
     d = tl.arange(0, BLOCK_D)
@@ -284,7 +285,7 @@ def state_scan_kernel(
     carry = tl.zeros((BLOCK_FS, BLOCK_D), tl.float32)
     carry1 = tl.zeros((BLOCK_FS,), tl.float32)
     previous = tl.full((BLOCK_FS,), float("-inf"), tl.float32)
-    for blk in range(N):
+    for blk in tl.range(N, num_stages=3):
         idx = bh * N + blk
         tile = (state_ptr + idx * M * D) + f[:, None] * D + d[None, :]
         block_max = tl.load((scale_ptr + idx * M) + f, mask=real, other=0.0)
@@ -524,7 +525,7 @@ def reverse_scan_kernel(
     carry = tl.zeros((BLOCK_FS, BLOCK_D), tl.float32)
     carry1 = tl.zeros((BLOCK_FS,), tl.float32)
     later = tl.load((scale_ptr + (bh * N + N - 1) * M) + f, mask=real, other=0.0)
-    for step in range(N):
+    for step in tl.range(N, num_stages=3):
         blk = N - 1 - step
         idx = bh * N + blk
         tile = (y_ptr + idx * M * D) + f[:, None] * D + d[None, :]
