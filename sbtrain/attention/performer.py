@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sbtrain.attention import triton_kernels
 from sbtrain.attention.common import (
     Part,
     check_seed,
@@ -89,7 +90,9 @@ class PerformerAttention(nn.Module):
         return self._parts(q, k, v, None)[0]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype."""
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (fused Triton kernels on CUDA)."""
+        if q.is_cuda and triton_kernels.supports(q):
+            return triton_kernels.performer(q, k, v, self.projection)
         with full_precision(q):
             return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 

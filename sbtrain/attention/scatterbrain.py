@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sbtrain.attention import triton_kernels
 from sbtrain.attention.common import (
     EMPTY,
     Part,
@@ -230,7 +231,10 @@ class ScatterbrainAttention(nn.Module):
         return self._run(q, k, v, None, keep_cache=False)[0]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype."""
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (sparse=local: fused Triton
+        kernels on CUDA)."""
+        if self.sparse == "local" and q.is_cuda and triton_kernels.supports(q, self.window):
+            return triton_kernels.scatterbrain_local(q, k, v, self.projection, self.window)
         with full_precision(q):
             return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 

@@ -1,0 +1,232 @@
+"""Forward+backward time of SDPA, the PyTorch path and the fused Triton kernels, per length.
+
+    rows = time_kernels()   # CUDA: L in 2048..16384, B L = 32k tokens, H 8, D 64, bf16
+    python -m sbtrain.bench.kernels --out benchmarks/results/kernels.json
+
+Every implementation runs on the same inputs in the same process: causal SDPA (`full`), and for
+Scatterbrain (local window 128, 128 features) and Performer (256 features) the module's PyTorch
+forward (`pytorch`) and the fused kernels (`triton`) at each block size in `blocks` (the kernels'
+chunk; the default is 64). Times are medians of CUDA-event timings after warmup (which includes
+compiling and autotuning); each row also gives the peak memory above the inputs and, for
+`triton`, the relative difference of its output from the PyTorch path on the same inputs (a
+check that the compiled kernel is right at full size). On CPU (TRITON_INTERPRET=1) it runs,
+slowly, on tiny shapes: for checking the harness, not for timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sbtrain.attention import build_attention, triton_kernels
+from sbtrain.attention.common import full_precision, normalise
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def time_kernels(
+    lengths: tuple[int, ...] = (2048, 4096, 8192, 16384),
+    tokens: int = 32768,
+    heads: int = 8,
+    head_dim: int = 64,
+    window: int = 128,
+    n_features: int = 128,
+    performer_features: int = 256,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cuda",
+    warmup: int = 5,
+    repeats: int = 20,
+    blocks: tuple[int, ...] = (32, 64, 128),
+) -> list[dict]:
+    """One row per (length, kind, implementation): batch = tokens // length sequences.
+
+    Row keys: card, kind, impl, length, batch, ms (median forward+backward), peak_mib, and for
+    `triton` block and rel_diff (|out - out_pytorch| / |out_pytorch|, Frobenius norms); a case
+    that cannot run (e.g. a block whose tiles exceed the card's shared memory) has `error`
+    instead of the measurements.
+    """
+    torch.manual_seed(0)
+    card = _card(device)
+    scatterbrain = build_attention(
+        "scatterbrain", head_dim=head_dim, sparse="local", window=window, n_features=n_features
+    ).to(device)
+    performer = build_attention("performer", head_dim=head_dim, n_features=performer_features)
+    performer = performer.to(device)
+    implementations: list[tuple[str, str, int | None, Attention]] = [
+        (
+            "full",
+            "sdpa",
+            None,
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        ),
+        ("scatterbrain", "pytorch", None, _pytorch_path(scatterbrain)),
+    ]
+    implementations += [
+        (
+            "scatterbrain",
+            "triton",
+            block,
+            _fused_scatterbrain(scatterbrain.projection, window, block),
+        )
+        for block in blocks
+        if window % block == 0
+    ]
+    implementations.append(("performer", "pytorch", None, _pytorch_path(performer)))
+    implementations += [
+        ("performer", "triton", block, _fused_performer(performer.projection, block))
+        for block in blocks
+    ]
+    rows = []
+    for length in lengths:
+        batch = max(1, tokens // length)
+        shape = (batch, heads, length, head_dim)
+        inputs = [torch.randn(shape, device=device, dtype=dtype) for _ in range(3)]
+        inputs = [x.requires_grad_() for x in inputs]
+        grad = torch.randn(shape, device=device, dtype=dtype)
+        reference: dict[str, torch.Tensor] = {}
+        for kind, impl, block, attention in implementations:
+            row = dict(card=card, kind=kind, impl=impl, length=length, batch=batch)
+            if block is not None:
+                row["block"] = block
+            try:
+                with torch.no_grad():
+                    out = attention(*inputs)
+                if impl == "pytorch":
+                    reference[kind] = out
+                elif kind in reference:
+                    expected = reference[kind].float()
+                    row["rel_diff"] = float((out.float() - expected).norm() / expected.norm())
+                del out
+                row["ms"], row["peak_mib"] = _measure(attention, inputs, grad, warmup, repeats)
+            except Exception as error:  # recorded, not raised: e.g. tiles too large for the card
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            rows.append(row)
+        reference.clear()
+    return rows
+
+
+def _pytorch_path(module: torch.nn.Module) -> Attention:
+    """The module's PyTorch forward, even where `forward` would dispatch to the fused kernels."""
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with full_precision(q):
+            return normalise(module.forward_parts(q, k, v)).to(v.dtype)
+
+    return attention
+
+
+def _fused_scatterbrain(projection: torch.Tensor, window: int, block: int) -> Attention:
+    return lambda q, k, v: triton_kernels.scatterbrain_local(q, k, v, projection, window, block)
+
+
+def _fused_performer(projection: torch.Tensor, block: int) -> Attention:
+    return lambda q, k, v: triton_kernels.performer(q, k, v, projection, block)
+
+
+def _measure(
+    attention: Attention, inputs: list[torch.Tensor], grad: torch.Tensor, warmup: int, repeats: int
+) -> tuple[float, float]:
+    """(median ms of forward+backward, peak MiB above what was allocated before)."""
+
+    def step() -> None:
+        for x in inputs:
+            x.grad = None
+        attention(*inputs).backward(grad)
+
+    cuda = inputs[0].is_cuda
+    for _ in range(warmup):
+        step()
+    if not cuda:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append(1000 * (time.perf_counter() - start))
+        return statistics.median(times), float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))]
+    events += [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+               for _ in range(repeats - 1)]  # fmt: skip
+    for start, end in events:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return statistics.median(s.elapsed_time(e) for s, e in events), peak
+
+
+def _card(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu (TRITON_INTERPRET)"
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table, one line per row."""
+    lines = [f"{'kind':<14}{'impl':<9}{'block':>6}{'L':>7}{'B':>5}{'ms':>10}{'peak MiB':>10}"
+             f"{'rel_diff':>10}"]  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['kind']:<14}{r['impl']:<9}{r.get('block', '-'):>6}{r['length']:>7}"
+                         f"{r['batch']:>5}  {r['error']}")  # fmt: skip
+            continue
+        diff = f"{r['rel_diff']:.1e}" if "rel_diff" in r else "-"
+        lines.append(
+            f"{r['kind']:<14}{r['impl']:<9}{r.get('block', '-'):>6}{r['length']:>7}"
+            f"{r['batch']:>5}{r['ms']:>10.3f}{r['peak_mib']:>10.1f}{diff:>10}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--tokens", type=int, default=32768, help="batch x length per call")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench kernels: needs a CUDA device", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    rows = time_kernels(
+        tuple(args.lengths),
+        args.tokens,
+        dtype=dtype,
+        repeats=args.repeats,
+        blocks=tuple(args.blocks),
+    )
+    print(format_rows(rows), flush=True)
+    if args.out:
+        import triton
+
+        result = {
+            "benchmark": "kernels",
+            "machine": {
+                "card": rows[0]["card"],
+                "torch": torch.__version__,
+                "triton": triton.__version__,
+            },
+            "settings": vars(args),
+            "rows": rows,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
