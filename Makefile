@@ -1,9 +1,10 @@
 # make demo: train + evaluate the Copy-task demo (no data needed); make test: the test suite.
-# Both create .venv and install sbtrain with the CPU build of torch 2.13.0 when .venv is missing.
-# With a GPU, keep your own torch: make TORCH= test (after installing torch into .venv yourself).
+# Both create .venv and install sbtrain with the CPU build of torch 2.13.0 when .venv is missing,
+# plus triton, whose interpreter runs the fused kernels' tests on the CPU.
+# With a GPU, keep your own torch (and its triton): install them into .venv, then make TORCH= test
 PYTHON ?= python3
 VENV ?= .venv
-TORCH ?= torch==2.13.0
+TORCH ?= torch==2.13.0 triton==3.6.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
+	$(if $(TORCH),$(BIN)/python -m pip install -q $(TORCH))
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
