@@ -75,6 +75,10 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     k = sub.add_parser("kernels", help="Triton kernels vs SDPA vs the PyTorch path (CUDA)")
     k.add_argument("--lengths", type=ints, default=[2048, 4096, 8192, 16384])
+    k.add_argument("--tokens", type=int, default=32768, help="batch x length per call")
+    k.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    k.add_argument("--repeats", type=int, default=20)
+    k.add_argument("--blocks", type=ints, default=[32, 64, 128], help="kernel block sizes to try")
 
     for each in (a, x, t, p, g, k):
         each.add_argument("--out", help="also write the JSON result to this file")
@@ -200,4 +204,22 @@ def _generate(args) -> None:
 
 
 def _kernels(args) -> None:
-    raise UserError("bench kernels needs the Triton kernels (not merged yet)")
+    import torch
+
+    from sbtrain.bench.kernels import time_kernels
+
+    if not torch.cuda.is_available():
+        raise UserError("bench kernels times CUDA kernels: no CUDA device here")
+    import triton
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    rows = time_kernels(
+        tuple(args.lengths),
+        args.tokens,
+        dtype=dtype,
+        repeats=args.repeats,
+        blocks=tuple(args.blocks),
+    )
+    machine = {**bench.machine(torch.device("cuda")), "triton": triton.__version__}
+    settings = {"tokens": args.tokens, "dtype": args.dtype, "repeats": args.repeats}
+    bench.report("kernels", rows, args.out, {"machine": machine, "settings": settings})

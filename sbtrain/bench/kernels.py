@@ -1,7 +1,7 @@
 """Forward+backward time of SDPA, the PyTorch path and the fused Triton kernels, per length.
 
     rows = time_kernels()   # CUDA: L in 2048..16384, B L = 32k tokens, H 8, D 64, bf16
-    python -m sbtrain.bench.kernels --out benchmarks/results/kernels.json
+    sbtrain bench kernels --out benchmarks/results/kernels-h100.json
 
 Every implementation runs on the same inputs in the same process: causal SDPA (`full`), and for
 Scatterbrain (local window 128, 128 features) and Performer (256 features) the module's PyTorch
@@ -15,13 +15,9 @@ slowly, on tiny shapes: for checking the harness, not for timing.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -170,63 +166,3 @@ def _card(device: str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
     return "cpu (TRITON_INTERPRET)"
-
-
-def format_rows(rows: list[dict]) -> str:
-    """A plain-text table, one line per row."""
-    lines = [f"{'kind':<14}{'impl':<9}{'block':>6}{'L':>7}{'B':>5}{'ms':>10}{'peak MiB':>10}"
-             f"{'rel_diff':>10}"]  # fmt: skip
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['kind']:<14}{r['impl']:<9}{r.get('block', '-'):>6}{r['length']:>7}"
-                         f"{r['batch']:>5}  {r['error']}")  # fmt: skip
-            continue
-        diff = f"{r['rel_diff']:.1e}" if "rel_diff" in r else "-"
-        lines.append(
-            f"{r['kind']:<14}{r['impl']:<9}{r.get('block', '-'):>6}{r['length']:>7}"
-            f"{r['batch']:>5}{r['ms']:>10.3f}{r['peak_mib']:>10.1f}{diff:>10}"
-        )
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    parser.add_argument("--tokens", type=int, default=32768, help="batch x length per call")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--out", help="write the rows as JSON here")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench kernels: needs a CUDA device", file=sys.stderr)
-        return 2
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    rows = time_kernels(
-        tuple(args.lengths),
-        args.tokens,
-        dtype=dtype,
-        repeats=args.repeats,
-        blocks=tuple(args.blocks),
-    )
-    print(format_rows(rows), flush=True)
-    if args.out:
-        import triton
-
-        result = {
-            "benchmark": "kernels",
-            "machine": {
-                "card": rows[0]["card"],
-                "torch": torch.__version__,
-                "triton": triton.__version__,
-            },
-            "settings": vars(args),
-            "rows": rows,
-        }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

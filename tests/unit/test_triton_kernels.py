@@ -244,7 +244,8 @@ def test_available_needs_cuda_or_the_interpreter(monkeypatch):
 def test_kernel_bench_runs_on_tiny_shapes():
     """The GPU timing harness, on shapes the interpreter can run: rows for every implementation,
     and the kernels agree with the PyTorch path."""
-    from sbtrain.bench.kernels import format_rows, time_kernels
+    from sbtrain.bench import table
+    from sbtrain.bench.kernels import time_kernels
 
     rows = time_kernels(
         lengths=(64,), tokens=64, heads=1, head_dim=16, window=32, n_features=32,
@@ -262,4 +263,4 @@ def test_kernel_bench_runs_on_tiny_shapes():
     ]
     assert all(r["length"] == 64 and r["batch"] == 1 and r["ms"] > 0 for r in rows)
     assert all(r["rel_diff"] < 1e-4 for r in rows if r["impl"] == "triton")
-    assert "scatterbrain" in format_rows(rows)
+    assert "scatterbrain" in table(rows)
