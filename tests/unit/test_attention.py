@@ -21,6 +21,10 @@ CASES = {
     "performer": ("performer", dict(n_features=8, chunk_size=6, seed=1)),
     "lsh": ("lsh", dict(**LSH, seed=2)),
     "scatterbrain-local": ("scatterbrain", dict(sparse="local", window=5, n_features=8, seed=3)),
+    "scatterbrain-no-window": (
+        "scatterbrain",
+        dict(sparse="local", window=0, n_features=8, chunk_size=6, seed=6),
+    ),
     "scatterbrain-lsh": (
         "scatterbrain",
         dict(sparse="lsh", n_features=8, chunk_size=6, **LSH, seed=4),
