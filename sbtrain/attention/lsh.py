@@ -270,8 +270,8 @@ def lsh_parts(
     q: (B, H, T, D), already multiplied by the temperature: the *last* T positions of the keys
     k (B, H, L, D) and values vx (B, H, L, E). `older_than` > 0 keeps only support keys
     j <= i - older_than (scatterbrain: the window already covers the others). Queries are
-    processed in blocks whose gathered (T, K, D) rows are recomputed in backward: memory
-    O(L (D + R)) plus one block. Returns the exact part (B, H, T, E) and, with `features`, the
+    processed in blocks whose gathered (T, K, X) rows are recomputed in backward: memory
+    O(L (X + R)) plus one block. Returns the exact part (B, H, T, E) and, with `features`, the
     part Σ phi(q).phi(k) [v, 1] over the same entries (for the low-rank part to subtract).
     """
     (batch, heads, count, dim), length = q.shape, k.shape[-2]
@@ -309,8 +309,9 @@ class LSHAttention(nn.Module):
     """Exact softmax over `S_i`: itself plus, per round, the `bucket_size` most recent keys j <= i
     in the query's bucket (deduplicated across rounds).
 
-    Time O(L K D + R L log L), K = 1 + n_hashes * bucket_size; memory O(L K) (query blocks are
-    checkpointed). Decoding keeps every key and value (the support can reach arbitrarily far back).
+    Time O(L K D + R L log L), K = 1 + n_hashes * bucket_size; memory O(L (D + R)) plus one block
+    of gathered rows (recomputed in backward). Decoding keeps every key and value (the support can
+    reach arbitrarily far back) and computes only the new queries.
     """
 
     def __init__(

@@ -92,7 +92,8 @@ class ScatterbrainAttention(nn.Module):
     """Exact scores on the window and/or LSH support, FAVOR+ features on every other past key.
 
     window 0 (with sparse=local) leaves no exact part: the same as Performer with the same W.
-    Time O(L (window D + m (D + window) + K D)), memory O(L (window + m + K)).
+    Time O(L (window (D + m) + m D + K (D + m))), memory O(L (window + m) + L/window m D), plus
+    with LSH O(L R) indices and one block of gathered rows (K = support size, R = n_hashes).
     """
 
     def __init__(
