@@ -351,6 +351,7 @@ class LSHAttention(nn.Module):
         drawn = draw_rotations(self.head_dim, self.n_hashes, self.n_buckets, generator(seed))
         self.rotations.copy_(drawn)
 
+    @full_precision
     def forward_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Part:
         """q: (B, H, T, D), the last T positions of k, v (B, H, L, D) -> part (B, H, T, D+1)."""
         dtype = compute_dtype(q)
@@ -359,8 +360,7 @@ class LSHAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype."""
-        with full_precision(q):
-            return normalise(self.forward_parts(q, k, v)).to(v.dtype)
+        return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
     def decode(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
@@ -371,6 +371,5 @@ class LSHAttention(nn.Module):
         """
         context_k, context_v = cached_kv(cache, k, v)
         all_k, all_v = torch.cat([context_k, k], dim=-2), torch.cat([context_v, v], dim=-2)
-        with full_precision(q):
-            out = normalise(self.forward_parts(q, all_k, all_v)).to(v.dtype)
+        out = normalise(self.forward_parts(q, all_k, all_v)).to(v.dtype)
         return out, {"k": all_k, "v": all_v}

@@ -156,6 +156,7 @@ class ScatterbrainAttention(nn.Module):
         if self.lsh:
             self.rotations.copy_(draw_rotations(self.head_dim, self.n_hashes, self.n_buckets, gen))
 
+    @full_precision
     def _run(
         self,
         q: torch.Tensor,
@@ -232,8 +233,7 @@ class ScatterbrainAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype."""
-        with full_precision(q):
-            return normalise(self.forward_parts(q, k, v)).to(v.dtype)
+        return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
     def decode(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
@@ -244,9 +244,8 @@ class ScatterbrainAttention(nn.Module):
         window - 1 keys and values; with LSH it keeps every key and value instead (the support can
         reach arbitrarily far back), but still computes only the T new queries.
         """
-        with full_precision(q):
-            part, cache = self._run(q, k, v, cache, keep_cache=True)
-            return normalise(part).to(v.dtype), cache
+        part, cache = self._run(q, k, v, cache, keep_cache=True)
+        return normalise(part).to(v.dtype), cache
 
 
 def window_part(
