@@ -1,4 +1,4 @@
 """Benchmarks as library functions: `attention` (speed, memory) and `approx` (approximation error).
 
-The `sbtrain bench ...` command prints their rows as tables and writes them as JSON.
+`sbtrain bench attention|approx` (the CLI) prints their rows as tables and saves them as JSON.
 """
