@@ -13,8 +13,8 @@ the backward of every max.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -36,11 +36,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@contextlib.contextmanager
-def full_precision(x: torch.Tensor) -> Iterator[None]:
-    """Autocast off inside the kernels: states, sums and denominators must not drop to bf16/fp16."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        yield
+def full_precision(method: Callable) -> Callable:
+    """Run `method(self, q, ...)` with autocast off on q's device: states, sums and denominators
+    must not drop to bf16/fp16 (the method casts its inputs to `compute_dtype` itself)."""
+
+    @functools.wraps(method)
+    def wrapper(self, q: torch.Tensor, *args, **kwargs):
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return method(self, q, *args, **kwargs)
+
+    return wrapper
 
 
 def with_ones(v: torch.Tensor) -> torch.Tensor:

@@ -72,11 +72,10 @@ def fold(state: FeatureState, lk: torch.Tensor, vx: torch.Tensor) -> FeatureStat
 
 
 class ChunkScan(NamedTuple):
-    """Per-chunk key sums of `scan_chunks`, every one on a scale that only covers past chunks."""
+    """Per-chunk key sums of `scan_chunks`, every one on a scale that only covers past chunks.
+    M_c is the per-feature running max of key log-features over chunks <= c."""
 
-    key_weights: (
-        torch.Tensor
-    )  # (B, H, N, C, m): exp(log phi(k) - M_c), M_c = running max up to chunk c
+    key_weights: torch.Tensor  # (B, H, N, C, m): exp(log phi(k) - M_c) for keys of chunk c
     before: torch.Tensor  # (B, H, N, m, E): state of the keys before chunk c, on scale M_{c-1}
     previous: torch.Tensor  # (B, H, N, m): M_{c-1} (the initial state's max for c = 0)
     running: torch.Tensor  # (B, H, N, m): M_c

@@ -85,6 +85,7 @@ class LocalAttention(nn.Module):
         if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
             raise ValueError(f"local: window must be a positive integer, got {window!r}")
 
+    @full_precision
     def forward_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Part:
         """(B, H, L, D) each -> the unnormalised part (fp32, or fp64 for fp64 inputs)."""
         dtype = compute_dtype(q)
@@ -93,9 +94,9 @@ class LocalAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype."""
-        with full_precision(q):
-            return normalise(self.forward_parts(q, k, v)).to(v.dtype)
+        return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
+    @full_precision
     def decode(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
     ) -> tuple[torch.Tensor, dict]:
@@ -105,11 +106,10 @@ class LocalAttention(nn.Module):
         """
         context_k, context_v = cached_kv(cache, k, v)
         seen = context_k.shape[-2]
-        with full_precision(q):
-            # context positions get dummy zero queries; their outputs are dropped
-            padded_q = torch.cat([torch.zeros_like(context_k), q], dim=-2)
-            all_k = torch.cat([context_k, k], dim=-2)
-            all_v = torch.cat([context_v, v], dim=-2)
-            out = normalise(self.forward_parts(padded_q, all_k, all_v))[:, :, seen:]
+        # context positions get dummy zero queries; their outputs are dropped
+        padded_q = torch.cat([torch.zeros_like(context_k), q], dim=-2)
+        all_k = torch.cat([context_k, k], dim=-2)
+        all_v = torch.cat([context_v, v], dim=-2)
+        out = normalise(self.forward_parts(padded_q, all_k, all_v))[:, :, seen:]
         start = max(0, all_k.shape[-2] - (self.window - 1))
         return out.to(v.dtype), {"k": all_k[:, :, start:], "v": all_v[:, :, start:]}

@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from sbtrain.attention.common import (
     EMPTY,
@@ -30,8 +29,10 @@ from sbtrain.attention.common import (
     with_ones,
 )
 
-# Gathered rows per checkpointed query block: bounds the transient (T, K, D) tensors (~32 MiB fp32).
-BLOCK_ELEMENTS = 2**23
+# Gathered elements per query block (16 MiB in fp32). Blocks stay under glibc's largest mmap
+# threshold (32 MiB), so their buffers are reused from the heap instead of faulting in fresh pages
+# every block, which measured several times slower on CPU.
+BLOCK_ELEMENTS = 2**22
 
 
 def draw_rotations(
@@ -108,12 +109,31 @@ class KeyFeatures(NamedTuple):
     top: torch.Tensor
 
 
-def _gather(table: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Rows of `table` (B, H, L, X) at `keys` (B, H, T, K) -> (B, H, T, K, X)."""
-    batch, heads, length, width = table.shape
+class _Support(NamedTuple):
+    """What decides the support of any block of queries (integers only, no gradients)."""
+
+    query_buckets: torch.Tensor  # (R, B, H, T)
+    positions: torch.Tensor  # (T,) int64
+    index: KeyIndex
+    bucket_size: int
+    older_than: int
+
+    def block(self, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """`lsh_support` of the queries in `span`, keeping only keys j <= i - older_than."""
+        positions = self.positions[span]
+        keys, keep = lsh_support(
+            self.query_buckets[..., span], positions, self.index, self.bucket_size
+        )
+        if self.older_than:
+            keep &= keys <= positions.unsqueeze(-1) - self.older_than
+        return keys, keep
+
+
+def _flat_rows(keys: torch.Tensor, length: int) -> torch.Tensor:
+    """Key positions (B, H, T, K) -> row numbers in a (B * H * length, X) table, flattened."""
+    batch, heads = keys.shape[:2]
     offsets = torch.arange(batch * heads, device=keys.device).view(batch, heads, 1, 1) * length
-    rows = table.reshape(batch * heads * length, width).index_select(0, (keys + offsets).flatten())
-    return rows.view(*keys.shape, width)
+    return (keys + offsets).flatten()
 
 
 def _weigh(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -121,34 +141,119 @@ def _weigh(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (weights.unsqueeze(-2) @ values).squeeze(-2)
 
 
-def _block(
-    q: torch.Tensor,
-    table: torch.Tensor,
-    keys: torch.Tensor,
-    keep: torch.Tensor,
-    head_dim: int,
-    value_width: int,
-    query_features: QueryFeatures | None,
-) -> tuple[torch.Tensor, ...]:
-    """One query block: exact part (and the feature products to subtract) over the support.
+class _BlockSums(NamedTuple):
+    weights: torch.Tensor  # (B, H, T, K) exp(score - top), 0 off the support
+    nd: torch.Tensor  # (B, H, T, E)
+    top: torch.Tensor  # (B, H, T)
+    decay: torch.Tensor | None  # (B, H, T, K) exp(key feature top - feature_top)
+    feature_weights: torch.Tensor | None  # (B, H, T, K) phi(q).phi(k) / exp(q top + feature_top)
+    feature_nd: torch.Tensor | None
+    feature_top: torch.Tensor | None
 
-    q: (B, H, T, D) scaled; table: (B, H, L, D + E [+ m + 1]) = [k, vx, key feature weights, top].
-    Returns (nd, log_scale) of the exact part, then (nd, log_scale) of Σ phi(q).phi(k) [v, 1] over
-    the same entries when `query_features` is given.
+
+def _block_sums(
+    q: torch.Tensor,
+    qf: torch.Tensor | None,
+    rows: torch.Tensor,
+    keep: torch.Tensor,
+    dim: int,
+    width: int,
+) -> _BlockSums:
+    """Sums of one query block over its gathered support rows [k, vx, kf, key feature top].
+
+    q: (B, H, T, D) scaled; qf: (B, H, T, m) query feature weights or None; rows:
+    (B, H, T, K, X) with k = rows[..., :dim], vx the next `width`; keep: (B, H, T, K).
+    A query with nothing kept gets the EMPTY log-scale.
     """
-    rows = _gather(table, keys)  # (B, H, T, K, X)
-    k, vx = rows[..., :head_dim], rows[..., head_dim : head_dim + value_width]
-    scores = (k @ q.unsqueeze(-1)).squeeze(-1).masked_fill(~keep, -math.inf)  # (B, H, T, K)
-    top = scores.detach().amax(-1).clamp_min(EMPTY)  # EMPTY when nothing is kept
-    exact = (_weigh(torch.exp(scores - top.unsqueeze(-1)), vx), top)
-    if query_features is None:
-        return exact
-    kf = rows[..., head_dim + value_width : -1]  # (B, H, T, K, m)
-    key_top = rows[..., -1].detach().masked_fill(~keep, -math.inf)
-    products = (kf @ query_features.weights.unsqueeze(-1)).squeeze(-1)  # (B, H, T, K)
+    k, vx = rows[..., :dim], rows[..., dim : dim + width]
+    scores = (k @ q.unsqueeze(-1)).squeeze(-1).masked_fill_(~keep, -math.inf)  # (B, H, T, K)
+    top = scores.amax(-1).clamp_min(EMPTY)
+    weights = scores.sub_(top.unsqueeze(-1)).exp_()
+    nd = _weigh(weights, vx)
+    if qf is None:
+        return _BlockSums(weights, nd, top, None, None, None, None)
+    kf = rows[..., dim + width : -1]  # (B, H, T, K, m)
+    key_top = rows[..., -1].masked_fill(~keep, -math.inf)
     feature_top = key_top.amax(-1).clamp_min(EMPTY)
-    weights = products * torch.exp(key_top - feature_top.unsqueeze(-1))
-    return (*exact, _weigh(weights, vx), query_features.top + feature_top)
+    decay = key_top.sub_(feature_top.unsqueeze(-1)).exp_()
+    feature_weights = (kf @ qf.unsqueeze(-1)).squeeze(-1) * decay
+    return _BlockSums(
+        weights, nd, top, decay, feature_weights, _weigh(feature_weights, vx), feature_top
+    )
+
+
+class _SupportSums(torch.autograd.Function):
+    """Exact sums (and feature-product sums) over every query's support, by query blocks.
+
+    Gathered rows (T, K, X) never outlive their block: backward gathers them again and adds each
+    block's key gradients into one buffer, like FlashAttention's backward. (Checkpointing each
+    block instead makes every block's backward allocate a key gradient of the full length:
+    quadratic in L.) Memory O(L X) plus one block; log-scales are outputs without gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, q, qf, table, support: _Support, dim: int, width: int, block: int):
+        """q: (B, H, T, D); qf: (B, H, T, m) or None; table: (B, H, L, X) = [k, vx, kf, top]
+        with vx of `width` columns. Returns nd (B, H, T, E), top (B, H, T), feature_nd and
+        feature_top (empty without qf)."""
+        batch, heads, count, _ = q.shape
+        nd = q.new_empty(batch, heads, count, width)
+        top = q.new_empty(batch, heads, count)
+        feature_nd = torch.empty_like(nd) if qf is not None else q.new_empty(0)
+        feature_top = torch.empty_like(top) if qf is not None else q.new_empty(0)
+        for span, rows, _, keep in _blocks(table, support, count, block):
+            qf_block = None if qf is None else qf[:, :, span]
+            sums = _block_sums(q[:, :, span], qf_block, rows, keep, dim, width)
+            nd[:, :, span], top[:, :, span] = sums.nd, sums.top
+            if qf is not None:
+                feature_nd[:, :, span], feature_top[:, :, span] = sums.feature_nd, sums.feature_top
+        ctx.save_for_backward(q, qf, table)
+        ctx.support, ctx.dim, ctx.width, ctx.block = support, dim, width, block
+        ctx.mark_non_differentiable(top, feature_top)
+        return nd, top, feature_nd, feature_top
+
+    @staticmethod
+    def backward(ctx, grad_nd, _grad_top, grad_feature_nd, _grad_feature_top):
+        q, qf, table = ctx.saved_tensors
+        dim, width = ctx.dim, ctx.width
+        grad_q = torch.zeros_like(q)
+        grad_qf = torch.zeros_like(qf) if qf is not None else None
+        grad_table = torch.zeros_like(table).view(-1, table.shape[-1])
+        values = slice(dim, dim + width)
+        for span, rows, rows_index, keep in _blocks(table, ctx.support, q.shape[2], ctx.block):
+            q_block, qf_block = q[:, :, span], None if qf is None else qf[:, :, span]
+            sums = _block_sums(q_block, qf_block, rows, keep, dim, width)
+            # every column of grad_rows is written (the key feature top has no gradient)
+            grad_rows = torch.empty_like(rows)  # (B, H, T, K, X)
+            gradient = grad_nd[:, :, span].unsqueeze(-2)  # (B, H, T, 1, E)
+            torch.mul(sums.weights.unsqueeze(-1), gradient, out=grad_rows[..., values])
+            grad_scores = (rows[..., values] * gradient).sum(-1) * sums.weights  # (B, H, T, K)
+            grad_q[:, :, span] = _weigh(grad_scores, rows[..., :dim])
+            torch.mul(grad_scores.unsqueeze(-1), q_block.unsqueeze(-2), out=grad_rows[..., :dim])
+            if qf is not None:
+                gradient = grad_feature_nd[:, :, span].unsqueeze(-2)
+                grad_rows[..., values].addcmul_(sums.feature_weights.unsqueeze(-1), gradient)
+                grad_products = (rows[..., values] * gradient).sum(-1) * sums.decay
+                features = slice(dim + width, -1)
+                grad_qf[:, :, span] = _weigh(grad_products, rows[..., features])
+                torch.mul(
+                    grad_products.unsqueeze(-1),
+                    qf_block.unsqueeze(-2),
+                    out=grad_rows[..., features],
+                )
+                grad_rows[..., -1] = 0
+            grad_table.index_add_(0, rows_index, grad_rows.view(-1, table.shape[-1]))
+        return grad_q, grad_qf, grad_table.view_as(table), None, None, None, None
+
+
+def _blocks(table: torch.Tensor, support: _Support, count: int, block: int):
+    """Per query block: (span, gathered rows (B, H, T, K, X), their flat row numbers, keep)."""
+    flat_table = table.reshape(-1, table.shape[-1])
+    for start in range(0, count, block):
+        span = slice(start, start + block)
+        keys, keep = support.block(span)
+        rows_index = _flat_rows(keys, table.shape[2])
+        yield span, flat_table.index_select(0, rows_index).view(*keys.shape, -1), rows_index, keep
 
 
 def lsh_parts(
@@ -164,37 +269,29 @@ def lsh_parts(
 
     q: (B, H, T, D), already multiplied by the temperature: the *last* T positions of the keys
     k (B, H, L, D) and values vx (B, H, L, E). `older_than` > 0 keeps only support keys
-    j <= i - older_than (scatterbrain: the window already covers the others). Query blocks run
-    under activation checkpointing, so backward keeps O(L K) indices, not the gathered
-    (L, K, D) rows. Returns the exact part (B, H, T, E) and, with `features`, the part
-    Σ phi(q).phi(k) [v, 1] over the same entries (for the low-rank part to subtract).
+    j <= i - older_than (scatterbrain: the window already covers the others). Queries are
+    processed in blocks whose gathered (T, K, X) rows are recomputed in backward: memory
+    O(L (X + R)) plus one block. Returns the exact part (B, H, T, E) and, with `features`, the
+    part Σ phi(q).phi(k) [v, 1] over the same entries (for the low-rank part to subtract).
     """
     (batch, heads, count, dim), length = q.shape, k.shape[-2]
     positions = torch.arange(length - count, length, device=q.device)
     with torch.no_grad():
         query_buckets = hash_buckets(q, rotations)  # argmax ignores the positive temperature
         index = index_keys(hash_buckets(k, rotations))
-    columns = [k, vx]
+    support = _Support(query_buckets, positions, index, bucket_size, older_than)
+    columns, qf = [k, vx], None
     if features is not None:
         columns += [features[1].weights, features[1].top.unsqueeze(-1)]
+        qf = features[0].weights
     table = torch.cat(columns, dim=-1)  # (B, H, L, X)
-    support = 1 + rotations.shape[0] * bucket_size
-    block = max(1, BLOCK_ELEMENTS // (batch * heads * support * table.shape[-1]))
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, table))
-    outputs = []
-    for start in range(0, count, block):
-        span = slice(start, start + block)
-        keys, keep = lsh_support(query_buckets[..., span], positions[span], index, bucket_size)
-        if older_than:
-            keep &= keys <= positions[span].unsqueeze(-1) - older_than
-        query_features = None
-        if features is not None:
-            query_features = QueryFeatures(*(t[:, :, span] for t in features[0]))
-        args = (q[:, :, span], table, keys, keep, dim, vx.shape[-1], query_features)
-        outputs.append(checkpoint(_block, *args, use_reentrant=False) if grad else _block(*args))
-    joined = [torch.cat(pieces, dim=2) for pieces in zip(*outputs)]
-    exact = Part(joined[0], joined[1])
-    return exact, (Part(joined[2], joined[3]) if features is not None else None)
+    per_query = batch * heads * (1 + rotations.shape[0] * bucket_size) * table.shape[-1]
+    block = max(1, BLOCK_ELEMENTS // per_query)
+    width = vx.shape[-1]
+    nd, top, feature_nd, feature_top = _SupportSums.apply(q, qf, table, support, dim, width, block)
+    if features is None:
+        return Part(nd, top), None
+    return Part(nd, top), Part(feature_nd, features[0].top + feature_top)
 
 
 def check_lsh(n_hashes: int, bucket_size: int, n_buckets: int) -> None:
@@ -212,8 +309,9 @@ class LSHAttention(nn.Module):
     """Exact softmax over `S_i`: itself plus, per round, the `bucket_size` most recent keys j <= i
     in the query's bucket (deduplicated across rounds).
 
-    Time O(L K D + R L log L), K = 1 + n_hashes * bucket_size; memory O(L K) (query blocks are
-    checkpointed). Decoding keeps every key and value (the support can reach arbitrarily far back).
+    Time O(L K D + R L log L), K = 1 + n_hashes * bucket_size; memory O(L (D + R)) plus one block
+    of gathered rows (recomputed in backward). Decoding keeps every key and value (the support can
+    reach arbitrarily far back) and computes only the new queries.
     """
 
     def __init__(
@@ -253,6 +351,7 @@ class LSHAttention(nn.Module):
         drawn = draw_rotations(self.head_dim, self.n_hashes, self.n_buckets, generator(seed))
         self.rotations.copy_(drawn)
 
+    @full_precision
     def forward_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Part:
         """q: (B, H, T, D), the last T positions of k, v (B, H, L, D) -> part (B, H, T, D+1)."""
         dtype = compute_dtype(q)
@@ -261,8 +360,7 @@ class LSHAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype."""
-        with full_precision(q):
-            return normalise(self.forward_parts(q, k, v)).to(v.dtype)
+        return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
     def decode(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
@@ -273,6 +371,5 @@ class LSHAttention(nn.Module):
         """
         context_k, context_v = cached_kv(cache, k, v)
         all_k, all_v = torch.cat([context_k, k], dim=-2), torch.cat([context_v, v], dim=-2)
-        with full_precision(q):
-            out = normalise(self.forward_parts(q, all_k, all_v)).to(v.dtype)
+        out = normalise(self.forward_parts(q, all_k, all_v)).to(v.dtype)
         return out, {"k": all_k, "v": all_v}

@@ -76,6 +76,7 @@ class PerformerAttention(nn.Module):
         drawn = draw_projection(self.head_dim, self.n_features, generator(seed))
         self.projection.copy_(drawn)
 
+    @full_precision
     def _parts(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: FeatureState | None
     ) -> tuple[Part, FeatureState]:
@@ -93,8 +94,7 @@ class PerformerAttention(nn.Module):
         """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (fused Triton kernels on CUDA)."""
         if q.is_cuda and triton_kernels.supports(q):
             return triton_kernels.performer(q, k, v, self.projection)
-        with full_precision(q):
-            return normalise(self.forward_parts(q, k, v)).to(v.dtype)
+        return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
     def decode(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
@@ -104,6 +104,5 @@ class PerformerAttention(nn.Module):
         The cache is the running state (Σ phi(k) [v, 1]^T and its per-feature log-scale): its size
         does not grow with the context. A prompt is processed chunked, like `forward`.
         """
-        with full_precision(q):
-            part, state = self._parts(q, k, v, state_from_cache(cache))
-            return normalise(part).to(v.dtype), state_to_cache(state)
+        part, state = self._parts(q, k, v, state_from_cache(cache))
+        return normalise(part).to(v.dtype), state_to_cache(state)

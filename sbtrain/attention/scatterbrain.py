@@ -93,7 +93,8 @@ class ScatterbrainAttention(nn.Module):
     """Exact scores on the window and/or LSH support, FAVOR+ features on every other past key.
 
     window 0 (with sparse=local) leaves no exact part: the same as Performer with the same W.
-    Time O(L (window D + m (D + window) + K D)), memory O(L (window + m + K)).
+    Time O(L (window (D + m) + m D + K (D + m))), memory O(L (window + m) + L/window m D), plus
+    with LSH O(L R) indices and one block of gathered rows (K = support size, R = n_hashes).
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class ScatterbrainAttention(nn.Module):
         if self.lsh:
             self.rotations.copy_(draw_rotations(self.head_dim, self.n_hashes, self.n_buckets, gen))
 
+    @full_precision
     def _run(
         self,
         q: torch.Tensor,
@@ -235,8 +237,7 @@ class ScatterbrainAttention(nn.Module):
         kernels on CUDA)."""
         if self.sparse == "local" and q.is_cuda and triton_kernels.supports(q, self.window):
             return triton_kernels.scatterbrain_local(q, k, v, self.projection, self.window)
-        with full_precision(q):
-            return normalise(self.forward_parts(q, k, v)).to(v.dtype)
+        return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
     def decode(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
@@ -247,9 +248,8 @@ class ScatterbrainAttention(nn.Module):
         window - 1 keys and values; with LSH it keeps every key and value instead (the support can
         reach arbitrarily far back), but still computes only the T new queries.
         """
-        with full_precision(q):
-            part, cache = self._run(q, k, v, cache, keep_cache=True)
-            return normalise(part).to(v.dtype), cache
+        part, cache = self._run(q, k, v, cache, keep_cache=True)
+        return normalise(part).to(v.dtype), cache
 
 
 def window_part(

@@ -4,12 +4,14 @@
     print(format_rows(rows))
 
 CPU memory is the growth of peak RSS (`ru_maxrss`) over one forward+backward, measured in a fresh
-process per case (multiprocessing spawn), so cases cannot inherit each other's high-water mark.
-CUDA memory is `torch.cuda.max_memory_allocated` above what the inputs already hold.
+process per case (multiprocessing spawn), so cases cannot inherit each other's high-water mark;
+timing runs in another fresh process. CUDA memory is `torch.cuda.max_memory_allocated` above
+what the inputs already hold.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import multiprocessing
@@ -19,6 +21,8 @@ import time
 import torch
 
 from sbtrain.attention import build_attention
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 
 # The paper-sized baselines, at matching per-query budgets (~256 keys or features).
 BENCH_KINDS: dict[str, tuple[str, dict]] = {
@@ -69,45 +73,66 @@ def measure(
     device: str = "cpu",
     repeats: int = 2,
 ) -> SpeedRow:
-    """Time and peak memory of one case; on CPU in a fresh spawned process."""
-    args = (kind, options, length, batch, heads, head_dim, device, repeats)
+    """Time and peak memory of one case; on CPU each in its own freshly spawned process."""
+    case = (kind, options, length, batch, heads, head_dim, device)
     if torch.device(device).type == "cpu":
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            ms, mib = pool.apply(_run_case, args)
+        ms = _in_fresh_process(_time_case, (case, repeats))
+        mib = _in_fresh_process(_memory_case, (case,))
     else:
-        ms, mib = _run_case(*args)
+        ms, mib = _time_case(case, repeats), _memory_case(case)
     return SpeedRow(label, length, ms, mib)
 
 
-def _run_case(
-    kind: str,
-    options: dict,
-    length: int,
-    batch: int,
-    heads: int,
-    head_dim: int,
-    device: str,
-    repeats: int,
-) -> tuple[float, float]:
-    """(best ms of forward+backward, peak MiB of the first one) for random fp32 inputs."""
+def _in_fresh_process(function, args: tuple):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def _prepare(
+    kind: str, options: dict, length: int, batch: int, heads: int, head_dim: int, device: str
+) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """The module, warmed up on a short input (kernels loaded), and random fp32 inputs."""
     torch.manual_seed(0)
     attn = build_attention(kind, head_dim=head_dim, **options).to(device)
-    _forward_backward(attn, *_inputs(batch, heads, 256, head_dim, device))  # load kernels first
-    inputs = _inputs(batch, heads, length, head_dim, device)
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
+    _forward_backward(attn, *_inputs(batch, heads, 256, head_dim, device))
+    return attn, _inputs(batch, heads, length, head_dim, device)
+
+
+def _time_case(case: tuple, repeats: int) -> float:
+    """Best milliseconds of `repeats` forward+backward passes."""
+    attn, inputs = _prepare(*case)
+    return 1000 * min(_forward_backward(attn, *inputs) for _ in range(repeats))
+
+
+def _memory_case(case: tuple) -> float:
+    """MiB allocated at the peak of one forward+backward, above the inputs."""
+    device = torch.device(case[-1])
+    if device.type == "cuda":
+        attn, inputs = _prepare(*case)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    times = [_forward_backward(attn, *inputs)]
-    if cuda:
-        peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    times += [_forward_backward(attn, *inputs) for _ in range(repeats - 1)]
-    return 1000 * min(times), peak_mib
+        _forward_backward(attn, *inputs)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    _return_freed_memory()
+    attn, inputs = _prepare(*case)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    _forward_backward(attn, *inputs)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def _return_freed_memory() -> None:
+    """Make glibc hand every freed block over 64 KiB back to the OS at once.
+
+    By default it keeps freed blocks below its mmap threshold (up to 32 MiB) for reuse, so the
+    peak RSS of short sequences (whose tensors fit under it) overstates their live memory and
+    memory ratios between lengths come out wrong. Elsewhere (no glibc) this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
 
 
 def _inputs(batch: int, heads: int, length: int, head_dim: int, device: str) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sbtrain.attention import build_attention, triton_kernels
-from sbtrain.attention.common import full_precision, normalise
+from sbtrain.attention.common import normalise
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -113,8 +113,7 @@ def _pytorch_path(module: torch.nn.Module) -> Attention:
     """The module's PyTorch forward, even where `forward` would dispatch to the fused kernels."""
 
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        with full_precision(q):
-            return normalise(module.forward_parts(q, k, v)).to(v.dtype)
+        return normalise(module.forward_parts(q, k, v)).to(v.dtype)
 
     return attention
 

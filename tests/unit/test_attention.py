@@ -1,6 +1,6 @@
 """Every attention kind against its dense float64 twin: outputs, gradients, causality, decoding,
-low precision. Small sizes (head_dim 8, windows and chunks of 5-6) so that L = 1000 crosses
-hundreds of chunks; lengths are not multiples of any chunk, window or bucket size."""
+low precision. Small sizes (head_dim 8, window 6, chunks of 9, buckets of 3) so that L = 1000
+crosses ~100 chunks; no length is a multiple of a chunk, window or bucket size."""
 
 from __future__ import annotations
 
@@ -17,17 +17,21 @@ D = 8
 LSH = dict(n_hashes=2, bucket_size=3, n_buckets=4)
 CASES = {
     "full": ("full", {}),
-    "local": ("local", dict(window=5)),
-    "performer": ("performer", dict(n_features=8, chunk_size=6, seed=1)),
+    "local": ("local", dict(window=6)),
+    "performer": ("performer", dict(n_features=8, chunk_size=9, seed=1)),
     "lsh": ("lsh", dict(**LSH, seed=2)),
-    "scatterbrain-local": ("scatterbrain", dict(sparse="local", window=5, n_features=8, seed=3)),
+    "scatterbrain-local": ("scatterbrain", dict(sparse="local", window=6, n_features=8, seed=3)),
+    "scatterbrain-no-window": (
+        "scatterbrain",
+        dict(sparse="local", window=0, n_features=8, chunk_size=9, seed=6),
+    ),
     "scatterbrain-lsh": (
         "scatterbrain",
-        dict(sparse="lsh", n_features=8, chunk_size=6, **LSH, seed=4),
+        dict(sparse="lsh", n_features=8, chunk_size=9, **LSH, seed=4),
     ),
     "scatterbrain-local+lsh": (
         "scatterbrain",
-        dict(sparse="local+lsh", window=5, n_features=8, **LSH, seed=5),
+        dict(sparse="local+lsh", window=6, n_features=8, **LSH, seed=5),
     ),
 }
 APPROXIMATE = [name for name in CASES if name not in ("full", "local", "lsh")]
@@ -129,9 +133,20 @@ def test_scatterbrain_with_a_window_covering_the_past_is_exact():
 def test_scatterbrain_without_a_sparse_part_is_performer():
     q, k, v = qkv(130)
     scatterbrain = build_attention("scatterbrain", head_dim=D, window=0, n_features=8, seed=7)
-    performer = build_attention("performer", head_dim=D, n_features=8, chunk_size=64)
-    performer.projection.copy_(scatterbrain.projection)
+    performer = build_attention("performer", head_dim=D, n_features=8, chunk_size=9)
+    performer.projection.copy_(scatterbrain.projection)  # scatterbrain chunks by 64
     assert relative(scatterbrain(q, k, v), performer(q, k, v)) < 1e-10
+
+
+def test_chunked_equals_unchunked():
+    """The chunk size changes the rounding only (one chunk of 130 = no chunking)."""
+    q, k, v = qkv(130)
+    outputs = []
+    for chunk_size in (1, 9, 130):
+        performer = build_attention("performer", head_dim=D, n_features=8, chunk_size=chunk_size)
+        performer.redraw(0)
+        outputs.append(performer(q, k, v))
+    assert all(relative(out, outputs[-1]) < 1e-10 for out in outputs)
 
 
 def hot_inputs(length: int, dtype: torch.dtype, peak: float = 30.0):
@@ -167,7 +182,8 @@ def test_bf16_autocast_forward_and_backward_stay_finite(name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_denominators_are_positive_in_fp32(name, dtype):
     attn = build(name)
-    part = attn.forward_parts(*hot_inputs(130, dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        part = attn.forward_parts(*hot_inputs(130, dtype))
     assert part.nd.dtype == torch.float32
     assert torch.isfinite(part.nd).all() and torch.isfinite(part.log_scale).all()
     assert (part.nd[..., -1] > 0).all()
@@ -185,20 +201,20 @@ def decode_in_pieces(attn, q, k, v, bounds):
 @pytest.mark.parametrize("name", CASES)
 def test_decoding_matches_forward(name):
     attn = build(name)
-    q, k, v = qkv(300, batch=1, dtype=torch.float32)
+    q, k, v = qkv(301, batch=1, dtype=torch.float32)
     full = attn(q, k, v)
-    one_by_one, _ = decode_in_pieces(attn, q, k, v, list(range(301)))
+    one_by_one, _ = decode_in_pieces(attn, q, k, v, list(range(302)))
     assert (one_by_one - full).abs().max() < 1e-5
-    prefilled, _ = decode_in_pieces(attn, q, k, v, [0, 37, 38, 39, 100, 300])
+    prefilled, _ = decode_in_pieces(attn, q, k, v, [0, 37, 38, 39, 100, 301])
     assert (prefilled - full).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("name", ["local", "performer", "scatterbrain-local"])
 def test_decode_cache_does_not_grow_with_the_context(name):
     attn = build(name)
-    q, k, v = qkv(300, batch=1, dtype=torch.float32)
+    q, k, v = qkv(301, batch=1, dtype=torch.float32)
     _, short = decode_in_pieces(attn, q, k, v, [0, 50, 51])
-    _, long = decode_in_pieces(attn, q, k, v, [0, 250, 299, 300])
+    _, long = decode_in_pieces(attn, q, k, v, [0, 250, 300, 301])
     assert {key: x.shape for key, x in short.items()} == {key: x.shape for key, x in long.items()}
 
 
