@@ -284,8 +284,11 @@ class Trainer:
         s.tokens, s.correct = int(tokens), int(correct)
         return s
 
-    def validate_and_save(self, logger: Logger | None, end_of_epoch: int | None) -> bool:
-        """Validate, save (best too if improved); True if patience ran out."""
+    def validate_and_save(
+        self, logger: Logger | None, epoch: int, end_of_epoch: bool = False
+    ) -> bool:
+        """Validate during `epoch`, save (numbered at an epoch's end, best if improved); True
+        if patience ran out."""
         s = self.validate()
         is_best = False
         if s is not None:
@@ -297,7 +300,7 @@ class Trainer:
             if logger is not None:
                 record = {
                     "update": self.updates,
-                    "epoch": self.sampler.epoch,
+                    "epoch": epoch,
                     "loss": s.loss_bits,
                     "nll_nats": s.loss_nats,
                     "ppl": s.ppl,
@@ -307,7 +310,7 @@ class Trainer:
                 if self.recipe.task == "copy":
                     record["accuracy"] = s.accuracy
                 logger.log(record, prefix="valid")
-        self.save(end_of_epoch, is_best)
+        self.save(epoch if end_of_epoch else None, is_best)
         patience = self.recipe.train.patience
         return patience is not None and self.bad_validations >= patience
 
@@ -341,8 +344,10 @@ class Trainer:
                     continue  # fp16 overflow: no update happened
                 if self.finished():
                     break
+                if self.sampler.batches_done >= len(self.sampler):
+                    break  # the epoch-end validation follows
                 if t.validate_interval and self.updates % t.validate_interval == 0:
-                    self.out_of_patience = self.validate_and_save(logger, None)
+                    self.out_of_patience = self.validate_and_save(logger, self.sampler.epoch)
                     if self.out_of_patience:
                         break
                 elif t.save_interval and self.updates % t.save_interval == 0:
@@ -352,9 +357,7 @@ class Trainer:
             if end_of_epoch:
                 self.sampler.next_epoch()
             if not self.out_of_patience:
-                self.out_of_patience = self.validate_and_save(
-                    logger, epoch if end_of_epoch else None
-                )
+                self.out_of_patience = self.validate_and_save(logger, epoch, end_of_epoch)
         return {
             "updates": self.updates,
             "best_valid_nats": self.best_valid,

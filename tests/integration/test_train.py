@@ -58,10 +58,8 @@ def wait_for_updates(save_dir, n, proc, timeout=60):
 
 
 def test_loss_falls_and_logs_parse(token_folder, tmp_path, capsys):
-    assert (
-        main(train_args(token_folder, tmp_path, "train.max_updates=60", "train.log_interval=5"))
-        == 0
-    )
+    overrides = ["train.max_updates=60", "train.log_interval=5", "train.validate_interval=13"]
+    assert main(train_args(token_folder, tmp_path, *overrides)) == 0
     records = read_jsonl(tmp_path / "train.jsonl")
     assert [r["update"] for r in records] == list(range(5, 61, 5))
     assert records[-1]["loss"] < records[0]["loss"] - 1.0  # bits
@@ -69,8 +67,16 @@ def test_loss_falls_and_logs_parse(token_folder, tmp_path, capsys):
         assert key in records[0]
     assert records[0]["ppl"] == pytest.approx(2 ** records[0]["loss"])
     assert records[0]["wpb"] == 8 * 64 and records[0]["bsz"] == 8
-    valid = read_jsonl(tmp_path / "valid.jsonl")
-    assert valid[-1]["update"] == 60 and valid[-1]["tokens"] == 3000
+    valid = read_jsonl(tmp_path / "valid.jsonl")  # 39 updates per epoch: 39 is once, not twice
+    assert [(r["update"], r["epoch"]) for r in valid] == [
+        (13, 1),
+        (26, 1),
+        (39, 1),
+        (52, 2),
+        (60, 2),
+    ]
+    assert valid[-1]["tokens"] == 3000
+    assert [p.name for p in checkpoint.numbered(tmp_path)] == ["checkpoint_1_39.pt"]
     assert (tmp_path / "recipe.yaml").is_file()
     best = checkpoint.load(tmp_path / "checkpoint_best.pt")
     assert best["recipe"]["model"]["d_model"] == 64 and best["counters"]["updates"] in {39, 60}
