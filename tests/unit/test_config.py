@@ -99,8 +99,25 @@ def test_resolved_recipe_round_trips_through_a_plain_dict():
     assert recipe_from_dict(r.to_dict()) == r
 
 
-def test_every_shipped_recipe_loads():
-    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
-    assert recipes
-    for path in recipes:
-        load_recipe(path)
+DEBUG_SIZE = [
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.d_ff=128",
+    "data.tokens_per_sample=64",
+    "copy.length=31",
+]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_builds_its_model_at_debug_size(path):
+    import torch
+
+    from sbtrain.trainer import build_model
+
+    recipe = load_recipe(path, DEBUG_SIZE)
+    vocab = recipe.copy.n_symbols + 1 if recipe.task == "copy" else 70_000  # above the cutoffs
+    model = build_model(recipe, vocab)
+    tokens = torch.randint(0, vocab, (2, recipe.context_length))
+    nll, n = model.loss(tokens, tokens)
+    assert torch.isfinite(nll) and n == tokens.numel()
