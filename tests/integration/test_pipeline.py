@@ -58,7 +58,7 @@ def pipeline(tmp_path, raw, capsys, *overrides):
     capsys.readouterr()
     assert main(["eval-ppl", str(save / "checkpoint_best.pt"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    return result, read_jsonl(save / "train.jsonl")
+    return result, read_jsonl(save / "train.jsonl"), save / "checkpoint_best.pt"
 
 
 def check(result, log, raw):
@@ -69,14 +69,29 @@ def check(result, log, raw):
     assert log[-1]["loss"] < log[0]["loss"] - 0.5  # bits: the training loss falls
 
 
+def generate(capsys, *args) -> dict:
+    assert main(["generate", *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 def test_generated_corpus_end_to_end(tmp_path, capsys):
     raw = write_corpus(tmp_path / "raw")
-    result, log = pipeline(tmp_path, raw, capsys, "train.max_updates=40")
+    result, log, ckpt = pipeline(tmp_path, raw, capsys, "train.max_updates=40")
     check(result, log, raw)
+
+    sampled = generate(capsys, ckpt, "--prompt", "w1 w2 w3", "--max-tokens", 12, "--seed", 3)
+    assert sampled["prompt_tokens"] == 3 and len(sampled["tokens"]) == 12
+    again = generate(capsys, ckpt, "--prompt", "w1 w2 w3", "--max-tokens", 12, "--seed", 3)
+    assert again["tokens"] == sampled["tokens"]  # seeded
+    words = set((raw / "wiki.train.raw").read_text().split()) | {"<unk>"}
+    assert set(sampled["text"].split()) <= words  # word tokens of the training vocabulary
+
+    assert main(["generate", str(ckpt), "--prompt", "w1", "--max-tokens", "64"]) == 2
+    assert "exceed the 64 learned positions" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not WIKI_LEADS.is_dir(), reason=f"wiki-leads corpus not found at {WIKI_LEADS}")
 def test_wiki_leads_end_to_end(tmp_path, capsys):
     overrides = ["data.vocab_size=4000", "train.max_updates=40", "train.max_valid_batches=4"]
-    result, log = pipeline(tmp_path, WIKI_LEADS, capsys, *overrides)
+    result, log, _ = pipeline(tmp_path, WIKI_LEADS, capsys, *overrides)
     check(result, log, WIKI_LEADS)
