@@ -149,3 +149,31 @@ def format_rows(rows: list[ApproxRow]) -> str:
             cells = {r.kind: r.error for r in here}
             lines.append(f"{temperature:>12g}" + "".join(f"{cells[k]:>14.4f}" for k in kinds))
     return "\n".join(lines)
+
+
+def main(
+    budget: int = 64,
+    length: int = 1024,
+    heads: int = 4,
+    head_dim: int = 64,
+    seeds: int = 3,
+    out: str | None = None,
+) -> dict:
+    """`sbtrain bench approx`: measure, print the table, write JSON to `out`."""
+    from sbtrain import bench
+
+    rows = run_approx_bench(budget, length, heads, head_dim, seeds=seeds)
+    settings = {
+        "budget": budget,
+        "length": length,
+        "heads": heads,
+        "head_dim": head_dim,
+        "seeds": seeds,
+    }
+    kinds = dict.fromkeys(r.kind for r in rows)
+    meta = {
+        "machine": bench.machine(),
+        "settings": settings,
+        "mean_error": {k: mean_error(rows, k) for k in kinds},
+    }
+    return bench.report("approx", [dataclasses.asdict(r) for r in rows], out, meta)

@@ -20,7 +20,9 @@ import time
 
 import torch
 
+from sbtrain import bench
 from sbtrain.attention import build_attention
+from sbtrain.errors import UserError
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 
@@ -170,3 +172,36 @@ def format_rows(rows: list[SpeedRow]) -> str:
     lines = [f"{'kind':<14}{'L':>8}{'ms':>12}{'peak MiB':>12}"]
     lines += [f"{r.kind:<14}{r.length:>8}{r.ms:>12.1f}{r.peak_mib:>12.1f}" for r in rows]
     return "\n".join(lines)
+
+
+def main(
+    kinds: list[str] | None = None,
+    lengths: list[int] = (2048, 4096, 8192, 16384),
+    batch: int = 1,
+    heads: int = 8,
+    head_dim: int = 64,
+    device: str = "cpu",
+    repeats: int = 2,
+    out: str | None = None,
+) -> dict:
+    """`sbtrain bench attention`: measure, print the table, write JSON to `out`."""
+    unknown = set(kinds or ()) - set(BENCH_KINDS)
+    if unknown:
+        raise UserError(
+            f"--kinds: unknown {', '.join(sorted(unknown))} (have {', '.join(BENCH_KINDS)})"
+        )
+    chosen = {k: BENCH_KINDS[k] for k in kinds} if kinds else BENCH_KINDS
+    rows = run_attention_bench(chosen, tuple(lengths), batch, heads, head_dim, device, repeats)
+    settings = {
+        "batch": batch,
+        "heads": heads,
+        "head_dim": head_dim,
+        "device": device,
+        "kinds": {k: list(v) for k, v in chosen.items()},
+    }
+    meta = {
+        "machine": bench.machine(),
+        "settings": settings,
+        "memory_ratio_per_step": memory_growth(rows),
+    }
+    return bench.report("attention", [dataclasses.asdict(r) for r in rows], out, meta)

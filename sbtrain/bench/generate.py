@@ -12,7 +12,9 @@ import time
 
 import torch
 
+from sbtrain import bench
 from sbtrain.config import AttentionConfig, ModelConfig
+from sbtrain.errors import UserError
 from sbtrain.model import TransformerLM
 
 KINDS = {
@@ -77,3 +79,23 @@ def bench_generate(
                 row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
             rows.append(row)
     return rows
+
+
+def main(
+    kinds: list[str] = ("full", "local", "performer", "scatterbrain"),
+    contexts: list[int] = (1024, 4096, 16384),
+    steps: int = 32,
+    device: str = "cpu",
+    out: str | None = None,
+) -> dict:
+    """`sbtrain bench generate`: measure, print the table, write JSON to `out`."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise UserError(f"--kinds: unknown {', '.join(sorted(unknown))} (have {', '.join(KINDS)})")
+    rows = bench_generate(list(kinds), list(contexts), steps, device=device)
+    settings = {
+        "steps": steps,
+        "device": device,
+        "kinds": {k: {f: v for f, v in vars(KINDS[k]).items() if v is not None} for k in kinds},
+    }
+    return bench.report("generate", rows, out, {"machine": bench.machine(), "settings": settings})

@@ -165,3 +165,28 @@ def _card(device: str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
     return "cpu (TRITON_INTERPRET)"
+
+
+def main(
+    lengths: list[int] = (2048, 4096, 8192, 16384),
+    tokens: int = 32768,
+    dtype: str = "bf16",
+    repeats: int = 20,
+    blocks: list[int] = (32, 64, 128),
+    out: str | None = None,
+) -> dict:
+    """`sbtrain bench kernels` (CUDA only): time, print the table, write JSON to `out`."""
+    from sbtrain import bench
+    from sbtrain.errors import UserError
+
+    if not torch.cuda.is_available():
+        raise UserError("bench kernels times CUDA kernels: no CUDA device here")
+    import triton
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    rows = time_kernels(
+        tuple(lengths), tokens, dtype=torch_dtype, repeats=repeats, blocks=tuple(blocks)
+    )
+    machine = {**bench.machine(torch.device("cuda")), "triton": triton.__version__}
+    settings = {"tokens": tokens, "dtype": dtype, "repeats": repeats}
+    return bench.report("kernels", rows, out, {"machine": machine, "settings": settings})

@@ -206,3 +206,6 @@ def _print_table(runs: list[dict]) -> None:
             f"{r['mb_per_cpu_s']:>9.1f} {r['peak_rss_tree_mb']:>11.0f} MB "
             f"{r['peak_rss_one_process_mb']:>6.0f} MB {r['load_avg_before']:>5.1f}"
         )
+
+
+main = bench_preprocess  # `sbtrain bench preprocess` calls main(**its options)

@@ -6,13 +6,15 @@ recipe's shapes, so no data is needed; the first `warmup` steps are not timed.
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 
 import torch
 
-from sbtrain.bench import machine, peak_rss_mib
-from sbtrain.config import Recipe
+from sbtrain import bench
+from sbtrain.config import Recipe, load_recipe
 from sbtrain.distributed import pick_device
+from sbtrain.errors import UserError
 from sbtrain.model import count_parameters
 
 
@@ -74,5 +76,29 @@ def bench_train(recipe: Recipe, vocab_size: int, steps: int = 10, warmup: int = 
     if device.type == "cuda":
         row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        row["peak_rss_mib"] = peak_rss_mib()
-    return {"machine": machine(device), "device": str(device), "row": row}
+        row["peak_rss_mib"] = bench.peak_rss_mib()
+    return {"machine": bench.machine(device), "device": str(device), "row": row}
+
+
+def main(
+    recipes: list[str],
+    steps: int = 10,
+    warmup: int = 2,
+    vocab_size: int = 32000,
+    out: str | None = None,
+) -> dict:
+    """`sbtrain bench train RECIPE... [key=value...]`: one row per recipe, side by side."""
+    paths = [r for r in recipes if "=" not in r]
+    overrides = [r for r in recipes if "=" in r]
+    if not paths:
+        raise UserError("bench train: give at least one recipe")
+    loaded = [load_recipe(path, overrides) for path in paths]  # all checked before any run
+    rows, where = [], None
+    for recipe in loaded:  # a fresh process each, so peak memory is each recipe's own
+        vocab = recipe.copy.n_symbols + 1 if recipe.task == "copy" else vocab_size
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            result = pool.apply(bench_train, (recipe, vocab, steps, warmup))
+        rows.append(result["row"])
+        where = result["machine"]
+    settings = {"recipes": paths, "overrides": overrides, "steps": steps, "warmup": warmup}
+    return bench.report("train", rows, out, {"machine": where, "settings": settings})
