@@ -13,7 +13,7 @@ while IFS='|' read -r name attention; do
   rm -rf "$save"
   $sbtrain train recipes/copy-demo.yaml "model.attention=$attention" train.save_dir=$save >/dev/null
   $sbtrain eval-ppl $save/checkpoint_best.pt --json \
-    | python3 -c "import json, sys; r = json.load(sys.stdin); w = json.loads(open('$save/train.jsonl').readlines()[-1])['wall']; print(json.dumps({'name': '$name', 'attention': '''$attention''', 'train_seconds': w, **r}))" \
+    | python3 -c "import json, sys; r = json.load(sys.stdin); w = json.loads(open('$save/train.jsonl').readlines()[-1])['wall']; print(json.dumps({'name': '$name', 'attention_spec': '''$attention''', 'train_seconds': w, **r}))" \
     | tee -a "$out"
 done <<'KINDS'
 scatterbrain|{kind: scatterbrain, sparse: lsh, n_hashes: 1, bucket_size: 4, n_buckets: 16, n_features: 12}
