@@ -32,6 +32,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="KIND|key=value",
         help="decode with another attention kind, e.g. --attention performer",
     )
+    parser.add_argument(
+        "--data", help="preprocessed data folder with the tokenizer (default: data.dir)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         attention=parse_attention(args.attention),
+        data_dir=args.data,
     )
     print(json.dumps(result) if args.json else result["text"])
     return 0

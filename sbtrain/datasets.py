@@ -6,30 +6,18 @@ Every dataset yields `(inputs, targets)`: two int64 tensors of the same length; 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sbtrain.config import Recipe
 from sbtrain.errors import UserError
 from sbtrain.model import IGNORE
+from sbtrain.tokenizer import read_meta
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-
-
-def read_meta(data_dir: str | Path) -> dict:
-    """meta.json of a preprocessed folder (written by `sbtrain preprocess`)."""
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise UserError(
-            f"{path} not found: {data_dir} is not a preprocessed data folder "
-            "(run `sbtrain preprocess RECIPE` first, or set data.dir)"
-        )
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON; rerun `sbtrain preprocess --force`") from None
+COPY_SEEDS = {"valid": 10_007, "test": 20_011}  # fixed evaluation sets, the same for every run
 
 
 class LMBlocks(torch.utils.data.Dataset):
@@ -106,6 +94,15 @@ class CopyTask(torch.utils.data.Dataset):
         inputs, targets = seq[:-1], seq[1:].clone()
         targets[: self.length + 1] = IGNORE  # score the second copy only
         return inputs, targets
+
+
+def copy_split(recipe: Recipe, split: str) -> CopyTask:
+    """A fixed copy-task evaluation set: `valid` or `test` (seeds independent of the recipe)."""
+    if split not in COPY_SEEDS:
+        raise UserError(f"split {split!r}: the copy task has the splits valid and test")
+    c = recipe.copy
+    size = c.valid_size if split == "valid" else c.test_size
+    return CopyTask(c.n_symbols, c.length, size, COPY_SEEDS[split])
 
 
 def collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

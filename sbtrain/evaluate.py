@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from sbtrain import checkpoint
 from sbtrain.config import Recipe, recipe_from_dict
-from sbtrain.datasets import LMBlocks, collate, open_split
+from sbtrain.datasets import LMBlocks, collate, copy_split, open_split
 from sbtrain.distributed import pick_device
 from sbtrain.errors import UserError
-from sbtrain.model import IGNORE, TransformerLM
+from sbtrain.model import IGNORE, TransformerLM, build_model
 
 
 def autocast(device: torch.device, precision: str):
@@ -98,20 +98,24 @@ def load_model(
     """The model of a checkpoint (its recipe gives the architecture), ready for evaluation.
 
     `attention` ({"kind": ..., options}) swaps every layer's attention kernel for another kind:
-    the projections are kept, the new kernel's random buffers are drawn from train.seed.
+    the projections are kept; the new kernel's random buffers are drawn from train.seed.
     """
-    from sbtrain.trainer import build_model  # the trainer imports this module
-
     state = checkpoint.load(path)
-    tree = state["recipe"]
+    tree, weights = state["recipe"], state["model"]
     if attention is not None:
         tree = {**tree, "model": {**tree["model"], "attention": attention}}
+        weights = {k: v for k, v in weights.items() if ".kernel." not in k}  # the old kernel's
     recipe = recipe_from_dict(tree, source=f"{path} (--attention)" if attention else str(path))
     model = build_model(recipe, int(state["vocab_size"]))
-    missing, unexpected = model.load_state_dict(state["model"], strict=attention is None)
-    kernel_only = all(".kernel." in key for key in [*missing, *unexpected])
-    if not kernel_only:
-        raise UserError(f"{path}: weights do not fit the model its recipe describes")
+    try:
+        missing, _ = model.load_state_dict(weights, strict=attention is None)
+    except RuntimeError:
+        raise UserError(
+            f"{path}: its weights do not fit the model its own recipe describes "
+            "(written by another sbtrain version?); use another checkpoint"
+        ) from None
+    if any(".kernel." not in key for key in missing):
+        raise UserError(f"{path}: weights missing for {missing[0]}; use another checkpoint")
     return model.to(device).eval(), recipe, state
 
 
@@ -124,8 +128,42 @@ def parse_attention(words: list[str] | None) -> dict | None:
         key, sep, value = word.partition("=")
         if not sep:
             raise UserError(f"--attention: expected key=value after the kind, got {word!r}")
-        spec[key] = yaml.safe_load(value)
+        try:
+            spec[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--attention: {word!r} is not key=value with a YAML value") from None
     return spec
+
+
+def eval_dataset(
+    recipe: Recipe, state: dict, split: str, context_window: int, data_dir: str | None
+):
+    """The samples to score, and the split's stats (LM: words and lines; copy: None)."""
+    if recipe.task == "copy":
+        return copy_split(recipe, split), None
+    length = recipe.data.tokens_per_sample
+    if not 0 <= context_window < length:
+        raise UserError(
+            f"--context-window {context_window}: must be in [0, {length}) "
+            f"(the model's context is data.tokens_per_sample={length})"
+        )
+    folder = data_dir or recipe.data.dir
+    tokens, meta = open_split(folder, split)
+    if int(meta["vocab_size"]) != int(state["vocab_size"]):
+        raise UserError(
+            f"{folder} has a vocabulary of {meta['vocab_size']}, the model "
+            f"{state['vocab_size']}: give the folder it was trained on with --data"
+        )
+    dataset = LMBlocks(
+        tokens,
+        int(meta["eol_id"]),
+        length - context_window,
+        context=context_window,
+        drop_last=False,
+    )
+    stats_path = Path(folder) / f"{split}.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    return dataset, {**stats, "tokenizer": meta.get("tokenizer")}
 
 
 def main(
@@ -140,51 +178,28 @@ def main(
     progress: bool = True,
 ) -> dict:
     """Score a split with a checkpoint; returns the result record (`--json` prints it)."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
     dev = pick_device(device)
-    model, recipe, _ = load_model(path, dev, attention)
-    count_correct = recipe.task == "copy"
-    if recipe.task == "copy":
-        from sbtrain.trainer import copy_split
-
-        dataset, meta, split_stats = copy_split(recipe, split), None, None
-    else:
-        length = recipe.data.tokens_per_sample
-        if not 0 <= context_window < length:
-            raise UserError(
-                f"--context-window {context_window}: must be in [0, {length}) "
-                f"(the model's context is data.tokens_per_sample={length})"
-            )
-        folder = data_dir or recipe.data.dir
-        tokens, meta = open_split(folder, split)
-        dataset = LMBlocks(
-            tokens,
-            int(meta["eol_id"]),
-            length - context_window,
-            context=context_window,
-            drop_last=False,
+    model, recipe, state = load_model(path, dev, attention)
+    dataset, stats = eval_dataset(recipe, state, split, context_window, data_dir)
+    copy = recipe.task == "copy"
+    interactive = progress and sys.stderr.isatty()
+    with tqdm(
+        total=len(dataset), desc=f"eval {split}", unit="seq", disable=not interactive, leave=False
+    ) as bar:
+        start = time.perf_counter()
+        s = score(
+            model,
+            dataset,
+            list(range(len(dataset))),
+            batch_size,
+            dev,
+            precision,
+            count_correct=copy,
+            progress=bar,
         )
-        stats_path = Path(folder) / f"{split}.json"
-        split_stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
-    bar = tqdm(
-        total=len(dataset),
-        desc=f"eval {split}",
-        unit="seq",
-        disable=not (progress and sys.stderr.isatty()),
-        leave=False,
-    )
-    start = time.perf_counter()
-    s = score(
-        model,
-        dataset,
-        list(range(len(dataset))),
-        batch_size,
-        dev,
-        precision,
-        count_correct=count_correct,
-        progress=bar,
-    )
-    seconds = time.perf_counter() - start
-    bar.close()
+        seconds = time.perf_counter() - start
     result = {
         "checkpoint": str(path),
         "split": split,
@@ -196,10 +211,10 @@ def main(
         "context_window": context_window,
         "attention": recipe.model.attention.kind,
     }
-    if count_correct:
+    if copy:
         result["accuracy"] = s.accuracy
-    if meta is not None and meta.get("tokenizer") != "word" and split_stats:
-        words = split_stats["words"] + split_stats["lines"]  # end-of-line counts as a word
+    if stats and stats["tokenizer"] != "word" and "words" in stats:
+        words = stats["words"] + stats["lines"]  # each end-of-line counts as a word
         result["word_ppl"] = math.exp(min(s.nll / max(words, 1), 700.0))
     return result
 

@@ -71,31 +71,47 @@ def main(
     seed: int = 0,
     device: str = "auto",
     attention: dict | None = None,
+    data_dir: str | None = None,
 ) -> dict:
-    """Sample a continuation of a text prompt (copy task: space-separated symbol ids)."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_tokens < 0:
-        raise UserError(
-            "need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --max-tokens >= 0"
-        )
+    """Sample a continuation of a text prompt (copy task: space-separated symbol ids).
+
+    A text prompt is preceded by an end-of-line token, as the start of every training stream
+    is; the tokenizer comes from `data_dir` (default: the recipe's data.dir).
+    """
+    for bad, message in [
+        (temperature < 0, f"--temperature {temperature}: must be >= 0"),
+        (not 0 < top_p <= 1, f"--top-p {top_p}: must be in (0, 1]"),
+        (top_k < 0, f"--top-k {top_k}: must be >= 0"),
+        (max_tokens < 1, f"--max-tokens {max_tokens}: must be >= 1"),
+    ]:
+        if bad:
+            raise UserError(message)
     model, recipe, _ = load_model(path, pick_device(device), attention)
     if recipe.task == "copy":
         ids = _symbols(prompt, model.vocab_size)
+        shown = 0
         decode = lambda out: " ".join(map(str, out))  # noqa: E731
     else:
         from sbtrain.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(recipe.data.dir)
-        ids, decode = tokenizer.encode(prompt), tokenizer.decode
-    if model.cfg.positions == "learned" and len(ids) + max_tokens > model.max_len:
+        tokenizer = load_tokenizer(data_dir or recipe.data.dir)
+        if tokenizer.vocab_size != model.vocab_size:
+            raise UserError(
+                f"the tokenizer in {data_dir or recipe.data.dir} has {tokenizer.vocab_size} "
+                f"tokens, the model {model.vocab_size}: give its data folder with --data"
+            )
+        ids, shown, decode = [tokenizer.eol_id, *tokenizer.encode(prompt)], 1, tokenizer.decode
+    fed = len(ids) + max_tokens - 1  # the last sampled token is never fed back
+    if model.cfg.positions == "learned" and fed > model.max_len:
         raise UserError(
-            f"prompt ({len(ids)} tokens) + --max-tokens {max_tokens} exceed the {model.max_len} "
-            "learned positions of this model; shorten them"
+            f"the prompt ({len(ids) - shown} tokens) and --max-tokens {max_tokens} need {fed} "
+            f"positions, the model has {model.max_len}: shorten the prompt or --max-tokens"
         )
     start = time.perf_counter()
     out = sample(model, ids, max_tokens, temperature, top_k, top_p, seed)
     seconds = time.perf_counter() - start
     return {
-        "prompt_tokens": len(ids),
+        "prompt_tokens": len(ids) - shown,
         "tokens": out,
         "text": decode(out),
         "tokens_per_s": len(out) / max(seconds, 1e-9),
@@ -109,6 +125,6 @@ def _symbols(prompt: str, vocab_size: int) -> list[int]:
         raise UserError(
             "copy-task prompts are symbol ids separated by spaces, e.g. '0 5 17 3'"
         ) from None
-    if any(not 0 <= i < vocab_size for i in ids):
-        raise UserError(f"copy-task symbols are 0..{vocab_size - 1}")
+    if not ids or any(not 0 <= i < vocab_size for i in ids):
+        raise UserError(f"copy-task prompts are symbol ids in 0..{vocab_size - 1}, e.g. '0 5 17 3'")
     return ids

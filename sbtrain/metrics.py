@@ -20,15 +20,25 @@ LN2 = math.log(2)
 
 
 class Interval:
-    """Sums over the updates since the last log line."""
+    """Sums over the updates since the last log line (saved in checkpoints, so a resumed run
+    logs the same averages as one that was never stopped)."""
+
+    SUMS = ("nll", "tokens", "sequences", "updates", "gnorm", "clipped")
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.nll, self.tokens, self.sequences, self.updates = 0.0, 0, 0, 0
-        self.gnorm, self.clipped, self.skipped = 0.0, 0, 0
+        self.gnorm, self.clipped = 0.0, 0
         self.start = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.SUMS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.SUMS:
+            setattr(self, name, state[name])
 
     def add(self, nll: float, tokens: int, sequences: int, gnorm: float, clipped: bool) -> None:
         self.nll += nll
@@ -84,15 +94,14 @@ class Logger:
     def __init__(self, save_dir: Path, tensorboard: bool, total_updates: int, resumed_at: int):
         self.save_dir = Path(save_dir)
         self.files = {}
-        for split in ("train", "valid"):
-            truncate_log(self.save_dir / f"{split}.jsonl", resumed_at)
+        for name in ("train", "valid", "overflow"):
+            truncate_log(self.save_dir / f"{name}.jsonl", resumed_at)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
-            purge = resumed_at + 1 if resumed_at else None  # drop events of a killed run's tail
-            self.writer = SummaryWriter(str(self.save_dir / "tb"), purge_step=purge)
-        self.total_updates = total_updates
+            # purge events a killed run logged after its last checkpoint
+            self.writer = SummaryWriter(str(self.save_dir / "tb"), purge_step=resumed_at + 1)
         self.start = time.perf_counter()
         self.tty = sys.stderr.isatty()
         self.bar = None

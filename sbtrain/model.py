@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sbtrain.attention import build_attention
-from sbtrain.config import AttentionConfig, ModelConfig
+from sbtrain.config import AttentionConfig, ModelConfig, Recipe
 from sbtrain.errors import UserError
 
 IGNORE = -100  # target value of positions that are not scored (e.g. the copy task's prompt)
@@ -178,5 +178,12 @@ class TransformerLM(nn.Module):
         return nll.sum(), nll.numel()
 
 
+def build_model(recipe: Recipe, vocab_size: int) -> TransformerLM:
+    """The model of a recipe, initialised from train.seed (identically on every process)."""
+    torch.manual_seed(recipe.train.seed)
+    return TransformerLM(recipe.model, vocab_size, recipe.context_length)
+
+
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (buffers such as random projections not included)."""
     return sum(p.numel() for p in model.parameters())

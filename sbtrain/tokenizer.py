@@ -373,15 +373,30 @@ def tokenizer_from_file(path: str | Path) -> Tokenizer:
     return WordTokenizer.from_file(path)
 
 
+def read_meta(data_dir: str | Path) -> dict:
+    """meta.json of a preprocessed folder (written by `sbtrain preprocess`)."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise UserError(
+            f"{path} not found: {data_dir} is not a preprocessed data folder "
+            "(run `sbtrain preprocess RECIPE` first, or set data.dir)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; rerun `sbtrain preprocess --force`") from None
+
+
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     """The tokenizer of a folder written by `sbtrain preprocess` (named in its meta.json)."""
-    meta_path = Path(data_dir) / "meta.json"
-    if not meta_path.is_file():
+    meta = read_meta(data_dir)
+    kind = meta.get("tokenizer")
+    if kind not in KINDS or "tokenizer_file" not in meta:
         raise UserError(
-            f"{data_dir}: no meta.json; is this a folder written by sbtrain preprocess?"
+            f"{Path(data_dir) / 'meta.json'}: unknown tokenizer {kind!r}; "
+            "rerun `sbtrain preprocess --force`"
         )
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    return KINDS[meta["tokenizer"]].from_file(Path(data_dir) / meta["tokenizer_file"])
+    return KINDS[kind].from_file(Path(data_dir) / meta["tokenizer_file"])
 
 
 def count_words(text: str) -> int:

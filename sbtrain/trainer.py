@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
-import sys
 from pathlib import Path
 
 import torch
@@ -20,15 +20,14 @@ from torch import nn
 
 from sbtrain import __version__, checkpoint, distributed
 from sbtrain.config import Recipe
-from sbtrain.datasets import CopyTask, EpochSampler, LMBlocks, collate, open_split
+from sbtrain.datasets import CopyTask, EpochSampler, LMBlocks, collate, copy_split, open_split
 from sbtrain.distributed import Layout
 from sbtrain.errors import UserError
 from sbtrain.evaluate import Score, autocast, score
 from sbtrain.metrics import Interval, Logger, peak_memory_gb
-from sbtrain.model import IGNORE, TransformerLM, count_parameters
+from sbtrain.model import IGNORE, TransformerLM, build_model, count_parameters
 from sbtrain.optim import build_optimizer, lr_at
 
-COPY_VALID_SEED, COPY_TEST_SEED = 10_007, 20_011  # fixed sets, the same for every run
 MAX_OVERFLOWS = 25  # consecutive fp16 overflows before we give up
 
 
@@ -77,21 +76,12 @@ class TaskData:
         return self.train_blocks
 
 
-def copy_split(recipe: Recipe, split: str) -> CopyTask:
-    """The fixed copy-task evaluation sets (their seeds do not depend on the recipe)."""
-    c = recipe.copy
-    size, seed = (
-        (c.valid_size, COPY_VALID_SEED) if split == "valid" else (c.test_size, COPY_TEST_SEED)
-    )
-    return CopyTask(c.n_symbols, c.length, size, seed)
-
-
 # ---------------------------------------------------------------------------------------------
 # the objective DDP wraps
 
 
 class Objective(nn.Module):
-    """Summed NLL (nats) of a batch: the module DDP wraps, so every parameter is used in forward."""
+    """Summed NLL (nats) of a batch: the module DDP wraps, so the loss is computed in forward."""
 
     def __init__(self, model: TransformerLM):
         super().__init__()
@@ -99,12 +89,6 @@ class Objective(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.model.token_nll(self.model(inputs), targets).sum()
-
-
-def build_model(recipe: Recipe, vocab_size: int) -> TransformerLM:
-    """The model of a recipe, initialised from train.seed (identically on every process)."""
-    torch.manual_seed(recipe.train.seed)
-    return TransformerLM(recipe.model, vocab_size, recipe.context_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,21 +108,20 @@ class Trainer:
         objective = Objective(self.model)
         if layout.world_size > 1:
             ids = [layout.device.index] if layout.device.type == "cuda" else None
-            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+            # adaptive softmax leaves a tail cluster unused when no target of a batch falls in it
+            unused = recipe.model.output == "adaptive"
+            objective = nn.parallel.DistributedDataParallel(
+                objective, device_ids=ids, find_unused_parameters=unused
+            )
         self.objective = torch.compile(objective) if t.compile else objective
         self.sampler = EpochSampler(
             data.n_train, t.batch_size, t.seed, layout.rank, layout.world_size
         )
-        self.micro = t.micro_batch_size or t.batch_size // layout.world_size
-        if (t.batch_size // layout.world_size) % self.micro:
-            raise UserError(
-                f"train.micro_batch_size={self.micro} does not divide the "
-                f"{t.batch_size // layout.world_size} sequences per process of each update"
-            )
+        self.micro = micro_batch_size(recipe, layout.world_size)
         self.total_updates = t.max_updates or t.max_epochs * len(self.sampler)
         self.updates, self.skipped, self.overflows_in_a_row = 0, 0, 0
         self.best_valid, self.bad_validations = math.inf, 0
-        self.out_of_patience = False
+        self.interval = Interval()
         self.stop_signal = None
 
     # -- state ------------------------------------------------------------------------------
@@ -158,6 +141,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rngs,
             "sampler": self.sampler.state_dict(),
+            "meters": self.interval.state_dict(),
             "counters": {
                 "updates": self.updates,
                 "skipped": self.skipped,
@@ -171,22 +155,20 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict, reset_optimizer: bool, reset_dataloader: bool) -> None:
+        """Continue from `state`; the reset flags start optimizer/counters or data order anew."""
         self.model.load_state_dict(state["model"])
         if not reset_optimizer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             counters = state["counters"]
             self.updates, self.skipped = counters["updates"], counters["skipped"]
-            self.best_valid, self.bad_validations = (
-                counters["best_valid"],
-                counters["bad_validations"],
-            )
+            self.best_valid = counters["best_valid"]
+            self.bad_validations = counters["bad_validations"]
+            self.interval.load_state_dict(state["meters"])
         if not reset_dataloader:
             self.sampler.load_state_dict(state["sampler"])
-        if (
-            not (reset_optimizer or reset_dataloader)
-            and len(state["rng"]) == self.layout.world_size
-        ):
+        exact = not (reset_optimizer or reset_dataloader)
+        if exact and len(state["rng"]) == self.layout.world_size:
             rng = state["rng"][self.layout.rank]
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and self.layout.device.type == "cuda":
@@ -213,18 +195,18 @@ class Trainer:
     def train_step(self, indices: list[int], dataset) -> dict | None:
         """One update from this process's share of a global batch; None if fp16 skipped it."""
         t, device = self.recipe.train, self.layout.device
-        micro = [
+        batches = [
             collate([dataset[i] for i in indices[s : s + self.micro]])
             for s in range(0, len(indices), self.micro)
         ]
-        local_tokens = sum(int((y != IGNORE).sum()) for _, y in micro)
+        local_tokens = sum(int((y != IGNORE).sum()) for _, y in batches)
         global_tokens, sequences = distributed.all_reduce_sum([local_tokens, len(indices)], device)
         lr = lr_at(self.updates + 1, self.recipe.optim, self.total_updates)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         nll_total = 0.0
-        for j, (x, y) in enumerate(micro):
-            last = j == len(micro) - 1
+        for j, (x, y) in enumerate(batches):
+            last = j == len(batches) - 1
             sync = (
                 contextlib.nullcontext()
                 if last or self.layout.world_size == 1
@@ -286,11 +268,10 @@ class Trainer:
 
     def validate_and_save(
         self, logger: Logger | None, epoch: int, end_of_epoch: bool = False
-    ) -> bool:
-        """Validate during `epoch`, save (numbered at an epoch's end, best if improved); True
-        if patience ran out."""
+    ) -> None:
+        """Validate during `epoch`, then save (numbered at an epoch's end, best if improved)."""
         s = self.validate()
-        is_best = False
+        is_best = s is None  # without a validation set, the latest checkpoint is the best
         if s is not None:
             is_best = s.loss_nats < self.best_valid
             if is_best:
@@ -311,83 +292,83 @@ class Trainer:
                     record["accuracy"] = s.accuracy
                 logger.log(record, prefix="valid")
         self.save(epoch if end_of_epoch else None, is_best)
-        patience = self.recipe.train.patience
-        return patience is not None and self.bad_validations >= patience
 
     # -- the loop ---------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
 
-    def _should_stop(self) -> bool:
+    def _stop_if_asked(self) -> None:
+        """After a signal: save checkpoint_last.pt and raise Stopped (on every process)."""
         flag = self.stop_signal is not None
         if self.layout.world_size > 1:
             flag = distributed.any_process(flag, self.layout.device)
-        return flag
+        if not flag:
+            return
+        self.save()
+        signum = self.stop_signal or signal.SIGTERM
+        raise Stopped(
+            signum,
+            f"stopped by {signal.Signals(signum).name} after update {self.updates}: saved "
+            f"{self.save_dir / 'checkpoint_last.pt'}; rerun the same command to resume",
+        )
 
     def finished(self) -> bool:
         t = self.recipe.train
+        out_of_patience = t.patience is not None and self.bad_validations >= t.patience
         return (
             self.updates >= self.total_updates
             or self.sampler.epoch > t.max_epochs
-            or self.out_of_patience
+            or out_of_patience
         )
 
     def run(self, logger: Logger | None) -> dict:
-        """Train until max_updates / max_epochs / patience; returns a summary."""
+        """Train until max_updates / max_epochs / patience; returns a summary.
+
+        A signal takes effect after the update in progress and the validation or checkpoint
+        due at it, so a resumed run misses nothing.
+        """
         t = self.recipe.train
-        interval = Interval()
         while not self.finished():
             dataset = self.data.train_set(self.sampler.epoch)
             for indices in self.sampler.epoch_batches():
-                if not self._update(indices, dataset, interval, logger):
-                    continue  # fp16 overflow: no update happened
-                if self.finished():
-                    break
-                if self.sampler.batches_done >= len(self.sampler):
-                    break  # the epoch-end validation follows
-                if t.validate_interval and self.updates % t.validate_interval == 0:
-                    self.out_of_patience = self.validate_and_save(logger, self.sampler.epoch)
-                    if self.out_of_patience:
+                updated = self._update(indices, dataset, logger)
+                if self.finished() or self.sampler.batches_done >= len(self.sampler):
+                    break  # the final or epoch-end validation follows
+                if updated and t.validate_interval and self.updates % t.validate_interval == 0:
+                    self.validate_and_save(logger, self.sampler.epoch)
+                    if self.finished():
                         break
-                elif t.save_interval and self.updates % t.save_interval == 0:
+                elif updated and t.save_interval and self.updates % t.save_interval == 0:
                     self.save()
+                self._stop_if_asked()
             epoch = self.sampler.epoch
             end_of_epoch = self.sampler.batches_done >= len(self.sampler)
             if end_of_epoch:
                 self.sampler.next_epoch()
-            if not self.out_of_patience:
-                self.out_of_patience = self.validate_and_save(logger, epoch, end_of_epoch)
+            self.validate_and_save(logger, epoch, end_of_epoch)
+            self._stop_if_asked()
         return {
             "updates": self.updates,
             "best_valid_nats": self.best_valid,
             "skipped": self.skipped,
         }
 
-    def _update(
-        self, indices: list[int], dataset, interval: Interval, logger: Logger | None
-    ) -> bool:
-        """One training step with its bookkeeping; True if the parameters were updated."""
+    def _update(self, indices: list[int], dataset, logger: Logger | None) -> bool:
+        """One training step and its log line; True if the parameters were updated."""
         stats = self.train_step(indices, dataset)
         if stats is None:
             self._count_overflow(logger)
-        else:
-            self.overflows_in_a_row = 0
-            interval.add(
-                stats["nll"], stats["tokens"], stats["sequences"], stats["gnorm"], stats["clipped"]
-            )
-            if logger is not None and self.updates % self.recipe.train.log_interval == 0:
-                logger.log(self._record(interval, stats["lr"]))
-                interval.reset()
-        if self._should_stop():
-            self.save()
-            signum = self.stop_signal or signal.SIGTERM
-            raise Stopped(
-                signum,
-                f"stopped by {signal.Signals(signum).name} after update {self.updates}: saved "
-                f"{self.save_dir / 'checkpoint_last.pt'}; rerun the same command to resume",
-            )
-        return stats is not None
+            return False
+        self.overflows_in_a_row = 0
+        self.interval.add(
+            stats["nll"], stats["tokens"], stats["sequences"], stats["gnorm"], stats["clipped"]
+        )
+        if self.updates % self.recipe.train.log_interval == 0:
+            if logger is not None:
+                logger.log(self._record(stats["lr"]))
+            self.interval.reset()
+        return True
 
     def _count_overflow(self, logger: Logger | None) -> None:
         self.skipped += 1
@@ -408,11 +389,11 @@ class Trainer:
                 "optim.lr, raise optim.warmup_updates, or use train.precision=bf16"
             )
 
-    def _record(self, interval: Interval, lr: float) -> dict:
+    def _record(self, lr: float) -> dict:
         record = {
             "update": self.updates,
             "epoch": self.sampler.epoch,
-            **interval.summary(),
+            **self.interval.summary(),
             "lr": lr,
         }
         if self.scaler.is_enabled():
@@ -428,31 +409,65 @@ class Trainer:
 # entry point
 
 
-def check_compatible(state: dict, recipe: Recipe, vocab_size: int, path: Path) -> None:
-    """Refuse to load weights of another architecture, naming the first difference."""
-    old = state["recipe"]["model"]
-    new = recipe.to_dict()["model"]
-    for key in (
-        "n_layers",
-        "n_heads",
-        "d_model",
-        "d_ff",
-        "positions",
-        "output",
-        "adaptive_cutoffs",
-        "attention",
-    ):
+def micro_batch_size(recipe: Recipe, world_size: int) -> int:
+    """Sequences per forward pass per process; a UserError if the batch cannot be split."""
+    t = recipe.train
+    if t.batch_size % world_size:
+        raise UserError(
+            f"train.batch_size={t.batch_size} cannot be split over {world_size} processes; "
+            "make it a multiple of the number of processes"
+        )
+    share = t.batch_size // world_size
+    micro = t.micro_batch_size or share
+    if share % micro:
+        raise UserError(
+            f"train.micro_batch_size={micro} does not divide the {share} sequences per "
+            "process of each update"
+        )
+    return micro
+
+
+ARCHITECTURE = (
+    "n_layers",
+    "n_heads",
+    "d_model",
+    "d_ff",
+    "positions",
+    "output",
+    "adaptive_cutoffs",
+    "adaptive_div_value",
+    "attention",
+)
+
+
+def check_compatible(state: dict, recipe: Recipe, model: nn.Module, path: Path) -> None:
+    """Refuse weights of another task or architecture, naming the first difference."""
+    old_task = state["recipe"].get("task")
+    if old_task != recipe.task:
+        raise UserError(
+            f"{path} holds a {old_task} model, the recipe is {recipe.task}: "
+            "use another train.save_dir"
+        )
+    old, new = state["recipe"]["model"], recipe.to_dict()["model"]
+    for key in ARCHITECTURE:
         if old.get(key) != new.get(key):
             raise UserError(
                 f"{path} holds a model with model.{key}={old.get(key)}, the recipe has "
                 f"{new.get(key)}: use another train.save_dir, or a matching --restore-file"
             )
-    if state["vocab_size"] != vocab_size or state["recipe"].get("task") != recipe.task:
+    mine = model.state_dict()
+    missing = sorted(set(mine) - set(state["model"]))
+    if missing:
         raise UserError(
-            f"{path} was trained on {state['recipe'].get('task')} with a vocabulary of "
-            f"{state['vocab_size']}, this is {recipe.task} with {vocab_size}: "
-            "use another train.save_dir"
+            f"{path} lacks {missing[0]} of this recipe's model: use another train.save_dir"
         )
+    for name, tensor in state["model"].items():
+        if name not in mine or mine[name].shape != tensor.shape:
+            want = tuple(mine[name].shape) if name in mine else "no such tensor"
+            raise UserError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, this recipe's model has "
+                f"{want} (another vocabulary or context length?): use another train.save_dir"
+            )
 
 
 def prepare_save_dir(save_dir: Path) -> None:
@@ -475,7 +490,9 @@ def main(
     reset_optimizer: bool = False,
     reset_dataloader: bool = False,
 ) -> dict:
-    """Train `recipe`, resuming from save_dir/checkpoint_last.pt (or `restore_file`) if present."""
+    """Train `recipe`. Resumes from save_dir/checkpoint_last.pt when it exists; otherwise
+    starts from `restore_file` (with the reset flags) if given, or from scratch."""
+    micro_batch_size(recipe, int(os.environ.get("WORLD_SIZE", "1")))  # before joining a group
     layout = distributed.setup(recipe.train.device)
     try:
         return _train(recipe, layout, restore_file, reset_optimizer, reset_dataloader)
@@ -483,27 +500,33 @@ def main(
         distributed.teardown()
 
 
+def _restore(recipe: Recipe, restore_file: str | None) -> tuple[Path | None, dict | None, bool]:
+    """Which checkpoint to start from, its contents, and whether it is this run's own."""
+    last = Path(recipe.train.save_dir) / "checkpoint_last.pt"
+    if last.is_file():
+        return last, checkpoint.load(last), True
+    if restore_file:
+        return Path(restore_file), checkpoint.load(restore_file), False
+    return None, None, False
+
+
 def _train(recipe, layout, restore_file, reset_optimizer, reset_dataloader) -> dict:
     data = TaskData(recipe)
+    path, state, resuming = _restore(recipe, restore_file)
+    trainer = Trainer(recipe, layout, data)  # every check before anything is written
+    if state is not None:
+        check_compatible(state, recipe, trainer.model, path)
+        if resuming:  # a rerun continues where it stopped: the reset flags were for its start
+            reset_optimizer = reset_dataloader = False
+        trainer.load_state_dict(state, reset_optimizer, reset_dataloader)
     save_dir = Path(recipe.train.save_dir)
-    restore = Path(restore_file) if restore_file else save_dir / "checkpoint_last.pt"
-    state = None
-    if restore.is_file():
-        state = checkpoint.load(restore)
-        check_compatible(state, recipe, data.vocab_size, restore)
-    elif restore_file:
-        raise UserError(f"--restore-file {restore_file}: checkpoint not found")
+    logger = None
     if layout.is_main:
         prepare_save_dir(save_dir)
         (save_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-    trainer = Trainer(recipe, layout, data)
-    if state is not None:
-        trainer.load_state_dict(state, reset_optimizer, reset_dataloader)
-    logger = None
-    if layout.is_main:
         print(recipe.to_yaml(), end="")
         n_params = count_parameters(trainer.model)
-        where = f"resuming from {restore} at update {trainer.updates}" if state else "starting"
+        where = f"resuming from {path} at update {trainer.updates}" if state else "starting"
         print(
             f"| model: {n_params:,} parameters | {layout.world_size} process(es) on "
             f"{layout.device} | {where}",
@@ -522,7 +545,6 @@ def _train(recipe, layout, restore_file, reset_optimizer, reset_dataloader) -> d
         print(
             f"| done: {summary['updates']} updates, best valid loss "
             f"{summary['best_valid_nats'] / math.log(2):.4f} bits",
-            file=sys.stdout,
             flush=True,
         )
     return summary

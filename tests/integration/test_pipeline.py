@@ -86,8 +86,10 @@ def test_generated_corpus_end_to_end(tmp_path, capsys):
     words = set((raw / "wiki.train.raw").read_text().split()) | {"<unk>"}
     assert set(sampled["text"].split()) <= words  # word tokens of the training vocabulary
 
+    # 64 learned positions: the end-of-line before the prompt, 1 word, 62 tokens fed back
+    assert generate(capsys, ckpt, "--prompt", "w1", "--max-tokens", 63)["prompt_tokens"] == 1
     assert main(["generate", str(ckpt), "--prompt", "w1", "--max-tokens", "64"]) == 2
-    assert "exceed the 64 learned positions" in capsys.readouterr().err
+    assert "need 65 positions, the model has 64" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not WIKI_LEADS.is_dir(), reason=f"wiki-leads corpus not found at {WIKI_LEADS}")

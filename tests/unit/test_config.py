@@ -113,7 +113,7 @@ DEBUG_SIZE = [
 def test_every_shipped_recipe_builds_its_model_at_debug_size(path):
     import torch
 
-    from sbtrain.trainer import build_model
+    from sbtrain.model import build_model
 
     recipe = load_recipe(path, DEBUG_SIZE)
     vocab = recipe.copy.n_symbols + 1 if recipe.task == "copy" else 70_000  # above the cutoffs

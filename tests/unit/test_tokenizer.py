@@ -214,7 +214,13 @@ def test_count_words_is_str_split():
 
 
 def test_load_tokenizer_needs_a_preprocessed_folder(tmp_path):
-    with pytest.raises(UserError, match=r"no meta\.json"):
+    with pytest.raises(UserError, match=r"meta\.json not found"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "meta.json").write_text('{"tokenizer": "morse", "tokenizer_file": "x"}')
+    with pytest.raises(UserError, match="unknown tokenizer 'morse'"):
         load_tokenizer(tmp_path)
     with pytest.raises(UserError, match="tokenizer file not found"):
         tokenizer_from_file(tmp_path / "missing.model")
