@@ -24,13 +24,20 @@ USAGE = "sbtrain COMMAND [args] [--debug]\n\ncommands:\n" + "\n".join(
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error reported like every other bad input: one line, status 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (the console script exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         from sbtrain import __version__
@@ -43,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     parser = module.build_parser(
-        argparse.ArgumentParser(
+        Parser(
             prog=f"sbtrain {command}",
             description=module.__doc__,  # each front-end's docstring carries its examples
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -51,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     try:
-        args = parser.parse_intermixed_args(rest)  # flags may follow key=value overrides
-    except TypeError:  # argparse cannot intermix with subcommands (sbtrain bench WHAT)
-        args = parser.parse_args(rest)
-    try:
+        try:
+            args = parser.parse_intermixed_args(rest)  # flags may follow key=value overrides
+        except TypeError:  # argparse cannot intermix with subcommands (sbtrain bench WHAT)
+            args = parser.parse_args(rest)
         status = module.run(args) or 0
     except UserError as e:
         if debug:
@@ -64,4 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sbtrain {command}: interrupted", file=sys.stderr)
         status = 130
+    except SystemExit as e:  # --help
+        status = e.code if isinstance(e.code, int) else 0
     return status

@@ -8,6 +8,7 @@ the resolved recipe and versions, with `format` marking it as ours.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -62,10 +63,10 @@ def load(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for bad files; name the two cases users meet
-        if "global" in str(e).lower():  # the unpickler met a callable: code, not data
+        if isinstance(e, pickle.UnpicklingError) and "global" in str(e).lower():
             raise UserError(
-                f"{path}: refused: it holds Python objects that could run code when loaded "
-                "(not an sbtrain checkpoint); nothing was executed"
+                f"{path}: refused: it holds Python objects that safe loading does not allow "
+                "(they could run code; sbtrain checkpoints never do); nothing was executed"
             ) from None
         raise UserError(
             f"{path}: not a readable checkpoint (truncated or corrupt: {type(e).__name__}); "

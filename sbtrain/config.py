@@ -9,6 +9,7 @@ default and a one-line doc (`help`). Unknown keys, wrong types and contradiction
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -30,7 +31,7 @@ class ConfigError(UserError):
 def opt(default: Any, help: str) -> Any:
     """A dataclass field with its default and one-line documentation."""
     if isinstance(default, (list, dict)) or is_dataclass(default):
-        return field(default_factory=lambda: default, metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -214,8 +215,12 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def _read_tree(
+    path: Path, seen: tuple[Path, ...], included_by: Path | None = None
+) -> dict[str, Any]:
     if not path.is_file():
+        if included_by is not None:
+            raise ConfigError(f"{included_by}: included recipe {path} not found")
         raise ConfigError(
             f"{path}: recipe not found (give the path of a YAML file, e.g. recipes/debug.yaml)"
         )
@@ -241,13 +246,15 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     base_path = (path.parent / base).resolve()
     if base_path in seen:
         raise ConfigError(f"{path}: include cycle through {base}")
-    return _merge(_read_tree(base_path, (*seen, base_path)), tree)
+    return _merge(_read_tree(base_path, (*seen, base_path), path), tree)
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     """Deep merge; `attention` sections replace whole, since their options depend on the kind."""
     out = _copy_tree(base)
     for key, value in top.items():
+        if value is None and isinstance(out.get(key), dict):
+            continue  # an empty section (`model:`) keeps the base's
         if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "attention":
             out[key] = _merge(out[key], value)
         else:
@@ -311,6 +318,8 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         return tuple(_coerce(item, v, key, source) for v in value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. train.save_dir=2024
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-4" (no dot) as a string
             return float(value)
@@ -329,27 +338,56 @@ def _check(r: Recipe, source: str) -> None:
         raise ConfigError(f"{source}: {key}: {why}")
 
     m = r.model
+    t, o, c = r.train, r.optim, r.copy
     positive = {
-        "model.n_layers": m.n_layers, "model.n_heads": m.n_heads, "model.d_model": m.d_model,
-        "model.d_ff": m.d_ff, "data.tokens_per_sample": r.data.tokens_per_sample,
-        "train.batch_size": r.train.batch_size, "data.workers": r.data.workers,
-        "copy.n_symbols": r.copy.n_symbols, "copy.length": r.copy.length,
-        "train.log_interval": r.train.log_interval, "train.max_epochs": r.train.max_epochs,
+        "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads,
+        "model.d_model": m.d_model,
+        "model.d_ff": m.d_ff,
+        "data.tokens_per_sample": r.data.tokens_per_sample,
+        "data.workers": r.data.workers,
+        "copy.n_symbols": c.n_symbols,
+        "copy.length": c.length,
+        "copy.train_size": c.train_size,
+        "copy.valid_size": c.valid_size,
+        "copy.test_size": c.test_size,
+        "train.batch_size": t.batch_size,
+        "train.log_interval": t.log_interval,
+        "train.max_epochs": t.max_epochs,
+        "train.loss_scale_init": t.loss_scale_init,
+        "optim.lr": o.lr,
+        "model.adaptive_div_value": m.adaptive_div_value,
+    }
+    optional_positive = {  # null switches these off; a number must be positive
+        "train.max_updates": t.max_updates,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.validate_interval": t.validate_interval,
+        "train.save_interval": t.save_interval,
+        "train.max_valid_batches": t.max_valid_batches,
+        "train.patience": t.patience,
+        "data.vocab_size": r.data.vocab_size,
+    }
+    non_negative = {
+        "train.keep_last": t.keep_last, "optim.warmup_updates": o.warmup_updates,
+        "optim.weight_decay": o.weight_decay, "optim.clip_norm": o.clip_norm,
+        "data.min_count": r.data.min_count, "optim.eps": o.eps,
     }  # fmt: skip
-    for key, value in positive.items():
-        if value <= 0:
+    for key, value in {**positive, **optional_positive}.items():
+        if value is not None and value <= 0:
             fail(key, f"must be positive, got {value}")
+    for key, value in non_negative.items():
+        if value < 0:
+            fail(key, f"must be >= 0, got {value}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        fail("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    if not all(0.0 <= beta < 1.0 for beta in o.betas):
+        fail("optim.betas", f"must be in [0, 1), got {list(o.betas)}")
     if m.d_model % m.n_heads:
         fail("model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
     if not 0.0 <= m.dropout < 1.0:
         fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
-    if r.optim.lr <= 0:
-        fail("optim.lr", f"must be positive, got {r.optim.lr}")
-    if r.train.max_updates is not None and r.train.max_updates <= 0:
-        fail("train.max_updates", f"must be positive, got {r.train.max_updates}")
-    mb = r.train.micro_batch_size
-    if mb is not None and (mb <= 0 or r.train.batch_size % mb):
-        fail("train.micro_batch_size", f"{mb} must be positive and divide train.batch_size")
+    if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
+        fail("train.micro_batch_size", f"{t.micro_batch_size} does not divide train.batch_size")
     if (
         list(m.adaptive_cutoffs) != sorted(set(m.adaptive_cutoffs))
         or min(m.adaptive_cutoffs, default=1) <= 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 
@@ -23,16 +24,19 @@ def test_defaults_follow_the_design_contract():
 
 
 def test_every_field_has_a_one_line_doc():
+    seen = []
+
     def walk(cls):
+        seen.append(cls.__name__)
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
             assert "\n" not in f.metadata["help"]
-            if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
-                walk(f.type)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name])
 
-    for section in (Recipe, *(type(getattr(Recipe(), f.name)) for f in dataclasses.fields(Recipe))):
-        if dataclasses.is_dataclass(section):
-            walk(section)
+    walk(Recipe)
+    assert {"DataConfig", "ModelConfig", "AttentionConfig", "TrainConfig"} <= set(seen)
 
 
 def test_precedence_default_then_include_then_file_then_command_line(tmp_path):
@@ -43,6 +47,13 @@ def test_precedence_default_then_include_then_file_then_command_line(tmp_path):
     assert r.model.d_model == 128  # include over default
     assert r.train.seed == 9  # command line over all
     assert r.model.n_heads == 8  # default
+
+
+def test_an_empty_section_keeps_the_included_one_and_numbers_fit_text_fields(tmp_path):
+    write(tmp_path, "base.yaml", "model: {n_layers: 3}\n")
+    path = write(tmp_path, "top.yaml", "include: base.yaml\nmodel:\ntrain: {save_dir: 2024}\n")
+    r = load_recipe(path)
+    assert r.model.n_layers == 3 and r.train.save_dir == "2024"
 
 
 def test_attention_section_replaces_whole_across_includes(tmp_path):
@@ -77,6 +88,12 @@ def test_float_from_yaml_exponent_without_dot(tmp_path):
         ("model: [1, 2]\n", [], "model must be a mapping"),
         ("model: {n_layers: 2\n", [], "not valid YAML"),
         ("", ["model.n_layers"], "expected key=value"),
+        ("train: {patience: 0}\n", [], "train.patience: must be positive"),
+        ("copy: {valid_size: 0}\n", [], "copy.valid_size: must be positive"),
+        ("optim: {min_lr_ratio: 1.5}\n", [], "optim.min_lr_ratio: must be in [0, 1]"),
+        ("train: {keep_last: -1}\n", [], "train.keep_last: must be >= 0"),
+        ("train: {validate_interval: -5}\n", [], "train.validate_interval: must be positive"),
+        ("include: nowhere.yaml\n", [], "included recipe"),
     ],
 )
 def test_bad_recipes_name_the_key_and_the_file(tmp_path, text, override, message):
