@@ -17,20 +17,8 @@ examples:
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
 
-from sbtrain.binarize import preprocess
-from sbtrain.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
-
-FLAGS = {  # flag destination -> DataConfig field it sets
-    "destdir": "dir",
-    "workers": "workers",
-    "tokenizer": "tokenizer",
-    "vocab_size": "vocab_size",
-    "srcdict": "tokenizer",
-    "tokenizer_model": "tokenizer",
-}
+from sbtrain import binarize
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -50,29 +38,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = _recipe(args)
+    flags = {flag: getattr(args, flag) for flag in binarize.FLAGS}
     inputs = {"train": args.trainpref, "valid": args.validpref, "test": args.testpref}
-    # SIGTERM as an exception, so the unfinished output folder is removed on the way out
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        preprocess(recipe.data, inputs=inputs, force=args.force)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    binarize.main(args.recipe, args.overrides, flags, inputs, args.force)
     return 0
-
-
-def _recipe(args: argparse.Namespace) -> Recipe:
-    """The recipe (or defaults), then its overrides, then the flags, validated as one."""
-    overrides = list(args.overrides)
-    if args.recipe is not None and "=" in args.recipe:  # no recipe, overrides only
-        overrides.insert(0, args.recipe)
-        args.recipe = None
-    if args.recipe is not None:
-        tree = load_recipe(args.recipe, overrides).to_dict()
-    else:
-        tree = apply_overrides({}, overrides)
-    data = tree.setdefault("data", {})
-    for flag, field in FLAGS.items():
-        if getattr(args, flag) is not None:
-            data[field] = getattr(args, flag)
-    return recipe_from_dict(tree, source=args.recipe or "command line")

@@ -28,6 +28,8 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
+import threading
 import uuid
 from array import array
 from collections.abc import Callable, Iterator, Mapping
@@ -41,7 +43,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from sbtrain.config import DataConfig
+from sbtrain.config import DataConfig, apply_overrides, load_recipe, recipe_from_dict
 from sbtrain.errors import UserError
 from sbtrain.tokenizer import (
     EOS_ID,
@@ -122,6 +124,51 @@ class FirstSeen(dict):
 EOL_KEY = ""  # provisional id 0 = end of line: str.split() never yields an empty word
 
 
+@contextmanager
+def _sigterm_as_exit():
+    """SIGTERM raises SystemExit(143), so the staging folder is removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+FLAGS = {  # fairseq-style flag -> the DataConfig field it sets
+    "destdir": "dir",
+    "workers": "workers",
+    "tokenizer": "tokenizer",
+    "vocab_size": "vocab_size",
+    "srcdict": "tokenizer",
+    "tokenizer_model": "tokenizer",
+}
+
+
+def main(
+    recipe: str | None,
+    overrides: list[str],
+    flags: Mapping[str, object],
+    inputs: Mapping[str, str | None],
+    force: bool = False,
+) -> dict[str, SplitStats]:
+    """`sbtrain preprocess`: the recipe (or defaults), its overrides, then the fairseq-style
+    `flags` (see FLAGS; None = not given), validated as one; then `preprocess`."""
+    overrides = list(overrides)
+    if recipe is not None and "=" in recipe:  # no recipe, overrides only
+        overrides.insert(0, recipe)
+        recipe = None
+    tree = load_recipe(recipe, overrides).to_dict() if recipe else apply_overrides({}, overrides)
+    data = tree.setdefault("data", {})
+    for flag, value in flags.items():
+        if value is not None:
+            data[FLAGS[flag]] = value
+    resolved = recipe_from_dict(tree, source=recipe or "command line")
+    return preprocess(resolved.data, inputs=inputs, force=force)
+
+
 def preprocess(
     data: DataConfig,
     inputs: Mapping[str, str | Path | None] | None = None,
@@ -140,7 +187,7 @@ def preprocess(
     sources = find_splits(data.raw, inputs or {})
     target = Path(os.path.abspath(data.dir))
     _check_target(target, sources, force)
-    with _staging(target, force) as staging, _mapper(data.workers) as imap:
+    with _sigterm_as_exit(), _staging(target, force) as staging, _mapper(data.workers) as imap:
         tokenizer, stats = _obtain_tokenizer(data, sources, staging, imap, log)
         dtype = token_dtype(tokenizer.vocab_size)
         tokenizer_file = tokenizer.save(staging)
