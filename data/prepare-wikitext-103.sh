@@ -32,10 +32,21 @@ fi
 zip="$1"
 dest="${2:-$here/wikitext-103}"
 [[ -f "$zip" ]] || fail "$zip: archive not found"
-command -v unzip >/dev/null || fail "unzip is not installed (e.g. apt-get install unzip)"
+python=$(command -v python3 || command -v python) || fail "python3 is needed to read the archive"
+unzip_py() {  # python's zipfile, so no unzip binary is needed: list | extract DEST NAME...
+    "$python" - "$zip" "$@" <<'PY'
+import sys, zipfile
+archive, action, *rest = sys.argv[1:]
+with zipfile.ZipFile(archive) as z:
+    if action == "list":
+        print("\n".join(z.namelist()))
+    else:
+        z.extractall(rest[0], members=rest[1:])
+PY
+}
 
 # The archive's top folder tells the two variants apart.
-listing="$(unzip -Z1 "$zip" 2>/dev/null)" || fail "$zip: not a zip archive"
+listing="$(unzip_py list 2>/dev/null)" || fail "$zip: not a zip archive"
 if grep -qx 'wikitext-103/wiki.train.tokens' <<<"$listing"; then
     folder=wikitext-103 suffix=tokens
 elif grep -qx 'wikitext-103-raw/wiki.train.raw' <<<"$listing"; then
@@ -54,7 +65,7 @@ done
 mkdir -p "$(dirname "$dest")"
 staging="$(mktemp -d "$(dirname "$dest")/.wikitext-103.tmp-XXXXXX")"
 trap 'rm -rf "$staging"' EXIT
-unzip -q "$zip" "${files[@]}" -d "$staging" || fail "$zip: unzip failed"
+unzip_py extract "$staging" "${files[@]}" || fail "$zip: unpacking failed"
 mkdir -p "$dest"
 for name in "${files[@]}"; do
     mv -f "$staging/$name" "$dest/"

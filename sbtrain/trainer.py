@@ -122,6 +122,7 @@ class Trainer:
         self.updates, self.skipped, self.overflows_in_a_row = 0, 0, 0
         self.best_valid, self.bad_validations = math.inf, 0
         self.interval = Interval()
+        self.validated_at = -1
         self.stop_signal = None
 
     # -- state ------------------------------------------------------------------------------
@@ -270,6 +271,7 @@ class Trainer:
         self, logger: Logger | None, epoch: int, end_of_epoch: bool = False
     ) -> None:
         """Validate during `epoch`, then save (numbered at an epoch's end, best if improved)."""
+        self.validated_at = self.updates
         s = self.validate()
         is_best = s is None  # without a validation set, the latest checkpoint is the best
         if s is not None:
@@ -346,7 +348,8 @@ class Trainer:
             end_of_epoch = self.sampler.batches_done >= len(self.sampler)
             if end_of_epoch:
                 self.sampler.next_epoch()
-            self.validate_and_save(logger, epoch, end_of_epoch)
+            if self.validated_at != self.updates:  # not just done by the interval
+                self.validate_and_save(logger, epoch, end_of_epoch)
             self._stop_if_asked()
         return {
             "updates": self.updates,

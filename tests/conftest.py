@@ -16,6 +16,8 @@ WIKI_LEADS = ROOT.parent / "shared" / "corpora" / "wiki-leads"
 
 torch.set_num_threads(1)  # tests are small: threads only add noise on a shared 2-core machine
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if not torch.cuda.is_available():  # the Triton kernels' tests run in its interpreter on CPU;
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # triton reads this once, at first import
 
 
 def write_token_folder(
@@ -40,8 +42,7 @@ def write_token_folder(
     return folder
 
 
-@pytest.fixture(scope="session")
-def token_folder(tmp_path_factory) -> Path:
+def make_token_folder(folder: Path) -> Path:
     """A learnable stream with long-range structure: runs of 200 tokens drawn from one of 4
     overlapping 16-token "topics" (ids 4..63), so earlier tokens tell which topic a run is in.
     train: 20k tokens, valid: 3k, vocabulary 64."""
@@ -52,9 +53,12 @@ def token_folder(tmp_path_factory) -> Path:
         runs = [rng.choice(topics[rng.integers(4)], 200) for _ in range(n // 200 + 1)]
         return np.concatenate(runs)[:n].astype(np.uint16)
 
-    return write_token_folder(
-        tmp_path_factory.mktemp("tokens"), {"train": stream(20_000), "valid": stream(3_000)}, 64
-    )
+    return write_token_folder(folder, {"train": stream(20_000), "valid": stream(3_000)}, 64)
+
+
+@pytest.fixture(scope="session")
+def token_folder(tmp_path_factory) -> Path:
+    return make_token_folder(tmp_path_factory.mktemp("tokens"))
 
 
 def sbtrain_command(*args: str) -> list[str]:
@@ -92,3 +96,10 @@ def trained_debug(token_folder, tmp_path_factory) -> Path:
     ]
     assert main(args) == 0
     return save_dir
+
+
+def one_error_line(capsys) -> str:
+    """The single stderr line of a refused command (no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]

@@ -14,6 +14,7 @@ from cli.main import main
 from sbtrain import checkpoint
 from sbtrain.config import recipe_from_dict
 from sbtrain.model import TransformerLM
+from tests.conftest import DEBUG_RECIPE, one_error_line, write_token_folder
 
 
 def eval_json(capsys, *args) -> dict:
@@ -68,18 +69,14 @@ def test_text_output_names_every_figure(trained_debug, capsys):
         assert word in out
 
 
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
-
-
 def test_bad_input_gets_one_line_and_status_2(trained_debug, tmp_path, capsys):
     ckpt = trained_debug / "checkpoint_best.pt"
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     cut = tmp_path / "cut.pt"
     cut.write_bytes(ckpt.read_bytes()[:5000])
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    tokens = np.arange(200, dtype=np.uint16) % 90
+    other = write_token_folder(tmp_path / "other", {"test": tokens, "valid": tokens}, 96)
     cases = [
         ([tmp_path / "notes.pt"], "not a readable checkpoint"),
         ([cut], "truncated or corrupt"),
@@ -89,7 +86,36 @@ def test_bad_input_gets_one_line_and_status_2(trained_debug, tmp_path, capsys):
         ([ckpt, "--context-window", "64"], "--context-window 64: must be in [0, 64)"),
         ([ckpt, "--attention", "full", "window=8"], "does not take window"),
         ([ckpt, "--attention", "nope"], "model.attention.kind must be one of"),
+        ([ckpt, "--attention", "local", "window=["], "is not key=value with a YAML value"),
+        ([ckpt, "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        ([ckpt, "--data", other], "the model 64: give the folder it was trained on with --data"),
     ]
     for args, message in cases:
         assert main(["eval-ppl", *map(str, args)]) == 2, args
         assert message in one_error_line(capsys)
+
+
+def test_attention_swap_draws_fresh_buffers_of_the_new_shape(token_folder, tmp_path, capsys):
+    """A performer model (8 features) evaluated with 4 features and with scatterbrain: the old
+    projection is dropped, not loaded into the new kernel."""
+    save = tmp_path / "performer"
+    args = [
+        "train",
+        str(DEBUG_RECIPE),
+        f"data.dir={token_folder}",
+        f"train.save_dir={save}",
+        "train.tensorboard=false",
+        "train.max_updates=30",
+        "model.attention={kind: performer, n_features: 8}",
+    ]
+    assert main(args) == 0
+    capsys.readouterr()
+    ckpt = save / "checkpoint_last.pt"
+    own = eval_json(capsys, ckpt, "--split", "valid")
+    fewer = eval_json(capsys, ckpt, "--split", "valid", "--attention", "performer", "n_features=4")
+    exact = eval_json(capsys, ckpt, "--split", "valid", "--attention", "full")
+    assert own["tokens"] == fewer["tokens"] == exact["tokens"] == 3000
+    assert own["attention"] == "performer" and exact["attention"] == "full"
+    assert len({own["loss_nats"], fewer["loss_nats"], exact["loss_nats"]}) == 3
+    again = eval_json(capsys, ckpt, "--split", "valid", "--attention", "performer", "n_features=4")
+    assert again["loss_nats"] == fewer["loss_nats"]  # buffers drawn from train.seed

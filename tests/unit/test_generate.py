@@ -87,10 +87,14 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy():
 
 
 def test_top_k_and_top_p_keep_the_likeliest_tokens():
-    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-    kept = lambda out: torch.isfinite(out[0]).nonzero().flatten().tolist()  # noqa: E731
-    assert kept(filter_logits(logits, top_k=2)) == [0, 1]
-    assert kept(filter_logits(logits, top_p=0.6)) == [0, 1]  # 0.5 < 0.6 <= 0.7
-    assert kept(filter_logits(logits, top_p=0.7)) == [0, 1]
-    assert kept(filter_logits(logits, top_p=0.71)) == [0, 1, 2]
-    assert kept(filter_logits(logits, top_p=0.4)) == [0]
+    probs = torch.tensor([0.1, 0.5, 0.05, 0.2, 0.15])  # unsorted: ranks 1, 3, 4, 0, 2
+    logits = torch.log(probs)[None]
+
+    def kept(out):
+        return sorted(torch.isfinite(out[0]).nonzero().flatten().tolist())
+
+    assert kept(filter_logits(logits, top_k=2)) == [1, 3]
+    assert kept(filter_logits(logits, top_p=0.6)) == [1, 3]  # 0.5 < 0.6 <= 0.7
+    assert kept(filter_logits(logits, top_p=0.71)) == [1, 3, 4]
+    assert kept(filter_logits(logits, top_p=0.4)) == [1]
+    assert kept(filter_logits(logits, top_k=3, top_p=0.99)) == [1, 3, 4]

@@ -1,22 +1,18 @@
 """The fused Triton kernels against the dense float64 references: outputs and q/k/v gradients,
 causality, look-ahead-free stabilisers, sharp scores, padding, strides.
 
-Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before the
-kernels are first imported), so sizes are tiny: head_dim 16, 32 features, blocks of 16, windows
-of 16 and 32 (one and two whole blocks), lengths that are not multiples of the block. With a GPU
-the same tests run the compiled kernels. Every buffer the kernels fill starts as NaN, so an
-element they fail to write shows up.
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before the kernels are first imported), so sizes are tiny: head_dim 16, 32
+features, blocks of 16, windows of 16 and 32 (one and two whole blocks), lengths that are not
+multiples of the block. With a GPU the same tests run the compiled kernels. Every buffer the
+kernels fill starts as NaN, so an element they fail to write shows up.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before triton is imported: it reads the variable once
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from sbtrain.attention import build_attention, triton_kernels
