@@ -69,11 +69,3 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def any_process(flag: bool, device: torch.device) -> bool:
     """True on every process if it is true on one (e.g. a stop signal)."""
     return all_reduce_sum([float(flag)], device)[0] > 0
-
-
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

@@ -38,6 +38,8 @@ def check_attention(kind: str, head_dim: int, **options) -> None:
     """Raise ValueError/TypeError, with a message for a user, if `kind` cannot take `options`."""
     if kind not in KINDS:
         raise ValueError(f"unknown attention kind {kind!r} (choose from {', '.join(KINDS)})")
+    if head_dim <= 0:
+        raise ValueError(f"head_dim must be positive, got {head_dim}")
     params = inspect.signature(KINDS[kind]).parameters
     unknown = sorted(set(options) - set(params))
     if unknown:

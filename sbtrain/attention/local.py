@@ -80,8 +80,6 @@ class LocalAttention(nn.Module):
 
     @staticmethod
     def check_options(head_dim: int, window: int = 128) -> None:
-        if head_dim <= 0:
-            raise ValueError(f"head_dim must be positive, got {head_dim}")
         if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
             raise ValueError(f"local: window must be a positive integer, got {window!r}")
 

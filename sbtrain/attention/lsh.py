@@ -340,8 +340,6 @@ class LSHAttention(nn.Module):
         n_buckets: int = 16,
         seed: int | None = None,
     ) -> None:
-        if head_dim <= 0:
-            raise ValueError(f"head_dim must be positive, got {head_dim}")
         check_lsh(n_hashes, bucket_size, n_buckets)
         check_seed(seed)
 

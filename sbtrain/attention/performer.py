@@ -26,8 +26,6 @@ from sbtrain.attention.features import (
 
 def check_features(head_dim: int, n_features: int, chunk_size: int) -> None:
     """The checks every kind with a random-feature part shares."""
-    if head_dim <= 0:
-        raise ValueError(f"head_dim must be positive, got {head_dim}")
     if not isinstance(n_features, int) or n_features <= 0 or n_features % 2:
         raise ValueError(
             f"n_features must be a positive even integer (both halves of the positive features "

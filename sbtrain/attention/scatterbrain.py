@@ -57,8 +57,17 @@ DEFAULTS = {"window": 128, "n_hashes": 2, "bucket_size": 64, "n_buckets": 16, "c
 LSH_OPTIONS = ("n_hashes", "bucket_size", "n_buckets")
 
 
-def resolve_options(sparse: str, **options) -> dict:
+def resolve_options(
+    sparse: str,
+    window: int | None,
+    chunk_size: int | None,
+    n_hashes: int | None,
+    bucket_size: int | None,
+    n_buckets: int | None,
+) -> dict:
     """The options `sparse` uses, defaults filled in; ValueError for those it cannot use."""
+    options = dict(window=window, chunk_size=chunk_size, n_hashes=n_hashes,
+                   bucket_size=bucket_size, n_buckets=n_buckets)  # fmt: skip
     if sparse not in SPARSE:
         raise ValueError(f"scatterbrain: sparse must be one of {', '.join(SPARSE)}, got {sparse!r}")
     parts = sparse.split("+")
@@ -110,9 +119,7 @@ class ScatterbrainAttention(nn.Module):
         seed: int | None = None,
     ):
         super().__init__()
-        given = dict(window=window, chunk_size=chunk_size, n_hashes=n_hashes)
-        given.update(bucket_size=bucket_size, n_buckets=n_buckets)
-        options = resolve_options(sparse, **given)
+        options = resolve_options(sparse, window, chunk_size, n_hashes, bucket_size, n_buckets)
         self.head_dim = head_dim
         self.sparse = sparse
         self.n_features = n_features
@@ -141,9 +148,7 @@ class ScatterbrainAttention(nn.Module):
         n_buckets: int | None = None,
         seed: int | None = None,
     ) -> None:
-        given = dict(window=window, chunk_size=chunk_size, n_hashes=n_hashes)
-        given.update(bucket_size=bucket_size, n_buckets=n_buckets)
-        options = resolve_options(sparse, **given)
+        options = resolve_options(sparse, window, chunk_size, n_hashes, bucket_size, n_buckets)
         check_features(head_dim, n_features, options["chunk_size"])
         if "lsh" in sparse:
             check_lsh(options["n_hashes"], options["bucket_size"], options["n_buckets"])

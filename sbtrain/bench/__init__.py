@@ -6,6 +6,7 @@ JSON with the machine they ran on, so results can be committed under benchmarks/
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -14,6 +15,16 @@ import sys
 from pathlib import Path
 
 import torch
+
+# The kinds at the WikiText-103 recipes' per-query budget (256 keys or features for length 2048):
+# label -> (kind, options). The benchmarks that compare kinds use these.
+PAPER_BUDGET: dict[str, tuple[str, dict]] = {
+    "full": ("full", {}),
+    "local": ("local", {"window": 256}),
+    "performer": ("performer", {"n_features": 256}),
+    "lsh": ("lsh", {"n_hashes": 2, "bucket_size": 128}),
+    "scatterbrain": ("scatterbrain", {"sparse": "local", "window": 128, "n_features": 128}),
+}
 
 
 def machine(device: torch.device | None = None) -> dict:
@@ -55,12 +66,57 @@ def _cell(value) -> str:
     return str(value)
 
 
-def report(name: str, rows: list[dict], out: str | None, meta: dict) -> dict:
-    """Print the table; write {"benchmark", "machine", "settings", "rows"} JSON to `out`."""
+# benchmark -> (x, y columns, the columns naming a line): what its PNG plot shows
+PLOTS = {
+    "attention": ("length", ("ms", "peak_mib"), ("kind",)),
+    "approx": ("temperature", ("error",), ("kind", "regime")),
+    "train": ("length", ("tokens_per_s", "step_ms"), ("attention", "sparse")),
+    "generate": ("context", ("ms_per_token", "cache_mib"), ("kind",)),
+}
+
+
+def report(
+    name: str, rows: list[dict], out: str | None, meta: dict, text: str | None = None
+) -> dict:
+    """Print `text` (default: the rows as a table); write {"benchmark", "machine", "settings",
+    "rows"} JSON to `out`, and a PNG plot beside it when matplotlib is installed."""
     result = {"benchmark": name, **meta, "rows": rows}
-    print(table(rows), flush=True)
+    print(text or table(rows), flush=True)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
         print(f"| wrote {out}", file=sys.stderr)
+        if name in PLOTS and importlib.util.find_spec("matplotlib") is not None:
+            png = Path(out).with_suffix(".png")
+            plot(name, rows, png)
+            print(f"| wrote {png}", file=sys.stderr)
     return result
+
+
+def plot(name: str, rows: list[dict], path: Path) -> None:
+    """One panel per y column, one line per group, log-log where x is a length."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    x, ys, group = PLOTS[name]
+    fig, axes = plt.subplots(1, len(ys), figsize=(5 * len(ys), 4), squeeze=False)
+    lines: dict[tuple, list[dict]] = {}
+    for row in rows:
+        lines.setdefault(tuple(row.get(g) for g in group), []).append(row)
+    for ax, y in zip(axes[0], ys):
+        for key, members in lines.items():
+            members = sorted((r for r in members if r.get(y) is not None), key=lambda r: r[x])
+            label = " ".join(str(k) for k in key if k is not None)
+            ax.plot([r[x] for r in members], [r[y] for r in members], marker="o", label=label)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle(f"sbtrain bench {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -176,4 +176,5 @@ def main(
         "settings": settings,
         "mean_error": {k: mean_error(rows, k) for k in kinds},
     }
-    return bench.report("approx", [dataclasses.asdict(r) for r in rows], out, meta)
+    rows_json = [dataclasses.asdict(r) for r in rows]
+    return bench.report("approx", rows_json, out, meta, text=format_rows(rows))

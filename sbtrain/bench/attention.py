@@ -1,7 +1,6 @@
 """Forward+backward time and peak memory of every attention kind against sequence length.
 
     rows = run_attention_bench(lengths=(2048, 4096, 8192, 16384))
-    print(format_rows(rows))
 
 CPU memory is the growth of peak RSS (`ru_maxrss`) over one forward+backward, measured in a fresh
 process per case (multiprocessing spawn), so cases cannot inherit each other's high-water mark;
@@ -26,14 +25,7 @@ from sbtrain.errors import UserError
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 
-# The paper-sized baselines, at matching per-query budgets (~256 keys or features).
-BENCH_KINDS: dict[str, tuple[str, dict]] = {
-    "full": ("full", {}),
-    "local": ("local", {"window": 128}),
-    "performer": ("performer", {"n_features": 256}),
-    "lsh": ("lsh", {"n_hashes": 2, "bucket_size": 128}),
-    "scatterbrain": ("scatterbrain", {"sparse": "local", "window": 128, "n_features": 128}),
-}
+BENCH_KINDS = bench.PAPER_BUDGET
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,13 +157,6 @@ def memory_growth(rows: list[SpeedRow]) -> dict[str, list[float]]:
         kind_rows.sort(key=lambda r: r.length)
         ratios[kind] = [b.peak_mib / a.peak_mib for a, b in itertools.pairwise(kind_rows)]
     return ratios
-
-
-def format_rows(rows: list[SpeedRow]) -> str:
-    """A plain-text table: kind, length, ms, peak MiB."""
-    lines = [f"{'kind':<14}{'L':>8}{'ms':>12}{'peak MiB':>12}"]
-    lines += [f"{r.kind:<14}{r.length:>8}{r.ms:>12.1f}{r.peak_mib:>12.1f}" for r in rows]
-    return "\n".join(lines)
 
 
 def main(

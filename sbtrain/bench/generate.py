@@ -17,13 +17,10 @@ from sbtrain.config import AttentionConfig, ModelConfig
 from sbtrain.errors import UserError
 from sbtrain.model import TransformerLM
 
-KINDS = {
-    "full": AttentionConfig(kind="full"),
-    "local": AttentionConfig(kind="local", window=256),
-    "performer": AttentionConfig(kind="performer", n_features=256),
-    "scatterbrain": AttentionConfig(
-        kind="scatterbrain", sparse="local", window=128, n_features=128
-    ),
+KINDS = {  # decodable kinds at the paper's budget (LSH recomputes: not a decoding kind)
+    label: AttentionConfig(kind=kind, **options)
+    for label, (kind, options) in bench.PAPER_BUDGET.items()
+    if kind != "lsh"
 }
 
 

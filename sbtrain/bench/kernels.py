@@ -6,7 +6,7 @@
 Every implementation runs on the same inputs in the same process: causal SDPA (`full`), and for
 Scatterbrain (local window 128, 128 features) and Performer (256 features) the module's PyTorch
 forward (`pytorch`) and the fused kernels (`triton`) at each block size in `blocks` (the kernels'
-chunk; the default is 64). Times are medians of CUDA-event timings after warmup (which includes
+chunk; the default is 32). Times are medians of CUDA-event timings after warmup (which includes
 compiling and autotuning); each row also gives the peak memory above the inputs and, for
 `triton`, the relative difference of its output from the PyTorch path on the same inputs (a
 check that the compiled kernel is right at full size). On CPU (TRITON_INTERPRET=1) it runs,

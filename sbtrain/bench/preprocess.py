@@ -1,6 +1,7 @@
 """Benchmark of `sbtrain preprocess`: wall time, MB/s and peak memory on a generated corpus.
 
-    from sbtrain.bench.preprocess import bench_preprocess
+    from sbtrain import bench
+from sbtrain.bench.preprocess import bench_preprocess
     bench_preprocess(megabytes=500, tokenizers=("word", "sentencepiece"), workers=2)
 
 The corpus imitates WikiText's raw files: ` = Title = ` and ` = = Section = = ` headings, blank
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from sbtrain import bench
 
 ROOT = Path(__file__).resolve().parents[2]
 SPLIT_FRACTIONS = {"train": 0.98, "valid": 0.01, "test": 0.01}
@@ -65,18 +68,8 @@ def bench_preprocess(
             _measure(raw, Path(tmp) / f"bin-{kind}", kind, workers, corpus_bytes)
             for kind in tokenizers
         ]
-    result = {
-        "benchmark": "preprocess",
-        "corpus_mb": round(corpus_bytes / 1e6, 1),
-        "workers": workers,
-        "cpus": os.cpu_count(),
-        "runs": runs,
-    }
-    _print_table(runs)
-    print(json.dumps(result))
-    if out is not None:
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    settings = {"corpus_mb": round(corpus_bytes / 1e6, 1), "workers": workers}
+    return bench.report("preprocess", runs, out, {"machine": bench.machine(), "settings": settings})
 
 
 def write_corpus(folder: str | Path, megabytes: float, seed: int = 0) -> int:
@@ -193,19 +186,6 @@ def _tree_rss(root: int) -> int:
             continue
         total += resident_pages * os.sysconf("SC_PAGE_SIZE")
     return total
-
-
-def _print_table(runs: list[dict]) -> None:
-    print(
-        f"| {'tokenizer':<14} {'seconds':>8} {'MB/s':>7} {'MB/cpu-s':>9} {'peak RSS tree':>14} "
-        f"{'one proc':>9} {'load':>5}"
-    )
-    for r in runs:
-        print(
-            f"| {r['tokenizer']:<14} {r['seconds']:>8.1f} {r['mb_per_s']:>7.1f} "
-            f"{r['mb_per_cpu_s']:>9.1f} {r['peak_rss_tree_mb']:>11.0f} MB "
-            f"{r['peak_rss_one_process_mb']:>6.0f} MB {r['load_avg_before']:>5.1f}"
-        )
 
 
 main = bench_preprocess  # `sbtrain bench preprocess` calls main(**its options)
