@@ -359,3 +359,13 @@ def test_finetune_starts_from_the_checkpoint_and_a_rerun_resumes_it(token_folder
         in capsys.readouterr().out
     )
     assert len(read_jsonl(tmp_path / "ft" / "train.jsonl")) == 6
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(token_folder, tmp_path):
+    common = ["train.max_updates=3", "train.log_interval=1", "model.dropout=0.0"]
+    assert main(train_args(token_folder, tmp_path / "eager", *common)) == 0
+    assert main(train_args(token_folder, tmp_path / "compiled", *common, "train.compile=true")) == 0
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert [u for u, _ in eager] == [u for u, _ in compiled] == [1, 2, 3]
+    assert [x for _, x in compiled] == pytest.approx([x for _, x in eager], rel=1e-4)
