@@ -1,7 +1,8 @@
-"""Process layout: one process, or DDP under torchrun (NCCL on GPU, gloo on CPU)."""
+"""Process layout: one process, or DDP under torchrun (NCCL on GPU, gloo on CPU); the device."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -23,8 +24,29 @@ class Layout:
         return self.rank == 0
 
 
+# glibc mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_cpu_memory() -> None:
+    """Let glibc keep freed blocks for the next step, as PyTorch's CUDA allocator keeps its own.
+
+    By default glibc maps every block over its mmap threshold (at most 32 MiB) afresh and unmaps
+    it when freed, so each training step page-faults its large activations in again: attention
+    forward+backward at length 16384 took 1.6x as long as it does with the blocks kept, and time
+    stopped growing linearly in length. Resident memory stays at its peak instead of dropping
+    between steps. Elsewhere (no glibc) this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 2**30)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**30)
+
+
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` is cuda (this process's GPU) when available, else cpu."""
+    """`auto` is cuda (this process's GPU) when available, else cpu (see keep_freed_cpu_memory)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
@@ -35,6 +57,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
     if name != "cpu":
         raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)")
+    keep_freed_cpu_memory()
     return torch.device("cpu")
 
 

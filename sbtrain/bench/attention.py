@@ -4,7 +4,8 @@
 
 CPU memory is the growth of peak RSS (`ru_maxrss`) over one forward+backward, measured in a fresh
 process per case (multiprocessing spawn), so cases cannot inherit each other's high-water mark;
-timing runs in another fresh process. CUDA memory is `torch.cuda.max_memory_allocated` above
+timing runs in another fresh process, with freed memory kept for reuse as `sbtrain train` keeps
+it (`keep_freed_cpu_memory`). CUDA memory is `torch.cuda.max_memory_allocated` above
 what the inputs already hold.
 """
 
@@ -21,9 +22,8 @@ import torch
 
 from sbtrain import bench
 from sbtrain.attention import build_attention
+from sbtrain.distributed import M_MMAP_THRESHOLD, keep_freed_cpu_memory
 from sbtrain.errors import UserError
-
-M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 
 BENCH_KINDS = bench.PAPER_BUDGET
 
@@ -93,7 +93,10 @@ def _prepare(
 
 
 def _time_case(case: tuple, repeats: int) -> float:
-    """Best milliseconds of `repeats` forward+backward passes."""
+    """Best milliseconds of `repeats` forward+backward passes (CPU: freed memory kept, as in
+    training)."""
+    if torch.device(case[-1]).type == "cpu":
+        keep_freed_cpu_memory()
     attn, inputs = _prepare(*case)
     return 1000 * min(_forward_backward(attn, *inputs) for _ in range(repeats))
 
