@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import multiprocessing
 import os
 import platform
 import resource
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
+
+from sbtrain.errors import UserError
 
 # The kinds at the WikiText-103 recipes' per-query budget (256 keys or features for length 2048):
 # label -> (kind, options). The benchmarks that compare kinds use these.
@@ -39,6 +44,23 @@ def machine(device: torch.device | None = None) -> dict:
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def in_fresh_process(what: str, function, *args):
+    """`function(*args)` in a freshly spawned interpreter, so its peak memory is its own.
+
+    A process that dies (killed for memory, typically) is reported as an error naming `what`,
+    instead of leaving the benchmark waiting for a result that never comes.
+    """
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(function, *args).result()
+        except BrokenProcessPool:
+            raise UserError(
+                f"the process measuring {what} died, most likely killed for lack of memory "
+                "(the kernel log says); measure a smaller size"
+            ) from None
 
 
 def peak_rss_mib() -> float:

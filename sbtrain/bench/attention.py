@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import itertools
-import multiprocessing
 import resource
 import time
 
@@ -70,16 +69,12 @@ def measure(
     """Time and peak memory of one case; on CPU each in its own freshly spawned process."""
     case = (kind, options, length, batch, heads, head_dim, device)
     if torch.device(device).type == "cpu":
-        ms = _in_fresh_process(_time_case, (case, repeats))
-        mib = _in_fresh_process(_memory_case, (case,))
+        what = f"{label} at length {length}"
+        ms = bench.in_fresh_process(what, _time_case, case, repeats)
+        mib = bench.in_fresh_process(what, _memory_case, case)
     else:
         ms, mib = _time_case(case, repeats), _memory_case(case)
     return SpeedRow(label, length, ms, mib)
-
-
-def _in_fresh_process(function, args: tuple):
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
 
 
 def _prepare(

@@ -6,7 +6,6 @@ recipe's shapes, so no data is needed; the first `warmup` steps are not timed.
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 
 import torch
@@ -96,8 +95,8 @@ def main(
     rows, where = [], None
     for recipe in loaded:  # a fresh process each, so peak memory is each recipe's own
         vocab = recipe.copy.n_symbols + 1 if recipe.task == "copy" else vocab_size
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            result = pool.apply(bench_train, (recipe, vocab, steps, warmup))
+        what = f"{recipe.model.attention.kind} at length {recipe.context_length}"
+        result = bench.in_fresh_process(what, bench_train, recipe, vocab, steps, warmup)
         rows.append(result["row"])
         where = result["machine"]
     settings = {"recipes": paths, "overrides": overrides, "steps": steps, "warmup": warmup}

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
+from sbtrain import bench
 from sbtrain.bench.approx import approx_errors, equal_budget_kinds, format_rows, mean_error
 from sbtrain.bench.attention import SpeedRow, measure, memory_growth
+from sbtrain.errors import UserError
 
 
 def test_scatterbrain_is_no_worse_than_performer_with_the_same_features():
@@ -34,3 +40,10 @@ def test_speed_and_memory_of_one_case_in_a_fresh_process():
     assert row.kind == "local" and row.length == 256 and row.ms > 0 and row.peak_mib >= 0
     rows = [SpeedRow("x", 1024, 1.0, 10.0), SpeedRow("x", 2048, 2.0, 21.0)]
     assert memory_growth(rows) == {"x": [2.1]}
+
+
+def test_a_benchmark_process_that_dies_is_an_error_not_a_hang():
+    # os.abort kills the process the way the kernel's OOM killer does: no exception, no result
+    assert bench.in_fresh_process("pid", os.getpid) != os.getpid()
+    with pytest.raises(UserError, match="the process measuring scatterbrain at 16k died"):
+        bench.in_fresh_process("scatterbrain at 16k", os.abort)
