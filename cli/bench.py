@@ -2,7 +2,7 @@
 
 examples:
   sbtrain bench attention --lengths 2048,4096,8192,16384 --out benchmarks/results/attention-cpu.json
-  sbtrain bench approx --budget 64 --length 1024 --out benchmarks/results/approx.json
+  sbtrain bench approx --budget 64 --length 1024 --out benchmarks/results/approx-cpu.json
   sbtrain bench train recipes/wt103.yaml recipes/wt103-full.yaml train.batch_size=2 --steps 5
   sbtrain bench preprocess --megabytes 500 --workers 2
   sbtrain bench generate --contexts 1024,4096,16384
