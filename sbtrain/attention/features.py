@@ -134,9 +134,9 @@ class _ExclusiveScan(torch.autograd.Function):
         return grad_x, None, grad_initial
 
 
-def _against_state(lq_c: torch.Tensor, scale: torch.Tensor, states: torch.Tensor) -> Part:
+def against_state(lq_c: torch.Tensor, scale: torch.Tensor, states: torch.Tensor) -> Part:
     """Queries `lq_c` (B, H, N, C, m) against per-chunk states (B, H, N, m, E) on log-scale `scale`
-    (B, H, N, m)."""
+    (B, H, N, m); without the chunk dimension N, queries (B, H, T, m) against one state."""
     logits = lq_c + scale.unsqueeze(-2)
     top = logits.detach().amax(-1)  # (B, H, N, C)
     return Part(logits.sub_(top.unsqueeze(-1)).exp_() @ states, top)
@@ -176,9 +176,12 @@ def causal_feature_sum(
     """
     length = lq.shape[-2]
     state = state if state is not None else empty_state(lk, vx)
+    if length == 1:  # a decode step: fold its key in, then one product with the state
+        state = fold(state, lk, vx)
+        return against_state(lq, state.max, state.nd), state
     lq_c, vx_c = chunked(lq, chunk), chunked(vx, chunk)
     lk_c = chunked(lk, chunk, fill=EMPTY)  # padded keys get weight exp(EMPTY - M) = 0
     scan = scan_chunks(lk_c, vx_c, state)
-    earlier = _against_state(lq_c, scan.previous, scan.before)
+    earlier = against_state(lq_c, scan.previous, scan.before)
     part = combine(earlier, _within_chunk(lq_c, lk_c, vx_c))
     return Part(unchunked(part.nd, length), unchunked(part.log_scale, length)), scan.final

@@ -51,6 +51,14 @@ def window_scores(q_c: torch.Tensor, k_c: torch.Tensor) -> tuple[torch.Tensor, t
     return previous, current
 
 
+def exact_part(q: torch.Tensor, k: torch.Tensor, vx: torch.Tensor) -> Part:
+    """Every query of q (B, H, T, D, temperature applied) against every key of k (B, H, n, D):
+    exact, unmasked (a decode step whose keys are exactly its window). vx: (B, H, n, E)."""
+    scores = q @ k.transpose(-1, -2)
+    top = scores.detach().amax(-1)
+    return Part(scores.sub_(top.unsqueeze(-1)).exp_() @ vx, top)
+
+
 def local_part(q: torch.Tensor, k: torch.Tensor, vx: torch.Tensor, window: int) -> Part:
     """Exact `exp(q.k)` over the window, chunked with chunk size = window.
 
@@ -104,10 +112,14 @@ class LocalAttention(nn.Module):
         """
         context_k, context_v = cached_kv(cache, k, v)
         seen = context_k.shape[-2]
-        # context positions get dummy zero queries; their outputs are dropped
-        padded_q = torch.cat([torch.zeros_like(context_k), q], dim=-2)
         all_k = torch.cat([context_k, k], dim=-2)
         all_v = torch.cat([context_v, v], dim=-2)
-        out = normalise(self.forward_parts(padded_q, all_k, all_v))[:, :, seen:]
+        if q.shape[-2] == 1:  # one step: its window is the cached keys and its own
+            dtype = compute_dtype(q)
+            q, keys, values = (x.to(dtype) for x in (q, all_k, all_v))
+            out = normalise(exact_part(q * self.tau, keys, with_ones(values)))
+        else:  # context positions get dummy zero queries; their outputs are dropped
+            padded_q = torch.cat([torch.zeros_like(context_k), q], dim=-2)
+            out = normalise(self.forward_parts(padded_q, all_k, all_v))[:, :, seen:]
         start = max(0, all_k.shape[-2] - (self.window - 1))
         return out.to(v.dtype), {"k": all_k[:, :, start:], "v": all_v[:, :, start:]}

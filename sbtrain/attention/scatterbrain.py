@@ -35,6 +35,7 @@ from sbtrain.attention.common import (
 )
 from sbtrain.attention.features import (
     FeatureState,
+    against_state,
     causal_feature_sum,
     draw_projection,
     empty_state,
@@ -42,7 +43,7 @@ from sbtrain.attention.features import (
     log_features,
     scan_chunks,
 )
-from sbtrain.attention.local import window_scores
+from sbtrain.attention.local import exact_part, window_scores
 from sbtrain.attention.lsh import (
     KeyFeatures,
     QueryFeatures,
@@ -206,19 +207,24 @@ class ScatterbrainAttention(nn.Module):
     ) -> tuple[Part, FeatureState | None]:
         """`window_part` for the last T = len(q) of n + T keys, and the state for the next call.
 
-        `state` holds every key before the last window - 1 cached ones; those cached keys get
-        dummy zero queries in front of q, whose outputs are dropped.
+        `state` holds every key before the last window - 1 cached ones. One new query sees all
+        cached keys exactly; for more, the cached keys get dummy zero queries in front of q,
+        whose outputs are dropped.
         """
         count, total, window = q.shape[-2], all_k.shape[-2], self.window
         start = max(0, total - count - (window - 1))
         dummies = total - count - start
-        if dummies:
-            q = torch.cat([q.new_zeros(*q.shape[:2], dummies, q.shape[-1]), q], dim=-2)
-            lq = torch.cat([lq.new_zeros(*lq.shape[:2], dummies, lq.shape[-1]), lq], dim=-2)
         lk, vx = lk[:, :, start:], vx[:, :, start:]
         state = state if state is not None else empty_state(lk, vx)
-        part = window_part(q * self.tau, all_k[:, :, start:], vx, lq, lk, window, state)
-        part = Part(part.nd[:, :, dummies:], part.log_scale[:, :, dummies:])
+        if count == 1:  # a decode step: exact on the cached keys and its own, features before
+            exact = exact_part(q * self.tau, all_k[:, :, start:], vx)
+            part = combine(exact, against_state(lq, state.max, state.nd))
+        else:
+            if dummies:
+                q = torch.cat([q.new_zeros(*q.shape[:2], dummies, q.shape[-1]), q], dim=-2)
+                lq = torch.cat([lq.new_zeros(*lq.shape[:2], dummies, lq.shape[-1]), lq], dim=-2)
+            part = window_part(q * self.tau, all_k[:, :, start:], vx, lq, lk, window, state)
+            part = Part(part.nd[:, :, dummies:], part.log_scale[:, :, dummies:])
         if keep_cache:
             leaving = max(0, lk.shape[-2] - (window - 1))
             state = fold(state, lk[:, :, :leaving], vx[:, :, :leaving])
