@@ -7,7 +7,7 @@ sbtrain=${SBTRAIN:-sbtrain}
 r=benchmarks/results
 $sbtrain bench attention --lengths 2048,4096,8192,16384 --out $r/attention-cpu.json
 $sbtrain bench approx --budget 64 --length 1024 --seeds 3 --out $r/approx-cpu.json
-$sbtrain bench generate --contexts 1024,4096,16384 --steps 16 --out $r/generate-cpu.json
+$sbtrain bench generate --contexts 1024,4096,16384 --steps 128 --out $r/generate-cpu.json
 # the wt103 model at its own length; at 8192 one fp32 step needs more than this machine's 24 GiB
 $sbtrain bench train recipes/wt103-full.yaml recipes/wt103.yaml train.batch_size=1 \
   train.precision=fp32 train.device=cpu --steps 2 --warmup 1 --vocab-size 267744 \
