@@ -15,13 +15,40 @@ import argparse
 import importlib
 
 
-def ints(text: str) -> list[int]:
+def positive(text: str, least: int = 1) -> int:
+    """An integer >= least (a size, a count)."""
     try:
-        return [int(x) for x in text.split(",")]
+        value = int(text)
     except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    """An integer >= 0."""
+    return positive(text, least=0)
+
+
+def ints(text: str) -> list[int]:
+    """Comma-separated integers > 0 (lengths, contexts, block sizes)."""
+    try:
+        return [positive(x) for x in text.split(",")]
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
+            f"expected comma-separated integers > 0, got {text!r}"
         ) from None
+
+
+def megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of megabytes > 0, got {text!r}")
+    return value
 
 
 def words(text: str) -> list[str]:
@@ -33,18 +60,18 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a = sub.add_parser("attention", help="forward+backward time and peak memory per kind vs length")
     a.add_argument("--kinds", type=words, help="labels of sbtrain.bench.attention.BENCH_KINDS")
     a.add_argument("--lengths", type=ints, default=[2048, 4096, 8192, 16384])
-    a.add_argument("--batch", type=int, default=1)
-    a.add_argument("--heads", type=int, default=8)
-    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--batch", type=positive, default=1)
+    a.add_argument("--heads", type=positive, default=8)
+    a.add_argument("--head-dim", type=positive, default=64)
     a.add_argument("--device", default="cpu")
-    a.add_argument("--repeats", type=int, default=2, help="timed passes; the best is kept")
+    a.add_argument("--repeats", type=positive, default=2, help="timed passes; the best is kept")
 
     x = sub.add_parser("approx", help="relative error vs exact attention at an equal budget")
-    x.add_argument("--budget", type=int, default=64, help="keys/features per query")
-    x.add_argument("--length", type=int, default=1024)
-    x.add_argument("--heads", type=int, default=4)
-    x.add_argument("--head-dim", type=int, default=64)
-    x.add_argument("--seeds", type=int, default=3)
+    x.add_argument("--budget", type=positive, default=64, help="keys/features per query")
+    x.add_argument("--length", type=positive, default=1024)
+    x.add_argument("--heads", type=positive, default=4)
+    x.add_argument("--head-dim", type=positive, default=64)
+    x.add_argument("--seeds", type=positive, default=3)
 
     t = sub.add_parser("train", help="tokens/s, step time, peak memory of training steps")
     t.add_argument(
@@ -53,27 +80,29 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="RECIPE|key=value",
         help="recipes to compare, then overrides applied to each",
     )
-    t.add_argument("--steps", type=int, default=10)
-    t.add_argument("--warmup", type=int, default=2)
-    t.add_argument("--vocab-size", type=int, default=32000, help="for lm recipes (random tokens)")
+    t.add_argument("--steps", type=positive, default=10)
+    t.add_argument("--warmup", type=count, default=2)
+    t.add_argument(
+        "--vocab-size", type=positive, default=32000, help="for lm recipes (random tokens)"
+    )
 
     p = sub.add_parser("preprocess", help="MB/s and peak RSS of preprocess on a generated corpus")
-    p.add_argument("--megabytes", type=float, default=500)
+    p.add_argument("--megabytes", type=megabytes, default=500)
     p.add_argument("--tokenizers", type=words, default=["word", "sentencepiece"])
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=positive, default=2)
     p.add_argument("--work-dir", help="where the corpus is generated (default: a temp folder)")
 
     g = sub.add_parser("generate", help="time and cache memory per generated token vs context")
     g.add_argument("--kinds", type=words, default=["full", "local", "performer", "scatterbrain"])
     g.add_argument("--contexts", type=ints, default=[1024, 4096, 16384])
-    g.add_argument("--steps", type=int, default=32)
+    g.add_argument("--steps", type=positive, default=32)
     g.add_argument("--device", default="cpu")
 
     k = sub.add_parser("kernels", help="Triton kernels vs SDPA vs the PyTorch path (CUDA)")
     k.add_argument("--lengths", type=ints, default=[2048, 4096, 8192, 16384])
-    k.add_argument("--tokens", type=int, default=32768, help="batch x length per call")
+    k.add_argument("--tokens", type=positive, default=32768, help="batch x length per call")
     k.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    k.add_argument("--repeats", type=int, default=20)
+    k.add_argument("--repeats", type=positive, default=20)
     k.add_argument("--blocks", type=ints, default=[32, 64, 128], help="kernel block sizes to try")
 
     for each in (a, x, t, p, g, k):

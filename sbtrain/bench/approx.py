@@ -27,6 +27,7 @@ import torch
 from sbtrain.attention import KINDS, build_attention
 from sbtrain.attention.full import FullAttention
 from sbtrain.attention.reference import reference_attention
+from sbtrain.errors import UserError
 
 REGIMES = ("random", "drift")
 TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0)
@@ -162,6 +163,13 @@ def main(
     """`sbtrain bench approx`: measure, print the table, write JSON to `out`."""
     from sbtrain import bench
 
+    if budget % 4:
+        raise UserError(
+            f"--budget {budget}: use a multiple of 4 (scatterbrain splits it into a window and "
+            "an even number of features, LSH into 2 rounds)"
+        )
+    if length < 2:
+        raise UserError(f"--length {length}: the drift regime needs at least 2 positions")
     rows = run_approx_bench(budget, length, heads, head_dim, seeds=seeds)
     settings = {
         "budget": budget,

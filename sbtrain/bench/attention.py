@@ -21,7 +21,7 @@ import torch
 
 from sbtrain import bench
 from sbtrain.attention import build_attention
-from sbtrain.distributed import M_MMAP_THRESHOLD, keep_freed_cpu_memory
+from sbtrain.distributed import M_MMAP_THRESHOLD, keep_freed_cpu_memory, pick_device
 from sbtrain.errors import UserError
 
 BENCH_KINDS = bench.PAPER_BUDGET
@@ -174,6 +174,7 @@ def main(
             f"--kinds: unknown {', '.join(sorted(unknown))} (have {', '.join(BENCH_KINDS)})"
         )
     chosen = {k: BENCH_KINDS[k] for k in kinds} if kinds else BENCH_KINDS
+    device = str(pick_device(device))  # one line, not a traceback, for a device not here
     rows = run_attention_bench(chosen, tuple(lengths), batch, heads, head_dim, device, repeats)
     settings = {
         "batch": batch,

@@ -14,6 +14,7 @@ import torch
 
 from sbtrain import bench
 from sbtrain.config import AttentionConfig, ModelConfig
+from sbtrain.distributed import pick_device
 from sbtrain.errors import UserError
 from sbtrain.model import TransformerLM
 
@@ -89,10 +90,12 @@ def main(
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise UserError(f"--kinds: unknown {', '.join(sorted(unknown))} (have {', '.join(KINDS)})")
-    rows = bench_generate(list(kinds), list(contexts), steps, device=device)
+    where = pick_device(device)  # one line, not a traceback, for a device not here
+    rows = bench_generate(list(kinds), list(contexts), steps, device=str(where))
     settings = {
         "steps": steps,
         "device": device,
         "kinds": {k: {f: v for f, v in vars(KINDS[k]).items() if v is not None} for k in kinds},
     }
-    return bench.report("generate", rows, out, {"machine": bench.machine(), "settings": settings})
+    meta = {"machine": bench.machine(where), "settings": settings}
+    return bench.report("generate", rows, out, meta)

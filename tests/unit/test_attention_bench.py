@@ -10,6 +10,7 @@ from sbtrain import bench
 from sbtrain.bench.approx import approx_errors, equal_budget_kinds, format_rows, mean_error
 from sbtrain.bench.attention import SpeedRow, measure, memory_growth
 from sbtrain.errors import UserError
+from tests.conftest import one_error_line
 
 
 def test_scatterbrain_is_no_worse_than_performer_with_the_same_features():
@@ -47,3 +48,30 @@ def test_a_benchmark_process_that_dies_is_an_error_not_a_hang():
     assert bench.in_fresh_process("pid", os.getpid) != os.getpid()
     with pytest.raises(UserError, match="the process measuring scatterbrain at 16k died"):
         bench.in_fresh_process("scatterbrain at 16k", os.abort)
+
+
+@pytest.mark.parametrize("what", ["attention", "generate"])
+def test_a_device_that_is_not_here_is_one_error_line(what, capsys):
+    from cli.main import main
+
+    assert main(["bench", what, "--device", "tpu"]) == 2
+    assert "unknown device 'tpu'" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["attention", "--lengths", "2048,-5"], "integers > 0"),
+        (["attention", "--repeats", "0"], "--repeats: expected an integer >= 1"),
+        (["generate", "--steps", "0"], "--steps: expected an integer >= 1"),
+        (["approx", "--budget", "6"], "multiple of 4"),
+        (["approx", "--length", "1"], "at least 2 positions"),
+        (["train", "recipes/debug.yaml", "--warmup", "-1"], "--warmup: expected an integer >= 0"),
+        (["preprocess", "--megabytes", "0"], "megabytes > 0"),
+    ],
+)
+def test_impossible_benchmark_sizes_are_one_error_line(args, says, capsys):
+    from cli.main import main
+
+    assert main(["bench", *args]) == 2
+    assert says in one_error_line(capsys)
