@@ -28,6 +28,16 @@ class Layout:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
+def mallopt(**settings: int) -> None:
+    """Set glibc malloc parameters by name (`M_MMAP_THRESHOLD=...`); elsewhere do nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    for name, value in settings.items():
+        libc.mallopt(globals()[name], value)
+
+
 def keep_freed_cpu_memory() -> None:
     """Let glibc keep freed blocks for the next step, as PyTorch's CUDA allocator keeps its own.
 
@@ -37,12 +47,7 @@ def keep_freed_cpu_memory() -> None:
     the blocks kept, and their time grew faster than the length. Resident memory stays at its
     peak instead of dropping between steps. Elsewhere (no glibc) this does nothing.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 2**30)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**30)
+    mallopt(M_MMAP_THRESHOLD=2**30, M_TRIM_THRESHOLD=2**30)
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:

@@ -11,7 +11,6 @@ what the inputs already hold.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import itertools
 import resource
@@ -21,7 +20,7 @@ import torch
 
 from sbtrain import bench
 from sbtrain.attention import build_attention
-from sbtrain.distributed import M_MMAP_THRESHOLD, keep_freed_cpu_memory, pick_device
+from sbtrain.distributed import keep_freed_cpu_memory, mallopt, pick_device
 from sbtrain.errors import UserError
 
 BENCH_KINDS = bench.PAPER_BUDGET
@@ -120,11 +119,7 @@ def _return_freed_memory() -> None:
     peak RSS of short sequences (whose tensors fit under it) overstates their live memory and
     memory ratios between lengths come out wrong. Elsewhere (no glibc) this does nothing.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    mallopt(M_MMAP_THRESHOLD=64 * 1024)
 
 
 def _inputs(batch: int, heads: int, length: int, head_dim: int, device: str) -> list[torch.Tensor]:
