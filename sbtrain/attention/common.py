@@ -74,9 +74,59 @@ def subtract(whole: Part, piece: Part) -> Part:
     return Part(torch.cat([nd[..., :-1], nd[..., -1:].clamp_min(0.0)], dim=-1), scale)
 
 
-def normalise(part: Part) -> torch.Tensor:
-    """Numerator / denominator: (B, H, L, D+1) -> (B, H, L, D)."""
-    return part.nd[..., :-1] / part.nd[..., -1:]
+def normalise(part: Part, real: torch.Tensor | None = None) -> torch.Tensor:
+    """Numerator / denominator: (B, H, L, D+1) -> (B, H, L, D).
+
+    With `real` (B, L) bool (non-causal attention), a padded query's output is 0, with zero
+    gradient, whatever its (possibly empty) sums hold: its denominator is replaced by 1 first, so
+    neither forward nor backward divides by 0.
+    """
+    if real is None:
+        return part.nd[..., :-1] / part.nd[..., -1:]
+    real = real[:, None, :, None]
+    denominator = torch.where(real, part.nd[..., -1:], 1.0)
+    return torch.where(real, part.nd[..., :-1] / denominator, 0.0)
+
+
+def real_tokens(
+    causal: bool, key_padding_mask: torch.Tensor | None, q: torch.Tensor
+) -> torch.Tensor | None:
+    """The (B, L) bool mask of real tokens for non-causal attention (all True without a mask);
+    None for causal attention, which takes no mask (ValueError if one is given)."""
+    if causal:
+        if key_padding_mask is not None:
+            raise ValueError(
+                "key_padding_mask is for non-causal attention only: build the attention with "
+                "causal=False, or pass no mask"
+            )
+        return None
+    batch, length = q.shape[0], q.shape[-2]
+    if key_padding_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, length):
+        raise ValueError(
+            f"key_padding_mask must be a bool tensor of shape (batch, length) = ({batch}, "
+            f"{length}), True for real tokens; got {key_padding_mask.dtype} "
+            f"{tuple(key_padding_mask.shape)}"
+        )
+    return key_padding_mask
+
+
+def centred(window: int) -> tuple[int, int]:
+    """A non-causal window of `window` keys around query i: (keys before i, keys after i) =
+    (window // 2, (window - 1) // 2), so j - i in [-(window // 2), (window - 1) // 2]."""
+    return window // 2, (window - 1) // 2
+
+
+def check_causal(causal: bool) -> None:
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be true or false, got {causal!r}")
+
+
+def causal_only(module) -> None:
+    """Decoding generates left to right: a non-causal module cannot decode."""
+    if not module.causal:
+        raise ValueError("decode is for causal attention only (this one was built causal=False)")
 
 
 def chunked(x: torch.Tensor, chunk: int, fill: float = 0.0) -> torch.Tensor:
@@ -93,10 +143,15 @@ def unchunked(x: torch.Tensor, length: int) -> torch.Tensor:
     return x.flatten(2, 3)[:, :, :length]
 
 
-def shifted(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """(B, H, N, C, X) -> the same, chunk c holding chunk c-1 (chunk 0 holds `fill`)."""
-    first = torch.full_like(x[:, :, :1], fill)
-    return torch.cat([first, x[:, :, :-1]], dim=2)
+def shifted(x: torch.Tensor, fill: float = 0.0, by: int = 1) -> torch.Tensor:
+    """(B, H, N, C, X) -> the same, chunk c holding chunk c - by for `by` = 1 (chunk 0 holds
+    `fill`), 0 (x itself) or -1 (chunk c + 1; the last chunk holds `fill`)."""
+    if by == 0:
+        return x
+    edge = torch.full_like(x[:, :, :1], fill)
+    if by == 1:
+        return torch.cat([edge, x[:, :, :-1]], dim=2)
+    return torch.cat([x[:, :, 1:], edge], dim=2)
 
 
 def resolve_seed(seed: int | None) -> int:

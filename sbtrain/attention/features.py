@@ -7,6 +7,8 @@ Key features are kept on a per-feature running max over the chunks seen so far (
 softmax): the state carried past chunk c is `Σ_j exp(log phi(k_j) - M_c) [v_j, 1]` and is rescaled
 when `M` grows. `M` only ever covers keys a query is allowed to see, so a large future key cannot
 push past keys into underflow. Query features are stabilised by their own max over features.
+Non-causal sums (`bidirectional_feature_sum`) see every real key at once: one per-feature max
+over the real keys of the sequence serves them.
 """
 
 from __future__ import annotations
@@ -185,3 +187,27 @@ def causal_feature_sum(
     earlier = against_state(lq_c, scan.previous, scan.before)
     part = combine(earlier, _within_chunk(lq_c, lk_c, vx_c))
     return Part(unchunked(part.nd, length), unchunked(part.log_scale, length)), scan.final
+
+
+def real_key_weights(lk: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal key features on one global scale: `exp(log phi(k) - M)` (B, H, L, m), exactly 0
+    for padded keys, and M (B, H, m), the per-feature max over the real keys (EMPTY if none).
+
+    A max over the whole sequence is fine when every real key is visible to every query; padded
+    keys are excluded from it, so padding cannot flush real keys to zero.
+    """
+    lk = lk.masked_fill(~real[:, None, :, None], -math.inf)
+    top = lk.detach().amax(-2).clamp_min(EMPTY)  # (B, H, m)
+    return torch.exp(lk - top.unsqueeze(-2)), top
+
+
+def bidirectional_feature_sum(
+    lq: torch.Tensor, lk: torch.Tensor, vx: torch.Tensor, real: torch.Tensor
+) -> Part:
+    """Σ_j phi(q_i).phi(k_j) [v_j, 1] over every real key j, for every query.
+
+    lq, lk: (B, H, L, m) log-features; vx: (B, H, L, E); real: (B, L) bool. One state
+    Σ_j exp(log phi(k_j) - M) [v_j, 1]^T (B, H, m, E), no prefix sums: memory O(L m + m E).
+    """
+    key_weights, top = real_key_weights(lk, real)
+    return against_state(lq, top, key_weights.transpose(-1, -2) @ vx)

@@ -1,4 +1,4 @@
-"""Exact causal softmax attention through PyTorch's fused SDPA kernels."""
+"""Exact softmax attention (causal, or over every real key) through PyTorch's fused SDPA kernels."""
 
 from __future__ import annotations
 
@@ -6,23 +6,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sbtrain.attention.common import cached_kv
+from sbtrain.attention.common import cached_kv, causal_only, check_causal, real_tokens
 
 
 class FullAttention(nn.Module):
-    """`softmax(q k^T / sqrt(d)) v` over all keys j <= i. Time O(L^2 d), memory O(L) (flash)."""
+    """`softmax(q k^T / sqrt(d)) v` over all keys j <= i (causal) or all real keys (non-causal).
+    Time O(L^2 d), memory O(L) (flash)."""
 
-    def __init__(self, head_dim: int):
+    def __init__(self, head_dim: int, causal: bool = True):
         super().__init__()
         self.head_dim = head_dim
+        self.causal = causal
 
     @staticmethod
-    def check_options(head_dim: int) -> None:
-        """Nothing to check: full attention has no options."""
+    def check_options(head_dim: int, causal: bool = True) -> None:
+        check_causal(causal)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D)."""
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q, k, v: (B, H, L, D) -> (B, H, L, D); key_padding_mask (B, L) bool, True for real
+        tokens (non-causal only): padded keys get no weight, padded queries output 0."""
+        real = real_tokens(self.causal, key_padding_mask, q)
+        if real is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if key_padding_mask is None:
+            return F.scaled_dot_product_attention(q, k, v)
+        # a sequence without real tokens sees all its keys, so no row is empty (no NaN); its
+        # outputs are zeroed below like every padded query's
+        visible = real | ~real.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
+        return out.masked_fill(~real[:, None, :, None], 0.0)
 
     def decode(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
@@ -31,6 +49,7 @@ class FullAttention(nn.Module):
 
         The cache holds every key and value (a KV cache).
         """
+        causal_only(self)
         context_k, context_v = cached_kv(cache, k, v)
         all_k, all_v = torch.cat([context_k, k], dim=-2), torch.cat([context_v, v], dim=-2)
         seen, count = context_k.shape[-2], q.shape[-2]

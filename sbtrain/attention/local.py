@@ -1,4 +1,5 @@
-"""Exact softmax over a sliding window: query i sees keys j in (i - window, i]."""
+"""Exact softmax over a sliding window: query i sees keys j in (i - window, i] (causal), or the
+`window` keys centred on i, j - i in [-(window // 2), (window - 1) // 2] (non-causal)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,17 @@ import torch
 from torch import nn
 
 from sbtrain.attention.common import (
+    EMPTY,
     Part,
     cached_kv,
+    causal_only,
+    centred,
+    check_causal,
     chunked,
     compute_dtype,
     full_precision,
     normalise,
+    real_tokens,
     shifted,
     unchunked,
     with_ones,
@@ -51,6 +57,61 @@ def window_scores(q_c: torch.Tensor, k_c: torch.Tensor) -> tuple[torch.Tensor, t
     return previous, current
 
 
+NEIGHBOURS = (1, 0, -1)  # key chunks c-1, c, c+1 of query chunk c, as `shifted(x, by=...)`
+
+
+def centred_inside(window: int, like: torch.Tensor) -> list[torch.Tensor]:
+    """(W, W) bool per neighbour chunk c-1, c, c+1 (chunk size = window): is key t of that chunk
+    in the centred window of query r of chunk c? Offsets j - i = t - r - by * window."""
+    before, after = centred(window)
+    r = torch.arange(window, device=like.device).unsqueeze(-1)
+    t = torch.arange(window, device=like.device)
+    offsets = [t - r - by * window for by in NEIGHBOURS]
+    return [(offset >= -before) & (offset <= after) for offset in offsets]
+
+
+def key_bias(real: torch.Tensor, window: int, like: torch.Tensor) -> torch.Tensor:
+    """(B, L) real-token mask -> additive key bias (B, 1, N, 1, W): 0 for real keys, -inf for
+    padded keys and the chunk padding past L."""
+    bias = torch.zeros(real.shape, dtype=like.dtype, device=like.device)
+    bias = bias.masked_fill(~real, -math.inf)[:, None, :, None]
+    return chunked(bias, window, fill=-math.inf).transpose(-1, -2)
+
+
+def centred_scores(q_c: torch.Tensor, k_c: torch.Tensor, bias: torch.Tensor) -> list[torch.Tensor]:
+    """Scores of query chunk c against key chunks c-1, c and c+1, -inf outside the centred window
+    and on padded keys. q_c, k_c: (B, H, N, W, D), q multiplied by the temperature; bias from
+    `key_bias`. Returns three (B, H, N, W, W), masked in place (their backward is the identity)."""
+    blocks = []
+    for by, inside in zip(NEIGHBOURS, centred_inside(q_c.shape[3], q_c)):
+        outside = torch.zeros(inside.shape, dtype=q_c.dtype, device=q_c.device)
+        outside.masked_fill_(~inside, -math.inf)
+        scores = q_c @ shifted(k_c, by=by).transpose(-1, -2)
+        blocks.append(scores.add_(outside).add_(shifted(bias, -math.inf, by)))
+    return blocks
+
+
+def centred_part(
+    q: torch.Tensor, k: torch.Tensor, vx: torch.Tensor, window: int, real: torch.Tensor
+) -> Part:
+    """Exact `exp(q.k)` over the centred window's real keys, chunked with chunk size = window.
+
+    q: (B, H, L, D), multiplied by the temperature; k: (B, H, L, D); vx: (B, H, L, E); real: (B, L)
+    bool. Query chunk c meets key chunks c-1, c, c+1: scores 3 x (B, H, L/W, W, W), memory
+    O(L window). A query with no real key in its window (only a padded one can) gets the EMPTY
+    log-scale and zero sums. Returns the part (B, H, L, E) on the per-query max score.
+    """
+    length = q.shape[-2]
+    q_c, k_c, vx_c = chunked(q, window), chunked(k, window), chunked(vx, window)
+    blocks = centred_scores(q_c, k_c, key_bias(real, window, q))
+    top = torch.stack([block.detach().amax(-1) for block in blocks]).amax(0).clamp_min(EMPTY)
+    nd = sum(
+        block.sub_(top.unsqueeze(-1)).exp_() @ shifted(vx_c, by=by)
+        for by, block in zip(NEIGHBOURS, blocks)
+    )
+    return Part(unchunked(nd, length), unchunked(top, length))
+
+
 def exact_part(q: torch.Tensor, k: torch.Tensor, vx: torch.Tensor) -> Part:
     """Every query of q (B, H, T, D, temperature applied) against every key of k (B, H, n, D):
     exact, unmasked (a decode step whose keys are exactly its window). vx: (B, H, n, E)."""
@@ -75,32 +136,53 @@ def local_part(q: torch.Tensor, k: torch.Tensor, vx: torch.Tensor, window: int) 
 
 
 class LocalAttention(nn.Module):
-    """Sliding-window softmax: query i sees the `window` most recent keys j in (i - window, i].
+    """Sliding-window softmax: query i sees the `window` most recent keys j in (i - window, i]
+    (causal), or the `window` keys around it, j - i in [-(window // 2), (window - 1) // 2], minus
+    padded ones (non-causal).
 
     Time O(L window D), memory O(L window).
     """
 
-    def __init__(self, head_dim: int, window: int = 128):
+    def __init__(self, head_dim: int, window: int = 128, causal: bool = True):
         super().__init__()
         self.head_dim = head_dim
         self.window = window
+        self.causal = causal
         self.tau = head_dim**-0.5
 
     @staticmethod
-    def check_options(head_dim: int, window: int = 128) -> None:
+    def check_options(head_dim: int, window: int = 128, causal: bool = True) -> None:
         if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
             raise ValueError(f"local: window must be a positive integer, got {window!r}")
+        check_causal(causal)
 
     @full_precision
-    def forward_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Part:
+    def forward_parts(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> Part:
         """(B, H, L, D) each -> the unnormalised part (fp32, or fp64 for fp64 inputs)."""
+        real = real_tokens(self.causal, key_padding_mask, q)
         dtype = compute_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if real is not None:
+            return centred_part(q * self.tau, k, with_ones(v), self.window, real)
         return local_part(q * self.tau, k, with_ones(v), self.window)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype."""
-        return normalise(self.forward_parts(q, k, v)).to(v.dtype)
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype; key_padding_mask (B, L) bool, True
+        for real tokens (non-causal only): padded queries output 0."""
+        real = real_tokens(self.causal, key_padding_mask, q)
+        return normalise(self.forward_parts(q, k, v, real), real).to(v.dtype)
 
     @full_precision
     def decode(
@@ -110,6 +192,7 @@ class LocalAttention(nn.Module):
 
         The cache holds the last window - 1 keys and values, all a later query can still see.
         """
+        causal_only(self)
         context_k, context_v = cached_kv(cache, k, v)
         seen = context_k.shape[-2]
         all_k = torch.cat([context_k, k], dim=-2)

@@ -1,4 +1,4 @@
-"""Causal angular-LSH attention: exact softmax over the most recent same-bucket keys.
+"""Angular-LSH attention: exact softmax over the nearest same-bucket keys.
 
 Per hash round r, `bucket(x) = argmax([x R_r, -x R_r])` for queries and keys alike. Query i sees
 `S_i` = itself plus, per round, the `bucket_size` most recent keys j <= i with
@@ -6,6 +6,11 @@ Per hash round r, `bucket(x) = argmax([x R_r, -x R_r])` for queries and keys ali
 positions <= i only: keys are sorted by the code `bucket * L + j`, and the query's place among them
 (`searchsorted` on `bucket(q_i) * L + i`) is preceded by exactly the same-bucket keys j <= i.
 Sort-then-cut-in-equal-chunks (Reformer) would instead let future tokens decide what a query sees.
+
+Non-causal (with a key padding mask): per round, the `bucket_size - bucket_size // 2` nearest
+same-bucket *real* keys j <= i and the `bucket_size // 2` nearest j > i, in position order. Padded
+keys are sorted after every real key, so neither the padding of the query's own sequence nor that
+of any other sequence changes which keys a real query sees.
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ from sbtrain.attention.common import (
     EMPTY,
     Part,
     cached_kv,
+    causal_only,
+    centred,
+    check_causal,
     check_seed,
     compute_dtype,
     full_precision,
     generator,
     normalise,
+    real_tokens,
     resolve_seed,
     with_ones,
 )
@@ -51,39 +60,53 @@ def hash_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 
 
 class KeyIndex(NamedTuple):
-    """Keys sorted by (bucket, position), per round: `codes` = bucket * L + j, and `order` = j."""
+    """Keys sorted by (bucket, position), per round: `codes` = bucket * L + j, and `order` = j.
+    Padded keys (non-causal) get the code PADDED, after every real key: no query finds them."""
 
     codes: torch.Tensor  # (R, B, H, L) int64, ascending
     order: torch.Tensor  # (R, B, H, L) int64
 
 
-def index_keys(key_buckets: torch.Tensor) -> KeyIndex:
-    """(R, B, H, L) key buckets -> the keys of every round sorted by (bucket, position)."""
+PADDED = 2**62  # the code of a padded key: above bucket * L + j for every real one
+
+
+def index_keys(key_buckets: torch.Tensor, real: torch.Tensor | None = None) -> KeyIndex:
+    """(R, B, H, L) key buckets -> the keys of every round sorted by (bucket, position); with
+    `real` (B, L) bool, padded keys are sorted after all real ones."""
     length = key_buckets.shape[-1]
     codes = key_buckets * length + torch.arange(length, device=key_buckets.device)
+    if real is not None:
+        codes = codes.masked_fill(~real[:, None, :], PADDED)
     codes, order = codes.sort(dim=-1)
     return KeyIndex(codes, order)
 
 
 def lsh_support(
-    query_buckets: torch.Tensor, positions: torch.Tensor, index: KeyIndex, bucket_size: int
+    query_buckets: torch.Tensor,
+    positions: torch.Tensor,
+    index: KeyIndex,
+    bucket_size: int,
+    ahead: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's support: itself and, per round, its `bucket_size` most recent same-bucket keys.
+    """Each query's support: itself and, per round, its `bucket_size` nearest same-bucket keys
+    j <= i and (non-causal) its `ahead` nearest same-bucket keys j > i, in position order.
 
     query_buckets: (R, B, H, T) for queries at `positions` (T,) int64. Returns `keys`
-    (B, H, T, 1 + R * bucket_size) int64 key positions, sorted, and `keep` (same shape, bool):
-    False on repeats (a key found twice, or a round that found fewer than bucket_size keys, whose
+    (B, H, T, 1 + R * (bucket_size + ahead)) int64 key positions, sorted, and `keep` (same
+    shape, bool): False on repeats (a key found twice, or a round that found fewer keys, whose
     empty slots point at the query itself).
     """
     length = index.codes.shape[-1]
     query_codes = query_buckets * length + positions
     place = torch.searchsorted(index.codes, query_codes, right=True)  # keys with code <= query's
-    back = place.unsqueeze(-1) - torch.arange(1, bucket_size + 1, device=place.device)
-    inside = back >= 0
-    flat = back.clamp_min(0).flatten(-2)  # (R, B, H, T * bucket_size)
-    found_codes = index.codes.gather(-1, flat).view_as(back)
-    found = index.order.gather(-1, flat).view_as(back)  # (R, B, H, T, bucket_size)
-    same_bucket = inside & (found_codes >= (query_buckets * length).unsqueeze(-1))
+    steps = torch.cat([-torch.arange(1, bucket_size + 1), torch.arange(ahead)]).to(place.device)
+    near = place.unsqueeze(-1) + steps  # sorted places: bucket_size before, `ahead` from place on
+    inside = (near >= 0) & (near < length)
+    flat = near.clamp(0, length - 1).flatten(-2)  # (R, B, H, T * steps)
+    found_codes = index.codes.gather(-1, flat).view_as(near)
+    found = index.order.gather(-1, flat).view_as(near)  # (R, B, H, T, steps)
+    found_buckets = found_codes.div(length, rounding_mode="floor")
+    same_bucket = inside & (found_buckets == query_buckets.unsqueeze(-1))
     found = torch.where(same_bucket, found, positions.unsqueeze(-1))
     batch, heads, count = found.shape[1:4]
     itself = positions.view(1, 1, count, 1).expand(batch, heads, count, 1)
@@ -92,6 +115,12 @@ def lsh_support(
     repeat = keys[..., 1:] == keys[..., :-1]
     keep = torch.cat([torch.ones_like(repeat[..., :1]), ~repeat], dim=-1)
     return keys, keep
+
+
+def split_bucket(bucket_size: int) -> tuple[int, int]:
+    """Non-causal LSH: (same-bucket keys taken at j <= i, at j > i) per round, `bucket_size` in
+    all: the larger half before, like the centred window."""
+    return bucket_size - bucket_size // 2, bucket_size // 2
 
 
 class QueryFeatures(NamedTuple):
@@ -115,17 +144,27 @@ class _Support(NamedTuple):
     query_buckets: torch.Tensor  # (R, B, H, T)
     positions: torch.Tensor  # (T,) int64
     index: KeyIndex
-    bucket_size: int
-    older_than: int
+    bucket_size: int  # same-bucket keys j <= i per round
+    ahead: int  # same-bucket keys j > i per round (non-causal)
+    window: int  # keys a window covers are left out: j > i - window, or the centred window
+    real: torch.Tensor | None  # (B, L) bool (non-causal), None for causal
 
     def block(self, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """`lsh_support` of the queries in `span`, keeping only keys j <= i - older_than."""
+        """`lsh_support` of the queries in `span`, without the window's keys and padded keys."""
         positions = self.positions[span]
         keys, keep = lsh_support(
-            self.query_buckets[..., span], positions, self.index, self.bucket_size
+            self.query_buckets[..., span], positions, self.index, self.bucket_size, self.ahead
         )
-        if self.older_than:
-            keep &= keys <= positions.unsqueeze(-1) - self.older_than
+        if self.window and self.real is None:
+            keep &= keys <= positions.unsqueeze(-1) - self.window
+        elif self.window:
+            before, after = centred(self.window)
+            offsets = keys - positions.unsqueeze(-1)
+            keep &= (offsets < -before) | (offsets > after)
+        if self.real is not None:
+            length = self.real.shape[-1]
+            rows = torch.arange(self.real.shape[0], device=keys.device).view(-1, 1, 1, 1) * length
+            keep &= self.real.flatten()[keys + rows]
         return keys, keep
 
 
@@ -262,30 +301,35 @@ def lsh_parts(
     vx: torch.Tensor,
     rotations: torch.Tensor,
     bucket_size: int,
-    older_than: int = 0,
+    window: int = 0,
     features: tuple[QueryFeatures, KeyFeatures] | None = None,
+    real: torch.Tensor | None = None,
 ) -> tuple[Part, Part | None]:
     """Exact `exp(q.k)` over each query's LSH support, and optionally the feature products there.
 
     q: (B, H, T, D), already multiplied by the temperature: the *last* T positions of the keys
-    k (B, H, L, D) and values vx (B, H, L, E). `older_than` > 0 keeps only support keys
-    j <= i - older_than (scatterbrain: the window already covers the others). Queries are
+    k (B, H, L, D) and values vx (B, H, L, E). `window` > 0 leaves out the keys a window covers
+    (scatterbrain: they are exact already): causal, j > i - window; non-causal, the centred
+    window. `real` (B, L) bool makes it non-causal (T = L): `split_bucket(bucket_size)` keys per
+    round before and after, padded keys never found. A query with an empty support (only a padded
+    one can have it) gets the EMPTY log-scale and zero sums. Queries are
     processed in blocks whose gathered (T, K, X) rows are recomputed in backward: memory
     O(L (X + R)) plus one block. Returns the exact part (B, H, T, E) and, with `features`, the
     part Σ phi(q).phi(k) [v, 1] over the same entries (for the low-rank part to subtract).
     """
     (batch, heads, count, dim), length = q.shape, k.shape[-2]
     positions = torch.arange(length - count, length, device=q.device)
+    behind, ahead = (bucket_size, 0) if real is None else split_bucket(bucket_size)
     with torch.no_grad():
         query_buckets = hash_buckets(q, rotations)  # argmax ignores the positive temperature
-        index = index_keys(hash_buckets(k, rotations))
-    support = _Support(query_buckets, positions, index, bucket_size, older_than)
+        index = index_keys(hash_buckets(k, rotations), real)
+    support = _Support(query_buckets, positions, index, behind, ahead, window, real)
     columns, qf = [k, vx], None
     if features is not None:
         columns += [features[1].weights, features[1].top.unsqueeze(-1)]
         qf = features[0].weights
     table = torch.cat(columns, dim=-1)  # (B, H, L, X)
-    per_query = batch * heads * (1 + rotations.shape[0] * bucket_size) * table.shape[-1]
+    per_query = batch * heads * (1 + rotations.shape[0] * (behind + ahead)) * table.shape[-1]
     block = max(1, BLOCK_ELEMENTS // per_query)
     width = vx.shape[-1]
     nd, top, feature_nd, feature_top = _SupportSums.apply(q, qf, table, support, dim, width, block)
@@ -321,9 +365,11 @@ class LSHAttention(nn.Module):
         bucket_size: int = 64,
         n_buckets: int = 16,
         seed: int | None = None,
+        causal: bool = True,
     ):
         super().__init__()
         self.head_dim = head_dim
+        self.causal = causal
         self.n_hashes = n_hashes
         self.bucket_size = bucket_size
         self.n_buckets = n_buckets
@@ -339,9 +385,11 @@ class LSHAttention(nn.Module):
         bucket_size: int = 64,
         n_buckets: int = 16,
         seed: int | None = None,
+        causal: bool = True,
     ) -> None:
         check_lsh(n_hashes, bucket_size, n_buckets)
         check_seed(seed)
+        check_causal(causal)
 
     @torch.no_grad()
     def redraw(self, seed: int) -> None:
@@ -350,15 +398,33 @@ class LSHAttention(nn.Module):
         self.rotations.copy_(drawn)
 
     @full_precision
-    def forward_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Part:
-        """q: (B, H, T, D), the last T positions of k, v (B, H, L, D) -> part (B, H, T, D+1)."""
+    def forward_parts(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> Part:
+        """q: (B, H, T, D), the last T positions of k, v (B, H, L, D) -> part (B, H, T, D+1)
+        (non-causal: T = L)."""
+        real = real_tokens(self.causal, key_padding_mask, q)
         dtype = compute_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        return lsh_parts(q * self.tau, k, with_ones(v), self.rotations, self.bucket_size)[0]
+        rotations, bucket_size = self.rotations, self.bucket_size
+        return lsh_parts(q * self.tau, k, with_ones(v), rotations, bucket_size, real=real)[0]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype."""
-        return normalise(self.forward_parts(q, k, v)).to(v.dtype)
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype; key_padding_mask (B, L) bool, True
+        for real tokens (non-causal only): padded keys are never in a support, padded queries
+        output 0."""
+        real = real_tokens(self.causal, key_padding_mask, q)
+        return normalise(self.forward_parts(q, k, v, real), real).to(v.dtype)
 
     def decode(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
@@ -367,6 +433,7 @@ class LSHAttention(nn.Module):
 
         The cache keeps all keys and values; only the T new queries are computed.
         """
+        causal_only(self)
         context_k, context_v = cached_kv(cache, k, v)
         all_k, all_v = torch.cat([context_k, k], dim=-2), torch.cat([context_v, v], dim=-2)
         out = normalise(self.forward_parts(q, all_k, all_v)).to(v.dtype)

@@ -1,4 +1,5 @@
-"""Performer (FAVOR+): causal linear attention with positive orthogonal random features."""
+"""Performer (FAVOR+): linear attention with positive orthogonal random features, causal (chunked
+prefix sums) or over every real key (one sum)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,26 @@ from torch import nn
 from sbtrain.attention import triton_kernels
 from sbtrain.attention.common import (
     Part,
+    causal_only,
+    check_causal,
     check_seed,
     compute_dtype,
     full_precision,
     generator,
     normalise,
+    real_tokens,
     resolve_seed,
     with_ones,
 )
 from sbtrain.attention.features import (
     FeatureState,
+    bidirectional_feature_sum,
     causal_feature_sum,
     draw_projection,
     log_features,
 )
+
+CHUNK_SIZE = 64  # the default chunk of causal prefix sums
 
 
 def check_features(head_dim: int, n_features: int, chunk_size: int) -> None:
@@ -44,28 +51,46 @@ def state_to_cache(state: FeatureState) -> dict:
 
 
 class PerformerAttention(nn.Module):
-    """`phi(q_i).phi(k_j)` for every j <= i, normalised: unbiased for `exp(tau q.k)`.
+    """`phi(q_i).phi(k_j)` for every j <= i (causal) or every real key j (non-causal), normalised:
+    unbiased for `exp(tau q.k)`.
 
-    Time O(L (m D + chunk (m + D))), memory O(L (m + chunk)); decoding keeps an O(m D) state.
-    The projection `W` is a persistent buffer drawn from `seed`.
+    Causal: time O(L (m D + chunk (m + D))), memory O(L (m + chunk)); decoding keeps an O(m D)
+    state. Non-causal: time O(L m D), memory O(L m), no chunks. The projection `W` is a persistent
+    buffer drawn from `seed`.
     """
 
     def __init__(
-        self, head_dim: int, n_features: int = 128, chunk_size: int = 64, seed: int | None = None
+        self,
+        head_dim: int,
+        n_features: int = 128,
+        chunk_size: int | None = None,
+        seed: int | None = None,
+        causal: bool = True,
     ):
         super().__init__()
         self.head_dim = head_dim
         self.n_features = n_features
-        self.chunk_size = chunk_size
+        self.chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
+        self.causal = causal
         self.tau = head_dim**-0.5
         self.register_buffer("projection", torch.empty(n_features // 2, head_dim), persistent=True)
         self.redraw(resolve_seed(seed))
 
     @staticmethod
     def check_options(
-        head_dim: int, n_features: int = 128, chunk_size: int = 64, seed: int | None = None
+        head_dim: int,
+        n_features: int = 128,
+        chunk_size: int | None = None,
+        seed: int | None = None,
+        causal: bool = True,
     ) -> None:
-        check_features(head_dim, n_features, chunk_size)
+        check_causal(causal)
+        if not causal and chunk_size is not None:
+            raise ValueError(
+                "performer: chunk_size only applies to causal attention (non-causal sums over "
+                "all keys at once); leave it unset"
+            )
+        check_features(head_dim, n_features, CHUNK_SIZE if chunk_size is None else chunk_size)
         check_seed(seed)
 
     @torch.no_grad()
@@ -84,12 +109,43 @@ class PerformerAttention(nn.Module):
         lk = log_features(k, self.projection, self.tau)
         return causal_feature_sum(lq, lk, with_ones(v), self.chunk_size, state)
 
-    def forward_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Part:
+    @full_precision
+    def _bidirectional(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor
+    ) -> Part:
+        dtype = compute_dtype(q)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        lq = log_features(q, self.projection, self.tau)
+        lk = log_features(k, self.projection, self.tau)
+        return bidirectional_feature_sum(lq, lk, with_ones(v), real)
+
+    def forward_parts(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> Part:
         """(B, H, L, D) each -> the unnormalised part (fp32, or fp64 for fp64 inputs)."""
+        real = real_tokens(self.causal, key_padding_mask, q)
+        if real is not None:
+            return self._bidirectional(q, k, v, real)
         return self._parts(q, k, v, None)[0]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (fused Triton kernels on CUDA)."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (fused Triton kernels on CUDA,
+        causal only); key_padding_mask (B, L) bool, True for real tokens (non-causal only):
+        padded keys get no weight, padded queries output 0."""
+        # non-causal: PyTorch only (the fused kernels are causal)
+        real = real_tokens(self.causal, key_padding_mask, q)
+        if real is not None:
+            return normalise(self.forward_parts(q, k, v, real), real).to(v.dtype)
         if q.is_cuda and triton_kernels.supports(q):
             return triton_kernels.performer(q, k, v, self.projection)
         return normalise(self.forward_parts(q, k, v)).to(v.dtype)
@@ -102,5 +158,6 @@ class PerformerAttention(nn.Module):
         The cache is the running state (Σ phi(k) [v, 1]^T and its per-feature log-scale): its size
         does not grow with the context. A prompt is processed chunked, like `forward`.
         """
+        causal_only(self)
         part, state = self._parts(q, k, v, state_from_cache(cache))
         return normalise(part).to(v.dtype), state_to_cache(state)

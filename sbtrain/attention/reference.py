@@ -2,7 +2,9 @@
 
 Each returns the full (L x L) normalised attention matrix a module computes, built by brute force
 from the module's own buffers (projection W, LSH rotations) and written independently of the fast
-kernels: no chunks, no stabilisers, no sorting. Rows sum to 1; entries above the diagonal are 0.
+kernels: no chunks, no stabilisers, no sorting. Causal: rows sum to 1, entries above the diagonal
+are 0. Non-causal (a module built with causal=False, optional key padding mask): columns of padded
+keys are 0, rows of real queries sum to 1, rows of padded queries are 0 (their output is 0).
 Cost O(L^2) memory: for tests and small benchmarks only.
 """
 
@@ -20,12 +22,25 @@ from sbtrain.attention.performer import PerformerAttention
 from sbtrain.attention.scatterbrain import ScatterbrainAttention
 
 
-def reference_matrix(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q, k: (B, H, L, D) -> (B, H, L, L) float64 attention matrix of `module`'s kind."""
+def reference_matrix(
+    module: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q, k: (B, H, L, D) -> (B, H, L, L) float64 attention matrix of `module`'s kind;
+    key_padding_mask (B, L) bool, True for real tokens, for non-causal modules only."""
     q, k = q.double(), k.double()
     tau = q.shape[-1] ** -0.5
     scores = tau * q @ k.transpose(-1, -2)
     length = q.shape[-2]
+    if not getattr(module, "causal", True):
+        real = key_padding_mask
+        if real is None:
+            real = torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device)
+        return _bidirectional_matrix(module, q, k, scores, real)
+    if key_padding_mask is not None:
+        raise ValueError("key_padding_mask is for non-causal modules only")
     past = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
     if isinstance(module, FullAttention):
         return _softmax_over(past, scores)
@@ -46,10 +61,79 @@ def reference_matrix(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tor
 
 
 def reference_attention(
-    module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    module: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, H, L, D) each -> (B, H, L, D) float64: `reference_matrix(module, q, k) @ v`."""
-    return reference_matrix(module, q, k) @ v.double()
+    """(B, H, L, D) each -> (B, H, L, D) float64: `reference_matrix(module, q, k, mask) @ v`."""
+    return reference_matrix(module, q, k, key_padding_mask) @ v.double()
+
+
+def _bidirectional_matrix(
+    module: nn.Module, q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, real: torch.Tensor
+) -> torch.Tensor:
+    """The non-causal twin: every real key is visible; padded query rows are 0."""
+    length = q.shape[-2]
+    visible = (real.unsqueeze(-1) & real.unsqueeze(-2)).unsqueeze(1)  # (B, 1, L, L)
+    if isinstance(module, FullAttention):
+        support = visible
+    elif isinstance(module, LocalAttention):
+        support = _centred(length, module.window, q.device) & visible
+    elif isinstance(module, LSHAttention):
+        support = _two_sided_lsh_support(q, k, real, module.rotations, module.bucket_size)
+    elif isinstance(module, PerformerAttention):
+        return _rows_normalised_or_zero(_feature_products(q, k, module.projection) * visible)
+    elif isinstance(module, ScatterbrainAttention):
+        support = _centred(length, module.window, q.device).expand_as(scores)
+        if module.lsh:
+            lsh = _two_sided_lsh_support(q, k, real, module.rotations, module.bucket_size)
+            support = support | lsh
+        ahat = torch.where(support, scores.exp(), _feature_products(q, k, module.projection))
+        return _rows_normalised_or_zero(ahat * visible)
+    else:
+        raise TypeError(f"no reference for {type(module).__name__}")
+    return _rows_normalised_or_zero(scores.exp() * (support & visible))
+
+
+def _rows_normalised_or_zero(weights: torch.Tensor) -> torch.Tensor:
+    """Rows divided by their sums; rows summing to 0 (padded queries) stay 0."""
+    sums = weights.sum(-1, keepdim=True)
+    return weights / torch.where(sums > 0, sums, 1.0)
+
+
+def _centred(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """(L, L) bool: -(window // 2) <= j - i <= (window - 1) // 2 (all False for window 0)."""
+    i = torch.arange(length, device=device).unsqueeze(-1)
+    j = torch.arange(length, device=device)
+    return (j - i >= -(window // 2)) & (j - i <= (window - 1) // 2)
+
+
+def _two_sided_lsh_support(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    real: torch.Tensor,
+    rotations: torch.Tensor,
+    bucket_size: int,
+) -> torch.Tensor:
+    """(B, H, L, L) bool: j == i, or, for some round, j is a real key of q_i's bucket with at most
+    bucket_size - bucket_size // 2 real same-bucket keys in [j, i] (j <= i), or at most
+    bucket_size // 2 in [i+1, j] (j > i); padded keys and padded queries' rows excluded."""
+    length = q.shape[-2]
+    behind, ahead = bucket_size - bucket_size // 2, bucket_size // 2
+    past = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    support = torch.eye(length, dtype=torch.bool, device=q.device).expand(*q.shape[:2], -1, -1)
+    for rotation in rotations:
+        same = _buckets(q, rotation).unsqueeze(-1) == _buckets(k, rotation).unsqueeze(-2)
+        same = same & real[:, None, None, :]
+        before = same & past
+        in_between = before.flip(-1).cumsum(-1).flip(-1)  # same-bucket real keys in [j, i]
+        later = same & ~past
+        up_to = later.cumsum(-1)  # same-bucket real keys in [i+1, j]
+        support = support | (before & (in_between <= behind)) | (later & (up_to <= ahead))
+    both_real = real.unsqueeze(-1) & real.unsqueeze(-2)
+    return support & both_real.unsqueeze(1)
 
 
 def _softmax_over(support: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,12 @@ With a window the low-rank part covers exactly j <= i - window, computed with ch
 the window (no subtraction). LSH entries outside the window are moved from the low-rank part to
 the exact part: their feature products are subtracted and their exact scores added. Every part
 is a (numerator, denominator, log-scale) triple, added on one shared log-scale.
+
+Non-causal (`causal=False`, with a key padding mask): the same over every *real* key j, S_i the
+centred window (j - i in [-(window // 2), (window - 1) // 2]) and/or the two-sided LSH support
+(lsh.py). The window part meets key chunks c-1, c, c+1 exactly and through features, and the other
+chunks through prefix and suffix sums of per-chunk states on one per-feature max over the real
+keys (no subtraction); LSH entries outside the window are moved as in the causal case.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from sbtrain.attention.common import (
     EMPTY,
     Part,
     cached_kv,
+    causal_only,
+    check_causal,
     check_seed,
     chunked,
     combine,
@@ -27,6 +35,7 @@ from sbtrain.attention.common import (
     full_precision,
     generator,
     normalise,
+    real_tokens,
     resolve_seed,
     shifted,
     subtract,
@@ -36,14 +45,23 @@ from sbtrain.attention.common import (
 from sbtrain.attention.features import (
     FeatureState,
     against_state,
+    bidirectional_feature_sum,
     causal_feature_sum,
     draw_projection,
     empty_state,
     fold,
     log_features,
+    real_key_weights,
     scan_chunks,
 )
-from sbtrain.attention.local import exact_part, window_scores
+from sbtrain.attention.local import (
+    NEIGHBOURS,
+    centred_inside,
+    centred_scores,
+    exact_part,
+    key_bias,
+    window_scores,
+)
 from sbtrain.attention.lsh import (
     KeyFeatures,
     QueryFeatures,
@@ -65,6 +83,7 @@ def resolve_options(
     n_hashes: int | None,
     bucket_size: int | None,
     n_buckets: int | None,
+    causal: bool = True,
 ) -> dict:
     """The options `sparse` uses, defaults filled in; ValueError for those it cannot use."""
     options = dict(window=window, chunk_size=chunk_size, n_hashes=n_hashes,
@@ -94,6 +113,11 @@ def resolve_options(
             "scatterbrain: chunk_size is not an option with a local window "
             "(the low-rank chunks are aligned to the window); leave it unset"
         )
+    if not causal and not resolved["window"] and options.get("chunk_size") is not None:
+        raise ValueError(
+            "scatterbrain: chunk_size only applies to causal attention (non-causal sums over all "
+            "keys at once); leave it unset"
+        )
     if resolved["window"]:
         resolved["chunk_size"] = resolved["window"]
     return resolved
@@ -118,10 +142,14 @@ class ScatterbrainAttention(nn.Module):
         bucket_size: int | None = None,
         n_buckets: int | None = None,
         seed: int | None = None,
+        causal: bool = True,
     ):
         super().__init__()
-        options = resolve_options(sparse, window, chunk_size, n_hashes, bucket_size, n_buckets)
+        options = resolve_options(
+            sparse, window, chunk_size, n_hashes, bucket_size, n_buckets, causal
+        )
         self.head_dim = head_dim
+        self.causal = causal
         self.sparse = sparse
         self.n_features = n_features
         self.window = options["window"]
@@ -148,8 +176,12 @@ class ScatterbrainAttention(nn.Module):
         bucket_size: int | None = None,
         n_buckets: int | None = None,
         seed: int | None = None,
+        causal: bool = True,
     ) -> None:
-        options = resolve_options(sparse, window, chunk_size, n_hashes, bucket_size, n_buckets)
+        check_causal(causal)
+        options = resolve_options(
+            sparse, window, chunk_size, n_hashes, bucket_size, n_buckets, causal
+        )
         check_features(head_dim, n_features, options["chunk_size"])
         if "lsh" in sparse:
             check_lsh(options["n_hashes"], options["bucket_size"], options["n_buckets"])
@@ -239,13 +271,55 @@ class ScatterbrainAttention(nn.Module):
             cache.update(k=all_k[:, :, start:], v=all_v[:, :, start:])
         return cache
 
-    def forward_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Part:
+    @full_precision
+    def _bidirectional(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor
+    ) -> Part:
+        """The non-causal part for q, k, v (B, H, L, D) and real tokens (B, L)."""
+        dtype = compute_dtype(q)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        lq = log_features(q, self.projection, self.tau)
+        lk = log_features(k, self.projection, self.tau)
+        vx = with_ones(v)
+        if self.window:
+            part = centred_window_part(q * self.tau, k, vx, lq, lk, self.window, real)
+        else:
+            part = bidirectional_feature_sum(lq, lk, vx, real)
+        if self.lsh:
+            features = (_weights(lq, QueryFeatures), _weights(lk, KeyFeatures))
+            exact, products = lsh_parts(
+                q * self.tau, k, vx, self.rotations, self.bucket_size, self.window, features, real
+            )
+            part = combine(subtract(part, products), exact)
+        return part
+
+    def forward_parts(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> Part:
         """(B, H, L, D) each -> the unnormalised part (fp32, or fp64 for fp64 inputs)."""
+        real = real_tokens(self.causal, key_padding_mask, q)
+        if real is not None:
+            return self._bidirectional(q, k, v, real)
         return self._run(q, k, v, None, keep_cache=False)[0]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (sparse=local: fused Triton
-        kernels on CUDA)."""
+        kernels on CUDA, causal only); key_padding_mask (B, L) bool, True for real tokens
+        (non-causal only): padded keys get no weight in any part, padded queries output 0."""
+        # non-causal: PyTorch only (the fused kernels are causal)
+        real = real_tokens(self.causal, key_padding_mask, q)
+        if real is not None:
+            return normalise(self.forward_parts(q, k, v, real), real).to(v.dtype)
         if self.sparse == "local" and q.is_cuda and triton_kernels.supports(q, self.window):
             return triton_kernels.scatterbrain_local(q, k, v, self.projection, self.window)
         return normalise(self.forward_parts(q, k, v)).to(v.dtype)
@@ -259,6 +333,7 @@ class ScatterbrainAttention(nn.Module):
         window - 1 keys and values; with LSH it keeps every key and value instead (the support can
         reach arbitrarily far back), but still computes only the T new queries.
         """
+        causal_only(self)
         part, cache = self._run(q, k, v, cache, keep_cache=True)
         return normalise(part).to(v.dtype), cache
 
@@ -299,6 +374,45 @@ def window_part(
     previous_weights = torch.addcmul(previous.sub_(top).exp_(), near, lower)
     nd = query_weights @ older + previous_weights @ shifted(vx_c)
     nd = nd + current.sub_(top).exp_() @ vx_c  # (B, H, N, W, E)
+    return Part(unchunked(nd, length), unchunked(top.squeeze(-1), length))
+
+
+def centred_window_part(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    vx: torch.Tensor,
+    lq: torch.Tensor,
+    lk: torch.Tensor,
+    window: int,
+    real: torch.Tensor,
+) -> Part:
+    """Non-causal: exact `exp(q.k)` on the centred window plus `phi(q).phi(k)` on every other
+    real key, one scale.
+
+    q: (B, H, L, D) multiplied by the temperature; k: (B, H, L, D); vx: (B, H, L, E); lq, lk:
+    (B, H, L, m) log-features; real: (B, L) bool. Chunks are aligned to the window: query chunk c
+    gets exact scores inside the window and feature products outside it against chunks c-1, c,
+    c+1 (three (W, W) blocks), and features against the sums of chunks <= c-2 and >= c+2 (an
+    exclusive prefix and suffix of per-chunk states, on the per-feature max over the real keys):
+    every real key exactly once, no subtraction. Padded keys have score -inf and feature 0.
+    Returns the part (B, H, L, E); memory O(L (window + m) + L/window m E).
+    """
+    length = q.shape[-2]
+    key_weights, key_top = real_key_weights(lk, real)  # (B, H, L, m), (B, H, m)
+    q_c, k_c, vx_c, lq_c, kw_c = (chunked(x, window) for x in (q, k, vx, lq, key_weights))
+    per_chunk = kw_c.transpose(-1, -2) @ vx_c  # (B, H, N, m, E)
+    before = shifted(shifted(per_chunk.cumsum(2)))  # chunks <= c-2
+    after = shifted(shifted(per_chunk.flip(2).cumsum(2).flip(2), by=-1), by=-1)  # >= c+2
+    blocks = centred_scores(q_c, k_c, key_bias(real, window, q))  # 3 x (B, H, N, W, W)
+    logits = lq_c + key_top[:, :, None, None, :]  # (B, H, N, W, m)
+    tops = [x.detach().amax(-1) for x in (*blocks, logits)]
+    top = torch.stack(tops).amax(0).unsqueeze(-1)  # finite: the logits are
+    query_weights = logits.sub_(top).exp_()
+    nd = query_weights @ (before + after)
+    for by, block, inside in zip(NEIGHBOURS, blocks, centred_inside(window, q)):
+        near = query_weights @ shifted(kw_c, by=by).transpose(-1, -2)  # (B, H, N, W, W)
+        weights = torch.addcmul(block.sub_(top).exp_(), near, (~inside).to(q.dtype))
+        nd = nd + weights @ shifted(vx_c, by=by)
     return Part(unchunked(nd, length), unchunked(top.squeeze(-1), length))
 
 
