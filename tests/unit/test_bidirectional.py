@@ -289,3 +289,50 @@ def test_causal_kinds_refuse_a_mask_and_non_causal_ones_refuse_to_decode(name):
 def test_impossible_combinations_are_value_errors(kind, options, message):
     with pytest.raises(ValueError, match=message):
         check_attention(kind, D, **options)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "full"])
+def test_padded_keys_do_not_move_the_stabilisers(name):
+    """fp32: padded keys aligned with the projection rows (x' = ±W_f, the largest feature every
+    feature can have), real keys with tiny features (large norms). A key max that counted padded
+    keys would move and flush real features to zero; ours ignores them, so the parts (scales
+    included) at real positions do not change."""
+    attn = build(name)
+    q, k, v = (10 * x.float() for x in qkv(40))
+    mask = padding_mask([40, 21, 33, 9], 40)
+    projection = getattr(attn, "projection", torch.randn(4, D))
+    rows = torch.cat([projection, -projection])  # (m, D)
+    hot = k.clone()
+    for b, real in enumerate([40, 21, 33, 9]):
+        count = min(len(rows), 40 - real)
+        hot[b, :, real : real + count] = rows[:count] * D**0.25  # x' = tau**0.5 x = ±W_f
+    before, after = attn.forward_parts(q, k, v, mask), attn.forward_parts(q, hot, v, mask)
+    real_scale = [part.log_scale.transpose(1, 2)[mask] for part in (before, after)]
+    assert torch.equal(*real_scale)
+    assert relative(at_real(after.nd, mask), at_real(before.nd, mask)) < 1e-6
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_matches_dense_twin_with_padding_between_real_tokens(name):
+    """A mask with holes (not only trailing padding): padded keys between real ones are skipped,
+    so e.g. lsh takes its nearest *real* same-bucket keys on both sides."""
+    attn = build(name)
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(4, 47, generator=gen) < 0.6
+    q, k, v = qkv(47)
+    out = attn(q, k, v, key_padding_mask=mask)
+    assert relative(out, reference_attention(attn, q, k, v, key_padding_mask=mask)) < 1e-10
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "full"])
+def test_padded_keys_get_no_weight_in_any_part(name):
+    """Keys and values under padding replaced: the unnormalised parts of *every* query, padded
+    ones included, are unchanged: no sum, exact or through features, counts a padded key."""
+    attn = build(name)
+    mask = padding_mask(ragged(47), 47)
+    q, k, v = qkv(47)
+    padded = ~mask[:, None, :, None]
+    k2, v2 = (torch.where(padded, 30 * x, y) for x, y in zip(qkv(47, seed=1)[1:], (k, v)))
+    before, after = attn.forward_parts(q, k, v, mask), attn.forward_parts(q, k2, v2, mask)
+    assert torch.equal(before.log_scale, after.log_scale)
+    assert relative(after.nd, before.nd) < 1e-12
