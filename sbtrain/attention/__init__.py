@@ -1,7 +1,13 @@
 """Attention kernels: one call for every kind.
 
     attn = build_attention("scatterbrain", head_dim=64, sparse="local", window=128, n_features=128)
-    out = attn(q, k, v)   # (batch, heads, length, head_dim) -> same shape as v; always causal
+    out = attn(q, k, v)   # (batch, heads, length, head_dim) -> same shape as v; causal
+    bi = build_attention("scatterbrain", head_dim=64, causal=False, window=128, n_features=128)
+    out = bi(q, k, v, key_padding_mask=mask)   # mask (batch, length) bool, True = a real token
+
+Non-causal kinds see every real key (local: a centred window; lsh: same-bucket keys on both
+sides); padded keys get no weight anywhere and padded queries output 0. Causal kinds refuse a
+mask, non-causal ones refuse to decode.
 
 Each kind lives in its own file; `reference.py` holds their dense float64 definitions, and
 README.md in this folder states every kind's semantics, options and cost.
