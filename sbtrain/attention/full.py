@@ -20,12 +20,23 @@ class FullAttention(nn.Module):
     def check_options(head_dim: int) -> None:
         """Nothing to check: full attention has no options."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D)."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """q, k, v: (B, H, L, D) -> (B, H, L, D). `hash_qk` is ignored (nothing is hashed)."""
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: dict | None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
 

@@ -98,13 +98,24 @@ class LocalAttention(nn.Module):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return local_part(q * self.tau, k, with_ones(v), self.window)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype; `hash_qk` is ignored."""
         return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
     @full_precision
     def decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: dict | None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
 

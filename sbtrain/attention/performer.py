@@ -88,14 +88,26 @@ class PerformerAttention(nn.Module):
         """(B, H, L, D) each -> the unnormalised part (fp32, or fp64 for fp64 inputs)."""
         return self._parts(q, k, v, None)[0]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (fused Triton kernels on CUDA)."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (fused Triton kernels on CUDA);
+        `hash_qk` is ignored."""
         if q.is_cuda and triton_kernels.supports(q):
             return triton_kernels.performer(q, k, v, self.projection)
         return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
     def decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: dict | None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
 

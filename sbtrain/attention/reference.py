@@ -20,9 +20,16 @@ from sbtrain.attention.performer import PerformerAttention
 from sbtrain.attention.scatterbrain import ScatterbrainAttention
 
 
-def reference_matrix(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q, k: (B, H, L, D) -> (B, H, L, L) float64 attention matrix of `module`'s kind."""
+def reference_matrix(
+    module: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """q, k: (B, H, L, D) -> (B, H, L, L) float64 attention matrix of `module`'s kind.
+    LSH buckets are drawn from `hash_qk` (shaped like q, k) when given, else from q and k."""
     q, k = q.double(), k.double()
+    hash_q, hash_k = (q, k) if hash_qk is None else (x.double() for x in hash_qk)
     tau = q.shape[-1] ** -0.5
     scores = tau * q @ k.transpose(-1, -2)
     length = q.shape[-2]
@@ -32,24 +39,28 @@ def reference_matrix(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tor
     if isinstance(module, LocalAttention):
         return _softmax_over(_window(length, module.window, q.device), scores)
     if isinstance(module, LSHAttention):
-        support = _lsh_support(q, k, module.rotations, module.bucket_size)
+        support = _lsh_support(hash_q, hash_k, module.rotations, module.bucket_size)
         return _softmax_over(support, scores)
     if isinstance(module, PerformerAttention):
         return _rows_normalised(_feature_products(q, k, module.projection) * past)
     if isinstance(module, ScatterbrainAttention):
         support = _window(length, module.window, q.device).expand_as(scores)
         if module.lsh:
-            support = support | _lsh_support(q, k, module.rotations, module.bucket_size)
+            support = support | _lsh_support(hash_q, hash_k, module.rotations, module.bucket_size)
         ahat = torch.where(support, scores.exp(), _feature_products(q, k, module.projection))
         return _rows_normalised(ahat * past)
     raise TypeError(f"no reference for {type(module).__name__}")
 
 
 def reference_attention(
-    module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    module: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(B, H, L, D) each -> (B, H, L, D) float64: `reference_matrix(module, q, k) @ v`."""
-    return reference_matrix(module, q, k) @ v.double()
+    """(B, H, L, D) each -> (B, H, L, D) float64: `reference_matrix(module, q, k, hash_qk) @ v`."""
+    return reference_matrix(module, q, k, hash_qk) @ v.double()
 
 
 def _softmax_over(support: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

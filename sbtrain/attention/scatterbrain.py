@@ -49,6 +49,7 @@ from sbtrain.attention.lsh import (
     QueryFeatures,
     check_lsh,
     draw_rotations,
+    hashed_context,
     lsh_parts,
 )
 from sbtrain.attention.performer import check_features, state_from_cache, state_to_cache
@@ -171,8 +172,10 @@ class ScatterbrainAttention(nn.Module):
         v: torch.Tensor,
         cache: dict | None,
         keep_cache: bool,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[Part, dict | None]:
-        """Parts for new queries q (B, H, T, D) after the tokens in `cache`, and the next cache."""
+        """Parts for new queries q (B, H, T, D) after the tokens in `cache`, and the next cache.
+        With LSH, buckets are drawn from `hash_qk` (new queries, new keys) when given."""
         dtype = compute_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         context_k, context_v = cached_kv(cache, k, v)
@@ -189,11 +192,24 @@ class ScatterbrainAttention(nn.Module):
             part, state = causal_feature_sum(lq, lk_new, vx_new, self.chunk_size, state)
         if self.lsh:
             features = (_weights(lq, QueryFeatures), _weights(lk, KeyFeatures))
+            hashed = hashed_context(cache, hash_qk)
             exact, products = lsh_parts(
-                q * self.tau, all_k, vx, self.rotations, self.bucket_size, self.window, features
+                q * self.tau,
+                all_k,
+                vx,
+                self.rotations,
+                self.bucket_size,
+                self.window,
+                features,
+                hashed,
             )
             part = combine(subtract(part, products), exact)
-        return part, (self._next_cache(state, all_k, all_v) if keep_cache else None)
+        if not keep_cache:
+            return part, None
+        cache = self._next_cache(state, all_k, all_v)
+        if self.lsh and hash_qk is not None:
+            cache["hash_k"] = hashed[1]
+        return part, cache
 
     def _windowed(
         self,
@@ -239,19 +255,37 @@ class ScatterbrainAttention(nn.Module):
             cache.update(k=all_k[:, :, start:], v=all_v[:, :, start:])
         return cache
 
-    def forward_parts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Part:
+    def forward_parts(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Part:
         """(B, H, L, D) each -> the unnormalised part (fp32, or fp64 for fp64 inputs)."""
-        return self._run(q, k, v, None, keep_cache=False)[0]
+        return self._run(q, k, v, None, keep_cache=False, hash_qk=hash_qk)[0]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (sparse=local: fused Triton
-        kernels on CUDA)."""
+        kernels on CUDA). With LSH, buckets are drawn from `hash_qk` (the unrotated q, k) when
+        given; without LSH it is ignored."""
         if self.sparse == "local" and q.is_cuda and triton_kernels.supports(q, self.window):
             return triton_kernels.scatterbrain_local(q, k, v, self.projection, self.window)
-        return normalise(self.forward_parts(q, k, v)).to(v.dtype)
+        return normalise(self.forward_parts(q, k, v, hash_qk)).to(v.dtype)
 
     def decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: dict | None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
 
@@ -259,7 +293,7 @@ class ScatterbrainAttention(nn.Module):
         window - 1 keys and values; with LSH it keeps every key and value instead (the support can
         reach arbitrarily far back), but still computes only the T new queries.
         """
-        part, cache = self._run(q, k, v, cache, keep_cache=True)
+        part, cache = self._run(q, k, v, cache, keep_cache=True, hash_qk=hash_qk)
         return normalise(part).to(v.dtype), cache
 
 
