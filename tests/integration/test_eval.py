@@ -28,6 +28,14 @@ def independent_nll(
 ) -> tuple[float, int]:
     """Summed NLL over non-overlapping blocks of `length` (default: the training length) of the
     split, written without sbtrain's datasets."""
+    per_position = independent_nll_by_position(ckpt_path, tokens, eol, length)
+    return sum(sum(nlls) for nlls in per_position), sum(len(nlls) for nlls in per_position)
+
+
+def independent_nll_by_position(
+    ckpt_path, tokens: np.ndarray, eol: int, length: int | None = None
+) -> list[list[float]]:
+    """The NLL of every target, grouped by its position in its block."""
     state = checkpoint.load(ckpt_path)
     recipe = recipe_from_dict(state["recipe"])
     model = TransformerLM(recipe.model, state["vocab_size"], recipe.context_length)
@@ -35,14 +43,15 @@ def independent_nll(
     model.eval()
     stream = torch.tensor([eol, *tokens.tolist()])
     length = length or recipe.data.tokens_per_sample
-    total, count = 0.0, 0
+    out = [[] for _ in range(length)]
     with torch.no_grad():
         for start in range(0, len(tokens), length):
             piece = stream[start : start + length + 1]
             logits = model(piece[None, :-1])[0] @ model.tok_emb.weight.t()
-            total += F.cross_entropy(logits.double(), piece[1:], reduction="sum").item()
-            count += len(piece) - 1
-    return total, count
+            nll = F.cross_entropy(logits.double(), piece[1:], reduction="none")
+            for p, value in enumerate(nll.tolist()):
+                out[p].append(value)
+    return out
 
 
 def test_eval_ppl_equals_an_independent_computation(trained_debug, token_folder, capsys):
@@ -150,8 +159,12 @@ def test_by_position_buckets_add_up_to_the_whole_split(trained_debug, token_fold
     assert mean == pytest.approx(r["loss_nats"], rel=1e-9)
     assert all(b["ppl"] == pytest.approx(math.exp(b["loss_nats"])) for b in buckets)
     assert r["tokens_per_sample"] == n and r["trained_tokens_per_sample"] == 64
-    nll, count = independent_nll(ckpt, np.fromfile(token_folder / "valid.bin", np.uint16), 2, n)
-    assert r["loss_nats"] == pytest.approx(nll / count, rel=1e-5)
+    tokens = np.fromfile(token_folder / "valid.bin", np.uint16)
+    per_position = independent_nll_by_position(ckpt, tokens, 2, n)
+    for b in buckets:
+        nlls = [x for p in range(b["start"], b["end"]) for x in per_position[p]]
+        assert b["tokens"] == len(nlls)
+        assert b["loss_nats"] == pytest.approx(sum(nlls) / len(nlls), rel=1e-5)
 
 
 def test_by_position_with_a_context_window_counts_positions_from_the_block_start(
