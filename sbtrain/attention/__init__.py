@@ -2,6 +2,7 @@
 
     attn = build_attention("scatterbrain", head_dim=64, sparse="local", window=128, n_features=128)
     out = attn(q, k, v)   # (batch, heads, length, head_dim) -> same shape as v; always causal
+    out = attn(q, k, v, hash_qk=(q0, k0))   # LSH buckets drawn from q0, k0 (rotary: unrotated)
 
 Each kind lives in its own file; `reference.py` holds their dense float64 definitions, and
 README.md in this folder states every kind's semantics, options and cost.
