@@ -5,6 +5,8 @@ examples:
   sbtrain eval-ppl checkpoints/wt103/checkpoint_best.pt --split valid --context-window 1024 --json
   sbtrain eval-ppl checkpoints/wt103-full/checkpoint_best.pt \
       --attention scatterbrain sparse=local window=128 n_features=128
+  sbtrain eval-ppl checkpoints/wiki-leads-rope/checkpoint_best.pt \
+      --tokens-per-sample 2048 --by-position 128 --plot ppl-by-position.png
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=0,
         metavar="C",
         help="score each block with up to C earlier tokens as context (fairseq's meaning)",
+    )
+    parser.add_argument(
+        "--tokens-per-sample",
+        type=int,
+        metavar="N",
+        help="score blocks of N tokens (default: the training length; learned positions: at most"
+        " their table)",
+    )
+    parser.add_argument(
+        "--by-position",
+        type=int,
+        metavar="K",
+        help="also report perplexity per bucket of K positions within the block",
+    )
+    parser.add_argument(
+        "--plot", metavar="PATH", help="with --by-position: a PNG of perplexity by position"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -52,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         attention=evaluate.parse_attention(args.attention),
         data_dir=args.data,
         progress=not args.json,
+        tokens_per_sample=args.tokens_per_sample,
+        by_position=args.by_position,
+        plot=args.plot,
     )
     print(json.dumps(result) if args.json else evaluate.format_result(result))
     return 0

@@ -98,7 +98,11 @@ class ModelConfig:
     d_model: int = opt(512, "residual stream width")
     d_ff: int = opt(2048, "feed-forward hidden width")
     dropout: float = opt(0.1, "dropout on embeddings, attention output and feed-forward")
-    positions: Literal["learned", "sinusoidal"] = opt("learned", "position embeddings")
+    positions: Literal["learned", "sinusoidal", "rope"] = opt(
+        "learned",
+        "learned (a table of tokens_per_sample) | sinusoidal (added, any length) | rope (rotary "
+        "on queries and keys, any length)",
+    )
     output: Literal["softmax", "adaptive"] = opt("softmax", "softmax (tied) | adaptive softmax")
     adaptive_cutoffs: tuple[int, ...] = opt((20000, 60000), "adaptive softmax cluster cutoffs")
     adaptive_div_value: float = opt(4.0, "adaptive softmax: width divisor per tail cluster")
@@ -384,6 +388,11 @@ def _check(r: Recipe, source: str) -> None:
         fail("optim.betas", f"must be in [0, 1), got {list(o.betas)}")
     if m.d_model % m.n_heads:
         fail("model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
+        fail(
+            "model.positions",
+            f"rope needs an even head size, d_model/n_heads is {m.d_model // m.n_heads}",
+        )
     if not 0.0 <= m.dropout < 1.0:
         fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
     if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:

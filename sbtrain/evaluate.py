@@ -53,6 +53,40 @@ class Score:
         return self.correct / max(self.tokens, 1)
 
 
+class ByPosition:
+    """Summed NLL and scored tokens per bucket of `size` positions within the input block.
+
+    The position of a target is its index in the model's input: how many earlier tokens the
+    model sees when predicting it (context tokens of --context-window included).
+    """
+
+    def __init__(self, size: int, length: int):
+        self.size, self.length = size, length
+        n_buckets = -(-length // size)
+        self.nll = torch.zeros(n_buckets, dtype=torch.float64)
+        self.tokens = torch.zeros(n_buckets, dtype=torch.int64)
+
+    def add(self, nll: torch.Tensor, targets: torch.Tensor) -> None:
+        """nll (N,) of the scored targets of `targets` (B, T), in row-major order."""
+        scored = targets != IGNORE
+        positions = torch.arange(targets.shape[1], device=targets.device).expand_as(targets)
+        bucket = (positions[scored] // self.size).cpu()
+        n = len(self.tokens)
+        self.nll += torch.bincount(bucket, weights=nll.detach().double().cpu(), minlength=n)
+        self.tokens += torch.bincount(bucket, minlength=n)
+
+    def rows(self) -> list[dict]:
+        """One dict per bucket holding scored tokens: positions [start, end), loss, ppl."""
+        rows = []
+        for b, (nll, tokens) in enumerate(zip(self.nll.tolist(), self.tokens.tolist())):
+            if tokens:
+                loss = nll / tokens
+                start, end = b * self.size, min((b + 1) * self.size, self.length)
+                rows.append(dict(start=start, end=end, tokens=tokens, loss_nats=loss,
+                                 ppl=math.exp(min(loss, 700.0))))  # fmt: skip
+        return rows
+
+
 @torch.no_grad()
 def score(
     model: TransformerLM,
@@ -63,8 +97,10 @@ def score(
     precision: str,
     count_correct: bool = False,
     progress=None,
+    by_position: ByPosition | None = None,
 ) -> Score:
-    """Sum the NLL (and argmax hits) of `dataset[i]` for i in `indices`, `batch_size` at a time."""
+    """Sum the NLL (and argmax hits) of `dataset[i]` for i in `indices`, `batch_size` at a time
+    (and per bucket of positions into `by_position`)."""
     was_training = model.training
     model.eval()
     total = Score()
@@ -77,6 +113,8 @@ def score(
             nll = model.token_nll(hidden.float(), targets)
             total.nll += nll.double().sum().item()
             total.tokens += nll.numel()
+            if by_position is not None:
+                by_position.add(nll, targets)
             if count_correct:
                 scored = targets != IGNORE
                 guess = model.log_probs(hidden[scored].float()).argmax(-1)
@@ -135,17 +173,38 @@ def parse_attention(words: list[str] | None) -> dict | None:
     return spec
 
 
+def block_length(model: TransformerLM, recipe: Recipe, tokens_per_sample: int | None) -> int:
+    """Input tokens per scored block: --tokens-per-sample, or the length the model trained at."""
+    if tokens_per_sample is None:
+        return recipe.context_length
+    if recipe.task == "copy":
+        raise UserError("--tokens-per-sample: copy samples have a fixed length (copy.length)")
+    if tokens_per_sample < 1:
+        raise UserError(f"--tokens-per-sample {tokens_per_sample}: must be at least 1")
+    if model.cfg.positions == "learned" and tokens_per_sample > model.max_len:
+        raise UserError(
+            f"--tokens-per-sample {tokens_per_sample}: the model has {model.max_len} learned "
+            f"positions; use at most {model.max_len} (sinusoidal and rope models take any length)"
+        )
+    return tokens_per_sample
+
+
 def eval_dataset(
-    recipe: Recipe, state: dict, split: str, context_window: int, data_dir: str | None
+    recipe: Recipe,
+    state: dict,
+    split: str,
+    context_window: int,
+    data_dir: str | None,
+    length: int,
 ):
-    """The samples to score, and the split's stats (LM: words and lines; copy: None)."""
+    """The samples (blocks of `length` input tokens) to score, and the split's stats (LM: words
+    and lines; copy: None)."""
     if recipe.task == "copy":
         return copy_split(recipe, split), None
-    length = recipe.data.tokens_per_sample
     if not 0 <= context_window < length:
         raise UserError(
             f"--context-window {context_window}: must be in [0, {length}) "
-            f"(the model's context is data.tokens_per_sample={length})"
+            f"(the blocks hold {length} tokens: data.tokens_per_sample or --tokens-per-sample)"
         )
     folder = data_dir or recipe.data.dir
     tokens, meta = open_split(folder, split)
@@ -176,13 +235,28 @@ def main(
     attention: dict | None = None,
     data_dir: str | None = None,
     progress: bool = True,
+    tokens_per_sample: int | None = None,
+    by_position: int | None = None,
+    plot: str | None = None,
 ) -> dict:
-    """Score a split with a checkpoint; returns the result record (`--json` prints it)."""
+    """Score a split with a checkpoint; returns the result record (`--json` prints it).
+
+    `tokens_per_sample` scores blocks of that many tokens (default: the training length);
+    `by_position` K adds `by_position`, the loss per bucket of K positions, plotted to `plot`.
+    """
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if by_position is not None and by_position < 1:
+        raise UserError(f"--by-position {by_position}: must be at least 1")
+    if plot is not None:
+        if by_position is None:
+            raise UserError("--plot draws the --by-position buckets: give --by-position K too")
+        plotting()
     dev = pick_device(device)
     model, recipe, state = load_model(path, dev, attention)
-    dataset, stats = eval_dataset(recipe, state, split, context_window, data_dir)
+    length = block_length(model, recipe, tokens_per_sample)
+    dataset, stats = eval_dataset(recipe, state, split, context_window, data_dir, length)
+    buckets = ByPosition(by_position, length) if by_position is not None else None
     copy = recipe.task == "copy"
     interactive = progress and sys.stderr.isatty()
     with tqdm(
@@ -198,6 +272,7 @@ def main(
             precision,
             count_correct=copy,
             progress=bar,
+            by_position=buckets,
         )
         seconds = time.perf_counter() - start
     result = {
@@ -209,14 +284,49 @@ def main(
         "ppl": s.ppl,
         "tokens_per_s": s.tokens / max(seconds, 1e-9),
         "context_window": context_window,
+        "tokens_per_sample": length,
+        "trained_tokens_per_sample": recipe.context_length,
+        "positions": recipe.model.positions,
         "attention": recipe.model.attention.kind,
     }
+    if buckets is not None:
+        result["by_position"] = buckets.rows()
+        if plot is not None:
+            title = f"{path} ({recipe.model.attention.kind}, {recipe.model.positions}), {split}"
+            plot_by_position(result["by_position"], plot, title)
+            result["plot"] = str(plot)
     if copy:
         result["accuracy"] = s.accuracy
     if stats and stats["tokenizer"] != "word" and "words" in stats:
         words = stats["words"] + stats["lines"]  # each end-of-line counts as a word
         result["word_ppl"] = math.exp(min(s.nll / max(words, 1), 700.0))
     return result
+
+
+def plotting():
+    """matplotlib.pyplot, drawing to files only; a UserError when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError(
+            "--plot needs matplotlib: pip install 'sbtrain[plot]' (or leave --plot out)"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_by_position(rows: list[dict], path: str | Path, title: str) -> None:
+    """A PNG of perplexity against position (bucket middles), log-scaled perplexity."""
+    plt = plotting()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([(r["start"] + r["end"] - 1) / 2 for r in rows], [r["ppl"] for r in rows], marker=".")
+    ax.set(xlabel="position in the block", ylabel="perplexity", yscale="log", title=title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def format_result(r: dict) -> str:
@@ -231,4 +341,12 @@ def format_result(r: dict) -> str:
     if "accuracy" in r:
         parts.append(f"accuracy {100 * r['accuracy']:.2f}%")
     parts.append(f"{r['tokens_per_s']:,.0f} tokens/s")
-    return "| " + " | ".join(parts)
+    lines = ["| " + " | ".join(parts)]
+    if "by_position" in r:
+        lines += ["| positions | tokens | loss (nats) | ppl |", "|---|---|---|---|"]
+        lines += [
+            f"| {b['start']}-{b['end'] - 1} | {b['tokens']:,} | {b['loss_nats']:.4f} "
+            f"| {b['ppl']:.2f} |"
+            for b in r["by_position"]
+        ]
+    return "\n".join(lines)

@@ -20,34 +20,43 @@ IGNORE = -100  # target value of positions that are not scored (e.g. the copy ta
 
 
 class SelfAttention(nn.Module):
-    """Projections around an attention kernel: (B, T, C) -> (B, T, C)."""
+    """Projections around an attention kernel: (B, T, C) -> (B, T, C).
+
+    With rotary positions the kernel gets rotated queries and keys, and the unrotated ones as
+    `hash_qk`: what LSH buckets are drawn from (content, not position; other kinds ignore it).
+    """
 
     def __init__(self, cfg: ModelConfig, attention: AttentionConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
+        self.rotary = cfg.positions == "rope"
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.kernel = build_attention(
             attention.kind, head_dim=cfg.d_model // cfg.n_heads, **attention.options()
         )
 
-    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _heads(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+        """q, k, v (B, nh, T, hs) of positions start.., and the kernel's keyword arguments."""
         b, t, c = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.n_heads, c // self.n_heads)
-        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
+        if not self.rotary:
+            return q, k, v, {}
+        return rope(q, start), rope(k, start), v, {"hash_qk": (q, k)}
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         b, h, t, d = y.shape
         return self.proj(y.transpose(1, 2).reshape(b, t, h * d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(x)
-        return self._merge(self.kernel(q, k, v))
+        q, k, v, extra = self._heads(x, 0)
+        return self._merge(self.kernel(q, k, v, **extra))
 
-    def decode(self, x: torch.Tensor, cache: dict | None) -> tuple[torch.Tensor, dict]:
-        """The next T positions given the kernel's cache of the earlier ones."""
-        q, k, v = self._heads(x)
-        y, cache = self.kernel.decode(q, k, v, cache)
+    def decode(self, x: torch.Tensor, cache: dict | None, start: int) -> tuple[torch.Tensor, dict]:
+        """The next T positions start.. given the kernel's cache of the earlier ones."""
+        q, k, v, extra = self._heads(x, start)
+        y, cache = self.kernel.decode(q, k, v, cache, **extra)
         return self._merge(y), cache
 
 
@@ -69,8 +78,8 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln1(x)))
         return x + self.mlp(self.ln2(x))
 
-    def decode(self, x: torch.Tensor, cache: dict | None) -> tuple[torch.Tensor, dict]:
-        y, cache = self.attn.decode(self.ln1(x), cache)
+    def decode(self, x: torch.Tensor, cache: dict | None, start: int) -> tuple[torch.Tensor, dict]:
+        y, cache = self.attn.decode(self.ln1(x), cache, start)
         x = x + self.drop(y)
         return x + self.mlp(self.ln2(x)), cache
 
@@ -85,6 +94,25 @@ def sinusoids(length: int, dim: int) -> torch.Tensor:
     return table
 
 
+ROPE_BASE = 10000.0  # rotary angles: position * ROPE_BASE ** (-2i / head_dim)
+
+
+def rope(x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Rotary positions (RoFormer): rows (..., T, D) of positions start..start+T-1 -> the same,
+    each pair (x_i, x_{i + D/2}) turned by the angle p * ROPE_BASE ** (-2i / D).
+
+    Rotations keep norms and make q_m . k_n depend on m - n only. Angles are computed in fp64
+    and the rotation in fp32 (fp64 stays fp64); returned in x's dtype.
+    """
+    t, d = x.shape[-2:]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    freq = ROPE_BASE ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    angle = torch.arange(start, start + t, dtype=torch.float64, device=x.device)[:, None] * freq
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)  # (T, D/2)
+    x1, x2 = x.to(dtype).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
 class TransformerLM(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_len: int):
         super().__init__()
@@ -92,7 +120,7 @@ class TransformerLM(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
         if cfg.positions == "learned":
             self.pos_emb = nn.Embedding(max_len, cfg.d_model)
-        else:
+        elif cfg.positions == "sinusoidal":
             self.register_buffer("pos_table", sinusoids(max_len, cfg.d_model), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cfg.attention) for _ in range(cfg.n_layers))
@@ -129,7 +157,7 @@ class TransformerLM(nn.Module):
                     f"{stop} positions exceed the model's {self.max_len} learned positions"
                 )
             x = x + self.pos_emb.weight[start:stop]
-        else:  # sinusoids extend past the training length
+        elif self.cfg.positions == "sinusoidal":  # sinusoids extend past the training length
             table = self.pos_table if stop <= len(self.pos_table) else sinusoids(stop, x.shape[-1])
             x = x + table[start:stop].to(x.device)
         return self.drop(x)
@@ -149,7 +177,7 @@ class TransformerLM(nn.Module):
         caches = caches or [None] * len(self.blocks)
         new = []
         for block, cache in zip(self.blocks, caches):
-            x, cache = block.decode(x, cache)
+            x, cache = block.decode(x, cache, start)
             new.append(cache)
         return self.ln_f(x), new
 

@@ -2,6 +2,7 @@
 
     attn = build_attention("scatterbrain", head_dim=64, sparse="local", window=128, n_features=128)
     out = attn(q, k, v)   # (batch, heads, length, head_dim) -> same shape as v; causal
+    out = attn(q, k, v, hash_qk=(q0, k0))   # LSH buckets drawn from q0, k0 (rotary: unrotated)
     bi = build_attention("scatterbrain", head_dim=64, causal=False, window=128, n_features=128)
     out = bi(q, k, v, key_padding_mask=mask)   # mask (batch, length) bool, True = a real token
 

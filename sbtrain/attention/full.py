@@ -28,9 +28,11 @@ class FullAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """q, k, v: (B, H, L, D) -> (B, H, L, D); key_padding_mask (B, L) bool, True for real
-        tokens (non-causal only): padded keys get no weight, padded queries output 0."""
+        tokens (non-causal only): padded keys get no weight, padded queries output 0.
+        `hash_qk` is ignored (nothing is hashed)."""
         real = real_tokens(self.causal, key_padding_mask, q)
         if real is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -43,7 +45,12 @@ class FullAttention(nn.Module):
         return out.masked_fill(~real[:, None, :, None], 0.0)
 
     def decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: dict | None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
 

@@ -304,6 +304,7 @@ def lsh_parts(
     window: int = 0,
     features: tuple[QueryFeatures, KeyFeatures] | None = None,
     real: torch.Tensor | None = None,
+    hashed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Part, Part | None]:
     """Exact `exp(q.k)` over each query's LSH support, and optionally the feature products there.
 
@@ -316,13 +317,16 @@ def lsh_parts(
     processed in blocks whose gathered (T, K, X) rows are recomputed in backward: memory
     O(L (X + R)) plus one block. Returns the exact part (B, H, T, E) and, with `features`, the
     part Σ phi(q).phi(k) [v, 1] over the same entries (for the low-rank part to subtract).
+    `hashed` = (queries (B, H, T, D), keys (B, H, L, D)) are what buckets are drawn from when
+    q and k carry rotary positions: their unrotated content (default: q and k themselves).
     """
     (batch, heads, count, dim), length = q.shape, k.shape[-2]
     positions = torch.arange(length - count, length, device=q.device)
     behind, ahead = (bucket_size, 0) if real is None else split_bucket(bucket_size)
     with torch.no_grad():
-        query_buckets = hash_buckets(q, rotations)  # argmax ignores the positive temperature
-        index = index_keys(hash_buckets(k, rotations), real)
+        hash_q, hash_k = (q, k) if hashed is None else (x.to(q.dtype) for x in hashed)
+        query_buckets = hash_buckets(hash_q, rotations)  # argmax ignores a positive scale
+        index = index_keys(hash_buckets(hash_k, rotations), real)
     support = _Support(query_buckets, positions, index, behind, ahead, window, real)
     columns, qf = [k, vx], None
     if features is not None:
@@ -336,6 +340,19 @@ def lsh_parts(
     if features is None:
         return Part(nd, top), None
     return Part(nd, top), Part(feature_nd, features[0].top + feature_top)
+
+
+def hashed_context(
+    cache: dict | None, hash_qk: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Decoding: what the new queries and every key so far are hashed from (the cache's
+    `hash_k` first), or None when q and k are hashed themselves."""
+    if hash_qk is None:
+        return None
+    hash_q, hash_k = hash_qk
+    if cache is not None and "hash_k" in cache:
+        hash_k = torch.cat([cache["hash_k"], hash_k], dim=-2)
+    return hash_q, hash_k
 
 
 def check_lsh(n_hashes: int, bucket_size: int, n_buckets: int) -> None:
@@ -404,14 +421,17 @@ class LSHAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Part:
         """q: (B, H, T, D), the last T positions of k, v (B, H, L, D) -> part (B, H, T, D+1)
-        (non-causal: T = L)."""
+        (non-causal: T = L). Buckets are drawn from `hash_qk` (shaped like q, k) when given,
+        else from q and k."""
         real = real_tokens(self.causal, key_padding_mask, q)
         dtype = compute_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         rotations, bucket_size = self.rotations, self.bucket_size
-        return lsh_parts(q * self.tau, k, with_ones(v), rotations, bucket_size, real=real)[0]
+        vx = with_ones(v)
+        return lsh_parts(q * self.tau, k, vx, rotations, bucket_size, real=real, hashed=hash_qk)[0]
 
     def forward(
         self,
@@ -419,22 +439,34 @@ class LSHAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype; key_padding_mask (B, L) bool, True
         for real tokens (non-causal only): padded keys are never in a support, padded queries
-        output 0."""
+        output 0. `hash_qk`: the unrotated (q, k) that buckets are drawn from when q and k carry
+        rotary positions."""
         real = real_tokens(self.causal, key_padding_mask, q)
-        return normalise(self.forward_parts(q, k, v, real), real).to(v.dtype)
+        return normalise(self.forward_parts(q, k, v, key_padding_mask, hash_qk), real).to(v.dtype)
 
     def decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: dict | None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
 
-        The cache keeps all keys and values; only the T new queries are computed.
+        The cache keeps all keys and values (and, with `hash_qk`, the keys' hash inputs); only
+        the T new queries are computed.
         """
         causal_only(self)
         context_k, context_v = cached_kv(cache, k, v)
         all_k, all_v = torch.cat([context_k, k], dim=-2), torch.cat([context_v, v], dim=-2)
-        out = normalise(self.forward_parts(q, all_k, all_v)).to(v.dtype)
-        return out, {"k": all_k, "v": all_v}
+        hashed = hashed_context(cache, hash_qk)
+        out = normalise(self.forward_parts(q, all_k, all_v, hash_qk=hashed)).to(v.dtype)
+        cache = {"k": all_k, "v": all_v}
+        if hashed is not None:
+            cache["hash_k"] = hashed[1]
+        return out, cache

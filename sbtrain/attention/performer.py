@@ -138,10 +138,11 @@ class PerformerAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (fused Triton kernels on CUDA,
         causal only); key_padding_mask (B, L) bool, True for real tokens (non-causal only):
-        padded keys get no weight, padded queries output 0."""
+        padded keys get no weight, padded queries output 0. `hash_qk` is ignored."""
         # non-causal: PyTorch only (the fused kernels are causal)
         real = real_tokens(self.causal, key_padding_mask, q)
         if real is not None:
@@ -151,7 +152,12 @@ class PerformerAttention(nn.Module):
         return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
     def decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: dict | None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
 

@@ -27,10 +27,13 @@ def reference_matrix(
     q: torch.Tensor,
     k: torch.Tensor,
     key_padding_mask: torch.Tensor | None = None,
+    hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q, k: (B, H, L, D) -> (B, H, L, L) float64 attention matrix of `module`'s kind;
-    key_padding_mask (B, L) bool, True for real tokens, for non-causal modules only."""
+    key_padding_mask (B, L) bool, True for real tokens, for non-causal modules only. LSH buckets
+    are drawn from `hash_qk` (shaped like q, k) when given, else from q and k."""
     q, k = q.double(), k.double()
+    hash_q, hash_k = (q, k) if hash_qk is None else (x.double() for x in hash_qk)
     tau = q.shape[-1] ** -0.5
     scores = tau * q @ k.transpose(-1, -2)
     length = q.shape[-2]
@@ -38,7 +41,7 @@ def reference_matrix(
         real = key_padding_mask
         if real is None:
             real = torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device)
-        return _bidirectional_matrix(module, q, k, scores, real)
+        return _bidirectional_matrix(module, q, k, scores, real, (hash_q, hash_k))
     if key_padding_mask is not None:
         raise ValueError("key_padding_mask is for non-causal modules only")
     past = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
@@ -47,14 +50,14 @@ def reference_matrix(
     if isinstance(module, LocalAttention):
         return _softmax_over(_window(length, module.window, q.device), scores)
     if isinstance(module, LSHAttention):
-        support = _lsh_support(q, k, module.rotations, module.bucket_size)
+        support = _lsh_support(hash_q, hash_k, module.rotations, module.bucket_size)
         return _softmax_over(support, scores)
     if isinstance(module, PerformerAttention):
         return _rows_normalised(_feature_products(q, k, module.projection) * past)
     if isinstance(module, ScatterbrainAttention):
         support = _window(length, module.window, q.device).expand_as(scores)
         if module.lsh:
-            support = support | _lsh_support(q, k, module.rotations, module.bucket_size)
+            support = support | _lsh_support(hash_q, hash_k, module.rotations, module.bucket_size)
         ahat = torch.where(support, scores.exp(), _feature_products(q, k, module.projection))
         return _rows_normalised(ahat * past)
     raise TypeError(f"no reference for {type(module).__name__}")
@@ -66,15 +69,22 @@ def reference_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     key_padding_mask: torch.Tensor | None = None,
+    hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(B, H, L, D) each -> (B, H, L, D) float64: `reference_matrix(module, q, k, mask) @ v`."""
-    return reference_matrix(module, q, k, key_padding_mask) @ v.double()
+    """(B, H, L, D) each -> (B, H, L, D) float64: `reference_matrix(...) @ v`."""
+    return reference_matrix(module, q, k, key_padding_mask, hash_qk) @ v.double()
 
 
 def _bidirectional_matrix(
-    module: nn.Module, q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, real: torch.Tensor
+    module: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scores: torch.Tensor,
+    real: torch.Tensor,
+    hashed: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """The non-causal twin: every real key is visible; padded query rows are 0."""
+    """The non-causal twin: every real key is visible; padded query rows are 0. LSH buckets are
+    drawn from `hashed` (q, k or their unrotated content)."""
     length = q.shape[-2]
     visible = (real.unsqueeze(-1) & real.unsqueeze(-2)).unsqueeze(1)  # (B, 1, L, L)
     if isinstance(module, FullAttention):
@@ -82,13 +92,13 @@ def _bidirectional_matrix(
     elif isinstance(module, LocalAttention):
         support = _centred(length, module.window, q.device) & visible
     elif isinstance(module, LSHAttention):
-        support = _two_sided_lsh_support(q, k, real, module.rotations, module.bucket_size)
+        support = _two_sided_lsh_support(*hashed, real, module.rotations, module.bucket_size)
     elif isinstance(module, PerformerAttention):
         return _rows_normalised_or_zero(_feature_products(q, k, module.projection) * visible)
     elif isinstance(module, ScatterbrainAttention):
         support = _centred(length, module.window, q.device).expand_as(scores)
         if module.lsh:
-            lsh = _two_sided_lsh_support(q, k, real, module.rotations, module.bucket_size)
+            lsh = _two_sided_lsh_support(*hashed, real, module.rotations, module.bucket_size)
             support = support | lsh
         ahat = torch.where(support, scores.exp(), _feature_products(q, k, module.projection))
         return _rows_normalised_or_zero(ahat * visible)

@@ -67,6 +67,7 @@ from sbtrain.attention.lsh import (
     QueryFeatures,
     check_lsh,
     draw_rotations,
+    hashed_context,
     lsh_parts,
 )
 from sbtrain.attention.performer import check_features, state_from_cache, state_to_cache
@@ -203,8 +204,10 @@ class ScatterbrainAttention(nn.Module):
         v: torch.Tensor,
         cache: dict | None,
         keep_cache: bool,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[Part, dict | None]:
-        """Parts for new queries q (B, H, T, D) after the tokens in `cache`, and the next cache."""
+        """Parts for new queries q (B, H, T, D) after the tokens in `cache`, and the next cache.
+        With LSH, buckets are drawn from `hash_qk` (new queries, new keys) when given."""
         dtype = compute_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         context_k, context_v = cached_kv(cache, k, v)
@@ -221,11 +224,24 @@ class ScatterbrainAttention(nn.Module):
             part, state = causal_feature_sum(lq, lk_new, vx_new, self.chunk_size, state)
         if self.lsh:
             features = (_weights(lq, QueryFeatures), _weights(lk, KeyFeatures))
+            hashed = hashed_context(cache, hash_qk)
             exact, products = lsh_parts(
-                q * self.tau, all_k, vx, self.rotations, self.bucket_size, self.window, features
+                q * self.tau,
+                all_k,
+                vx,
+                self.rotations,
+                self.bucket_size,
+                self.window,
+                features,
+                hashed=hashed,
             )
             part = combine(subtract(part, products), exact)
-        return part, (self._next_cache(state, all_k, all_v) if keep_cache else None)
+        if not keep_cache:
+            return part, None
+        cache = self._next_cache(state, all_k, all_v)
+        if self.lsh and hash_qk is not None:
+            cache["hash_k"] = hashed[1]
+        return part, cache
 
     def _windowed(
         self,
@@ -273,7 +289,12 @@ class ScatterbrainAttention(nn.Module):
 
     @full_precision
     def _bidirectional(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        real: torch.Tensor,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Part:
         """The non-causal part for q, k, v (B, H, L, D) and real tokens (B, L)."""
         dtype = compute_dtype(q)
@@ -288,7 +309,15 @@ class ScatterbrainAttention(nn.Module):
         if self.lsh:
             features = (_weights(lq, QueryFeatures), _weights(lk, KeyFeatures))
             exact, products = lsh_parts(
-                q * self.tau, k, vx, self.rotations, self.bucket_size, self.window, features, real
+                q * self.tau,
+                k,
+                vx,
+                self.rotations,
+                self.bucket_size,
+                self.window,
+                features,
+                real=real,
+                hashed=hash_qk,
             )
             part = combine(subtract(part, products), exact)
         return part
@@ -299,12 +328,13 @@ class ScatterbrainAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Part:
         """(B, H, L, D) each -> the unnormalised part (fp32, or fp64 for fp64 inputs)."""
         real = real_tokens(self.causal, key_padding_mask, q)
         if real is not None:
-            return self._bidirectional(q, k, v, real)
-        return self._run(q, k, v, None, keep_cache=False)[0]
+            return self._bidirectional(q, k, v, real, hash_qk)
+        return self._run(q, k, v, None, keep_cache=False, hash_qk=hash_qk)[0]
 
     def forward(
         self,
@@ -312,20 +342,28 @@ class ScatterbrainAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (sparse=local: fused Triton
         kernels on CUDA, causal only); key_padding_mask (B, L) bool, True for real tokens
-        (non-causal only): padded keys get no weight in any part, padded queries output 0."""
+        (non-causal only): padded keys get no weight in any part, padded queries output 0.
+        With LSH, buckets are drawn from `hash_qk` (the unrotated q, k) when given; without LSH
+        it is ignored."""
         # non-causal: PyTorch only (the fused kernels are causal)
         real = real_tokens(self.causal, key_padding_mask, q)
         if real is not None:
-            return normalise(self.forward_parts(q, k, v, real), real).to(v.dtype)
+            return normalise(self.forward_parts(q, k, v, real, hash_qk), real).to(v.dtype)
         if self.sparse == "local" and q.is_cuda and triton_kernels.supports(q, self.window):
             return triton_kernels.scatterbrain_local(q, k, v, self.projection, self.window)
-        return normalise(self.forward_parts(q, k, v)).to(v.dtype)
+        return normalise(self.forward_parts(q, k, v, hash_qk=hash_qk)).to(v.dtype)
 
     def decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: dict | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: dict | None,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
 
@@ -334,7 +372,7 @@ class ScatterbrainAttention(nn.Module):
         reach arbitrarily far back), but still computes only the T new queries.
         """
         causal_only(self)
-        part, cache = self._run(q, k, v, cache, keep_cache=True)
+        part, cache = self._run(q, k, v, cache, keep_cache=True, hash_qk=hash_qk)
         return normalise(part).to(v.dtype), cache
 
 

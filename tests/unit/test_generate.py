@@ -33,15 +33,21 @@ KINDS = {
 STEPS = 301  # not a multiple of any window, chunk or bucket size above
 
 
-def model_with(attention: AttentionConfig, max_len: int = STEPS + 8) -> TransformerLM:
+def model_with(
+    attention: AttentionConfig, max_len: int = STEPS + 8, positions: str = "learned"
+) -> TransformerLM:
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layers=2, n_heads=2, d_model=32, d_ff=64, dropout=0.0, attention=attention)
+    cfg = ModelConfig(n_layers=2, n_heads=2, d_model=32, d_ff=64, dropout=0.0,
+                      positions=positions, attention=attention)  # fmt: skip
     return TransformerLM(cfg, vocab_size=50, max_len=max_len).eval()
 
 
+@pytest.mark.parametrize("positions", ["learned", "rope"])
 @pytest.mark.parametrize("name", KINDS)
-def test_step_by_step_decoding_equals_the_full_forward_pass(name):
-    model = model_with(KINDS[name])
+def test_step_by_step_decoding_equals_the_full_forward_pass(name, positions):
+    """rope: a step at position p rotates by p, and the caches hold rotated keys (and, with LSH,
+    the unrotated ones the buckets come from)."""
+    model = model_with(KINDS[name], positions=positions)
     tokens = torch.randint(0, 50, (2, STEPS))
     with torch.no_grad():
         full = model.log_probs(model(tokens))
@@ -52,9 +58,10 @@ def test_step_by_step_decoding_equals_the_full_forward_pass(name):
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("positions", ["learned", "rope"])
 @pytest.mark.parametrize("name", KINDS)
-def test_prefill_then_steps_equals_the_full_forward_pass(name):
-    model = model_with(KINDS[name])
+def test_prefill_then_steps_equals_the_full_forward_pass(name, positions):
+    model = model_with(KINDS[name], positions=positions)
     tokens = torch.randint(0, 50, (1, 150))
     with torch.no_grad():
         full = model.log_probs(model(tokens))

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Length generalisation on wiki-leads (recipes/wiki-leads.yaml): the same small model trained at
+# 256 tokens with each kind at one budget (64 keys or features per query) and both rope and
+# sinusoidal positions, then evaluated on the test split at 256, 512, 1024 and 2048 tokens with
+# perplexity per bucket of 128 positions. Training runs go one at a time.
+#   benchmarks/length-generalisation.sh [UPDATES] [RAW_DIR]
+#   KINDS="full" POSITIONS="rope" benchmarks/length-generalisation.sh 20   # one run end to end
+# -> benchmarks/results/length-generalisation-cpu.jsonl (one line per model and length), and the
+#    README table and PNG from benchmarks/length_generalisation.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sbtrain=${SBTRAIN:-sbtrain}
+python=${PYTHON:-python3}
+updates=${1:-300}
+raw=${2:-data/wiki-leads}
+kinds=${KINDS:-full local performer scatterbrain}
+positions=${POSITIONS:-rope sinusoidal}
+lengths=${LENGTHS:-256 512 1024 2048}
+out=${OUT:-benchmarks/results/length-generalisation-cpu.jsonl}
+[ -f data/wiki-leads-bin/meta.json ] || $sbtrain preprocess recipes/wiki-leads.yaml data.raw=$raw
+spec() {  # the attention of a kind at the budget: 64 keys or features per query
+  case $1 in
+    full) echo "{kind: full}" ;;
+    local) echo "{kind: local, window: 64}" ;;
+    performer) echo "{kind: performer, n_features: 64}" ;;
+    scatterbrain) echo "{kind: scatterbrain, sparse: local, window: 32, n_features: 32}" ;;
+    *) echo "unknown kind $1 (full, local, performer, scatterbrain)" >&2; exit 2 ;;
+  esac
+}
+: > "$out"
+for kind in $kinds; do
+  for pos in $positions; do
+    attention=$(spec "$kind")
+    save=checkpoints/length-generalisation-$kind-$pos
+    rm -rf "$save"
+    start=$SECONDS
+    $sbtrain train recipes/wiki-leads.yaml "model.attention=$attention" "model.positions=$pos" \
+      data.tokens_per_sample=256 train.max_updates="$updates" train.validate_interval="$updates" \
+      train.save_dir="$save" train.tensorboard=false >/dev/null
+    seconds=$((SECONDS - start))  # wall clock of the whole command, start-up included
+    echo "trained $kind $pos: $updates updates in $seconds s" >&2
+    for n in $lengths; do
+      $sbtrain eval-ppl "$save/checkpoint_last.pt" --tokens-per-sample "$n" --by-position 128 --json \
+        | $python -c "import json, sys; r = json.load(sys.stdin); print(json.dumps({'kind': '$kind', 'attention_spec': '$attention', 'updates': $updates, 'train_seconds': $seconds, **r}))" \
+        | tee -a "$out"
+    done
+  done
+done
+$python benchmarks/length_generalisation.py "$out" --png "${out%.jsonl}.png"
