@@ -65,6 +65,12 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a.add_argument("--head-dim", type=positive, default=64)
     a.add_argument("--device", default="cpu")
     a.add_argument("--repeats", type=positive, default=2, help="timed passes; the best is kept")
+    a.add_argument(
+        "--impl",
+        choices=["auto", "pytorch", "fused"],
+        default="auto",
+        help="scatterbrain (local) / performer: fused kernels or PyTorch path",
+    )
 
     x = sub.add_parser("approx", help="relative error vs exact attention at an equal budget")
     x.add_argument("--budget", type=positive, default=64, help="keys/features per query")

@@ -93,18 +93,24 @@ def score(
 
 
 def load_model(
-    path: str | Path, device: torch.device, attention: dict | None = None
+    path: str | Path,
+    device: torch.device,
+    attention: dict | None = None,
+    attention_impl: str | None = None,
 ) -> tuple[TransformerLM, Recipe, dict]:
     """The model of a checkpoint (its recipe gives the architecture), ready for evaluation.
 
     `attention` ({"kind": ..., options}) swaps every layer's attention kernel for another kind:
     the projections are kept; the new kernel's random buffers are drawn from train.seed.
+    `attention_impl` (auto | pytorch | fused) replaces the recipe's train.attention_impl.
     """
     state = checkpoint.load(path)
     tree, weights = state["recipe"], state["model"]
     if attention is not None:
         tree = {**tree, "model": {**tree["model"], "attention": attention}}
         weights = {k: v for k, v in weights.items() if ".kernel." not in k}  # the old kernel's
+    if attention_impl is not None:
+        tree = {**tree, "train": {**tree.get("train", {}), "attention_impl": attention_impl}}
     recipe = recipe_from_dict(tree, source=f"{path} (--attention)" if attention else str(path))
     model = build_model(recipe, int(state["vocab_size"]))
     try:
@@ -176,12 +182,13 @@ def main(
     attention: dict | None = None,
     data_dir: str | None = None,
     progress: bool = True,
+    attention_impl: str | None = None,
 ) -> dict:
     """Score a split with a checkpoint; returns the result record (`--json` prints it)."""
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     dev = pick_device(device)
-    model, recipe, state = load_model(path, dev, attention)
+    model, recipe, state = load_model(path, dev, attention, attention_impl)
     dataset, stats = eval_dataset(recipe, state, split, context_window, data_dir)
     copy = recipe.task == "copy"
     interactive = progress and sys.stderr.isatty()

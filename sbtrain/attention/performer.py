@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sbtrain.attention import triton_kernels
+from sbtrain.attention import dispatch
 from sbtrain.attention.common import (
     Part,
     check_seed,
@@ -58,6 +58,7 @@ class PerformerAttention(nn.Module):
         self.n_features = n_features
         self.chunk_size = chunk_size
         self.tau = head_dim**-0.5
+        self.impl = "auto"  # fused kernels or PyTorch path: see dispatch.py (not a checkpoint's)
         self.register_buffer("projection", torch.empty(n_features // 2, head_dim), persistent=True)
         self.redraw(resolve_seed(seed))
 
@@ -89,9 +90,12 @@ class PerformerAttention(nn.Module):
         return self._parts(q, k, v, None)[0]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (fused Triton kernels on CUDA)."""
-        if q.is_cuda and triton_kernels.supports(q):
-            return triton_kernels.performer(q, k, v, self.projection)
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype: the fused Triton kernels or the
+        PyTorch path, as `self.impl` (auto | pytorch | fused) and dispatch.py decide."""
+        return dispatch.attention(self.impl, q, k, v, self.projection, 0, self.pytorch_forward)
+
+    def pytorch_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The PyTorch path of `forward` (the fused kernels' reference)."""
         return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
     def decode(

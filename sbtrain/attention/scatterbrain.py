@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sbtrain.attention import triton_kernels
+from sbtrain.attention import dispatch
 from sbtrain.attention.common import (
     EMPTY,
     Part,
@@ -128,6 +128,7 @@ class ScatterbrainAttention(nn.Module):
         self.chunk_size = options["chunk_size"]
         self.lsh = "lsh" in sparse
         self.tau = head_dim**-0.5
+        self.impl = "auto"  # fused kernels or PyTorch path: see dispatch.py (not a checkpoint's)
         self.register_buffer("projection", torch.empty(n_features // 2, head_dim), persistent=True)
         if self.lsh:
             self.n_hashes = options["n_hashes"]
@@ -244,10 +245,14 @@ class ScatterbrainAttention(nn.Module):
         return self._run(q, k, v, None, keep_cache=False)[0]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (sparse=local: fused Triton
-        kernels on CUDA)."""
-        if self.sparse == "local" and q.is_cuda and triton_kernels.supports(q, self.window):
-            return triton_kernels.scatterbrain_local(q, k, v, self.projection, self.window)
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype: for sparse=local the fused Triton
+        kernels or the PyTorch path, as `self.impl` (auto | pytorch | fused) and dispatch.py
+        decide; LSH supports always take the PyTorch path."""
+        window = self.window if self.sparse == "local" else None
+        return dispatch.attention(self.impl, q, k, v, self.projection, window, self.pytorch_forward)
+
+    def pytorch_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The PyTorch path of `forward` (the fused kernels' reference)."""
         return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
     def decode(
