@@ -63,6 +63,11 @@ def check_impl(impl: str) -> None:
         raise ValueError(f"attention_impl must be one of {', '.join(IMPLS)}, got {impl!r}")
 
 
+def fallbacks() -> list[str]:
+    """The reasons `auto` has warned about in this process (benchmarks record them)."""
+    return sorted(_warned)
+
+
 def set_impl(model: nn.Module, impl: str) -> None:
     """Make every attention module of `model` that has a fused path use `impl`."""
     check_impl(impl)
