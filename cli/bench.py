@@ -7,6 +7,7 @@ examples:
   sbtrain bench preprocess --megabytes 500 --workers 2
   sbtrain bench generate --contexts 1024,4096,16384
   sbtrain bench kernels --out benchmarks/results/kernels-h100.json        # CUDA + Triton only
+  sbtrain bench gpt --device cuda      # a plain GPT loop of the wt103-full shape, for comparison
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a.add_argument("--head-dim", type=positive, default=64)
     a.add_argument("--device", default="cpu")
     a.add_argument("--repeats", type=positive, default=2, help="timed passes; the best is kept")
+    a.add_argument(
+        "--impl",
+        choices=["auto", "pytorch", "fused"],
+        default="auto",
+        help="scatterbrain (local) / performer: fused kernels or PyTorch path",
+    )
 
     x = sub.add_parser("approx", help="relative error vs exact attention at an equal budget")
     x.add_argument("--budget", type=positive, default=64, help="keys/features per query")
@@ -105,7 +112,17 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     k.add_argument("--repeats", type=positive, default=20)
     k.add_argument("--blocks", type=ints, default=[32, 64, 128], help="kernel block sizes to try")
 
-    for each in (a, x, t, p, g, k):
+    gpt = sub.add_parser("gpt", help="tokens/s of a plain GPT loop (bench train's yardstick)")
+    gpt.add_argument("--vocab-size", type=positive, default=32000)
+    gpt.add_argument("--length", type=positive, default=2048)
+    gpt.add_argument("--batch", type=positive, default=12)
+    gpt.add_argument("--layers", type=positive, default=16)
+    gpt.add_argument("--d-model", type=positive, default=512, help="heads: d_model / 64")
+    gpt.add_argument("--steps", type=positive, default=10)
+    gpt.add_argument("--warmup", type=count, default=3)
+    gpt.add_argument("--device", default="cuda")
+
+    for each in (a, x, t, p, g, k, gpt):
         each.add_argument("--out", help="also write the JSON result to this file")
     return parser
 

@@ -55,6 +55,11 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="evaluate with another attention kind, e.g. --attention local window=256",
     )
     parser.add_argument("--data", help="preprocessed data folder (default: the recipe's data.dir)")
+    parser.add_argument(
+        "--attention-impl",
+        choices=["auto", "pytorch", "fused"],
+        help="fused kernels or PyTorch path (default: the checkpoint's train.attention_impl)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
@@ -69,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         attention=evaluate.parse_attention(args.attention),
         data_dir=args.data,
+        attention_impl=args.attention_impl,
         progress=not args.json,
         tokens_per_sample=args.tokens_per_sample,
         by_position=args.by_position,

@@ -35,6 +35,11 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--data", help="preprocessed data folder with the tokenizer (default: data.dir)"
     )
+    parser.add_argument(
+        "--attention-impl",
+        choices=["auto", "pytorch", "fused"],
+        help="fused kernels or PyTorch path (default: the checkpoint's train.attention_impl)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
@@ -51,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         attention=parse_attention(args.attention),
         data_dir=args.data,
+        attention_impl=args.attention_impl,
     )
     print(json.dumps(result) if args.json else result["text"])
     return 0

@@ -16,7 +16,7 @@ COMMANDS = {
     "train": ("cli.train", "train a model (rerunning the same command resumes)"),
     "eval-ppl": ("cli.eval_ppl", "perplexity (or copy accuracy) of a checkpoint"),
     "generate": ("cli.generate", "sample text from a checkpoint"),
-    "bench": ("cli.bench", "benchmarks: attention, approx, train, preprocess, generate"),
+    "bench": ("cli.bench", "benchmarks: attention approx train preprocess generate kernels gpt"),
 }
 
 USAGE = "sbtrain COMMAND [args] [--debug]\n\ncommands:\n" + "\n".join(

@@ -149,6 +149,9 @@ class TrainConfig:
     patience: int | None = opt(None, "stop after this many validations without improvement")
     loss_scale_init: float = opt(2.0**16, "fp16: initial loss scale (halved on overflow)")
     compile: bool = opt(False, "torch.compile the model")
+    attention_impl: Literal["auto", "pytorch", "fused"] = opt(
+        "auto", "scatterbrain (local), performer: auto (fused where it serves) | pytorch | fused"
+    )
     tensorboard: bool = opt(True, "write TensorBoard scalars to {save_dir}/tb")
 
 

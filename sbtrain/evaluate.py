@@ -131,18 +131,24 @@ def score(
 
 
 def load_model(
-    path: str | Path, device: torch.device, attention: dict | None = None
+    path: str | Path,
+    device: torch.device,
+    attention: dict | None = None,
+    attention_impl: str | None = None,
 ) -> tuple[TransformerLM, Recipe, dict]:
     """The model of a checkpoint (its recipe gives the architecture), ready for evaluation.
 
     `attention` ({"kind": ..., options}) swaps every layer's attention kernel for another kind:
     the projections are kept; the new kernel's random buffers are drawn from train.seed.
+    `attention_impl` (auto | pytorch | fused) replaces the recipe's train.attention_impl.
     """
     state = checkpoint.load(path)
     tree, weights = state["recipe"], state["model"]
     if attention is not None:
         tree = {**tree, "model": {**tree["model"], "attention": attention}}
         weights = {k: v for k, v in weights.items() if ".kernel." not in k}  # the old kernel's
+    if attention_impl is not None:
+        tree = {**tree, "train": {**tree.get("train", {}), "attention_impl": attention_impl}}
     recipe = recipe_from_dict(tree, source=f"{path} (--attention)" if attention else str(path))
     model = build_model(recipe, int(state["vocab_size"]))
     try:
@@ -238,6 +244,7 @@ def main(
     tokens_per_sample: int | None = None,
     by_position: int | None = None,
     plot: str | None = None,
+    attention_impl: str | None = None,
 ) -> dict:
     """Score a split with a checkpoint; returns the result record (`--json` prints it).
 
@@ -253,7 +260,7 @@ def main(
             raise UserError("--plot draws the --by-position buckets: give --by-position K too")
         plotting()
     dev = pick_device(device)
-    model, recipe, state = load_model(path, dev, attention)
+    model, recipe, state = load_model(path, dev, attention, attention_impl)
     length = block_length(model, recipe, tokens_per_sample)
     dataset, stats = eval_dataset(recipe, state, split, context_window, data_dir, length)
     buckets = ByPosition(by_position, length) if by_position is not None else None

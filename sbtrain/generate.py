@@ -72,6 +72,7 @@ def main(
     device: str = "auto",
     attention: dict | None = None,
     data_dir: str | None = None,
+    attention_impl: str | None = None,
 ) -> dict:
     """Sample a continuation of a text prompt (copy task: space-separated symbol ids).
 
@@ -86,7 +87,7 @@ def main(
     ]:
         if bad:
             raise UserError(message)
-    model, recipe, _ = load_model(path, pick_device(device), attention)
+    model, recipe, _ = load_model(path, pick_device(device), attention, attention_impl)
     if recipe.task == "copy":
         ids = _symbols(prompt, model.vocab_size)
         shown = 0

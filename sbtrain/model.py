@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sbtrain.attention import build_attention
+from sbtrain.attention import build_attention, dispatch
 from sbtrain.config import AttentionConfig, ModelConfig, Recipe
 from sbtrain.errors import UserError
 
@@ -209,7 +209,9 @@ class TransformerLM(nn.Module):
 def build_model(recipe: Recipe, vocab_size: int) -> TransformerLM:
     """The model of a recipe, initialised from train.seed (identically on every process)."""
     torch.manual_seed(recipe.train.seed)
-    return TransformerLM(recipe.model, vocab_size, recipe.context_length)
+    model = TransformerLM(recipe.model, vocab_size, recipe.context_length)
+    dispatch.set_impl(model, recipe.train.attention_impl)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

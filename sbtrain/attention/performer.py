@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sbtrain.attention import triton_kernels
+from sbtrain.attention import dispatch
 from sbtrain.attention.common import (
     Part,
     causal_only,
@@ -73,6 +73,7 @@ class PerformerAttention(nn.Module):
         self.chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
         self.causal = causal
         self.tau = head_dim**-0.5
+        self.impl = "auto"  # fused kernels or PyTorch path: see dispatch.py (not a checkpoint's)
         self.register_buffer("projection", torch.empty(n_features // 2, head_dim), persistent=True)
         self.redraw(resolve_seed(seed))
 
@@ -140,15 +141,17 @@ class PerformerAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (fused Triton kernels on CUDA,
-        causal only); key_padding_mask (B, L) bool, True for real tokens (non-causal only):
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype: causal, the fused Triton kernels
+        or the PyTorch path, as `self.impl` (auto | pytorch | fused) and dispatch.py decide;
+        key_padding_mask (B, L) bool, True for real tokens (non-causal only, PyTorch path):
         padded keys get no weight, padded queries output 0. `hash_qk` is ignored."""
-        # non-causal: PyTorch only (the fused kernels are causal)
         real = real_tokens(self.causal, key_padding_mask, q)
         if real is not None:
             return normalise(self.forward_parts(q, k, v, real), real).to(v.dtype)
-        if q.is_cuda and triton_kernels.supports(q):
-            return triton_kernels.performer(q, k, v, self.projection)
+        return dispatch.attention(self.impl, q, k, v, self.projection, 0, self.pytorch_forward)
+
+    def pytorch_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The causal PyTorch path of `forward` (the fused kernels' reference)."""
         return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
     def decode(

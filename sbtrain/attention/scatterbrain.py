@@ -18,10 +18,12 @@ keys (no subtraction); LSH entries outside the window are moved as in the causal
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from sbtrain.attention import triton_kernels
+from sbtrain.attention import dispatch
 from sbtrain.attention.common import (
     EMPTY,
     Part,
@@ -157,6 +159,7 @@ class ScatterbrainAttention(nn.Module):
         self.chunk_size = options["chunk_size"]
         self.lsh = "lsh" in sparse
         self.tau = head_dim**-0.5
+        self.impl = "auto"  # fused kernels or PyTorch path: see dispatch.py (not a checkpoint's)
         self.register_buffer("projection", torch.empty(n_features // 2, head_dim), persistent=True)
         if self.lsh:
             self.n_hashes = options["n_hashes"]
@@ -348,13 +351,24 @@ class ScatterbrainAttention(nn.Module):
         kernels on CUDA, causal only); key_padding_mask (B, L) bool, True for real tokens
         (non-causal only): padded keys get no weight in any part, padded queries output 0.
         With LSH, buckets are drawn from `hash_qk` (the unrotated q, k) when given; without LSH
-        it is ignored."""
-        # non-causal: PyTorch only (the fused kernels are causal)
+        it is ignored. Causal sparse=local: the fused Triton kernels or the PyTorch path, as
+        `self.impl` (auto | pytorch | fused) and dispatch.py decide; the rest takes the PyTorch
+        path."""
         real = real_tokens(self.causal, key_padding_mask, q)
         if real is not None:
             return normalise(self.forward_parts(q, k, v, real, hash_qk), real).to(v.dtype)
-        if self.sparse == "local" and q.is_cuda and triton_kernels.supports(q, self.window):
-            return triton_kernels.scatterbrain_local(q, k, v, self.projection, self.window)
+        window = None if self.lsh else self.window  # None: no kernel for LSH supports
+        pytorch = functools.partial(self.pytorch_forward, hash_qk=hash_qk)
+        return dispatch.attention(self.impl, q, k, v, self.projection, window, pytorch)
+
+    def pytorch_forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The causal PyTorch path of `forward` (the fused kernels' reference)."""
         return normalise(self.forward_parts(q, k, v, hash_qk=hash_qk)).to(v.dtype)
 
     def decode(

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -90,15 +91,7 @@ def available(device: torch.device | str) -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return torch.device(device).type == "cuda" or _interpreting()
-
-
-def supports(q: torch.Tensor, window: int | None = None) -> bool:
-    """True if `available` and the kernels take these inputs: fp32/bf16/fp16, and for
-    Scatterbrain a window that is 0 (Performer) or a multiple of 16."""
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not available(q.device):
-        return False
-    return window is None or window == 0 or window % BLOCKS[-1] == 0
+    return torch.device(device).type == "cuda" or interpreting()
 
 
 def scatterbrain_local(
@@ -108,14 +101,17 @@ def scatterbrain_local(
     projection: torch.Tensor,
     window: int,
     block: int | None = None,
+    on_backward_error: Callable | None = None,
 ) -> torch.Tensor:
     """Causal Scatterbrain with a local window: q, k, v (B, H, L, D) -> (B, H, L, D), v's dtype.
 
     projection: W (m/2, D); window: a multiple of 16 (0: Performer); block: the block size (a
     power of 2 >= 16 dividing the window), by default the largest of BLOCKS that divides it.
+    on_backward_error(error, q, k, v, grad_out) -> (dq, dk, dv): the gradients when the fused
+    backward raises (default: the error propagates); see dispatch.py.
     """
     if window == 0:
-        return performer(q, k, v, projection, block)
+        return performer(q, k, v, projection, block, on_backward_error)
     if block is None:
         block = next((b for b in BLOCKS if window % b == 0), None)
     if block is None or window % block or block < 16 or block & (block - 1):
@@ -123,7 +119,7 @@ def scatterbrain_local(
             f"scatterbrain_local: window {window} needs a block size, a power of 2 >= 16 that "
             f"divides it (got block={block})"
         )
-    return _FusedAttention.apply(q, k, v, projection, window, block)
+    return _FusedAttention.apply(q, k, v, projection, window, block, on_backward_error)
 
 
 def performer(
@@ -132,15 +128,17 @@ def performer(
     v: torch.Tensor,
     projection: torch.Tensor,
     block: int | None = None,
+    on_backward_error: Callable | None = None,
 ) -> torch.Tensor:
     """Causal Performer (FAVOR+): q, k, v (B, H, L, D) -> (B, H, L, D), v's dtype."""
     block = PERFORMER_BLOCK if block is None else block
     if block < 16 or block & (block - 1):
         raise ValueError(f"performer: block must be a power of 2 >= 16, got {block}")
-    return _FusedAttention.apply(q, k, v, projection, 0, block)
+    return _FusedAttention.apply(q, k, v, projection, 0, block, on_backward_error)
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1, read at import)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -191,7 +189,7 @@ def _tuned(name: str):
     from sbtrain.attention import triton_jit as jit
 
     kernel = getattr(jit, name)
-    if _interpreting():
+    if interpreting():
         return kernel
     if name not in _tuned_kernels:
         import triton
@@ -231,9 +229,9 @@ class _Config:
             BLOCK_F=self.block_f,
             DTYPE=dtype[q.dtype],
             PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
-            UPCAST=_interpreting(),
+            UPCAST=interpreting(),
         )
-        if _interpreting():
+        if interpreting():
             _patch_interpreter()
 
     def sizes(self) -> tuple[int, int, int]:
@@ -319,7 +317,7 @@ class _FusedAttention(torch.autograd.Function):
     """Scatterbrain (window > 0) or Performer (window 0); the projection gets no gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, projection, window: int, block: int):
+    def forward(ctx, q, k, v, projection, window: int, block: int, on_backward_error=None):
         if not (q.dtype == k.dtype == v.dtype) or q.shape != k.shape or q.shape != v.shape:
             raise ValueError(
                 f"q, k, v must share shape and dtype, got {tuple(q.shape)} {q.dtype}, "
@@ -332,12 +330,17 @@ class _FusedAttention(torch.autograd.Function):
         config = _Config(q, projection, window, block)
         out, *saved = _forward(q, k, v, projection, config)
         ctx.save_for_backward(q, k, v, out, *saved, projection)
-        ctx.config = config
+        ctx.config, ctx.on_backward_error = config, on_backward_error
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         *saved, projection = ctx.saved_tensors
         grad_out = _rows_last(grad_out)
-        dq, dk, dv = _backward(grad_out, saved, projection, ctx.config)
-        return dq, dk, dv, None, None, None
+        try:
+            dq, dk, dv = _backward(grad_out, saved, projection, ctx.config)
+        except Exception as error:
+            if ctx.on_backward_error is None or isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
+            dq, dk, dv = ctx.on_backward_error(error, *saved[:3], grad_out)
+        return dq, dk, dv, None, None, None, None

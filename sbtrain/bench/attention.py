@@ -19,7 +19,7 @@ import time
 import torch
 
 from sbtrain import bench
-from sbtrain.attention import build_attention
+from sbtrain.attention import build_attention, dispatch
 from sbtrain.distributed import keep_freed_cpu_memory, mallopt, pick_device
 from sbtrain.errors import UserError
 
@@ -44,11 +44,13 @@ def run_attention_bench(
     head_dim: int = 64,
     device: str = "cpu",
     repeats: int = 2,
+    impl: str = "auto",
 ) -> list[SpeedRow]:
-    """Measure every (kind, length), one after another; `kinds` maps a label to (kind, options)."""
+    """Measure every (kind, length), one after another; `kinds` maps a label to (kind, options);
+    `impl` (auto | pytorch | fused) chooses the implementation of the kinds with fused kernels."""
     kinds = BENCH_KINDS if kinds is None else kinds
     return [
-        measure(label, kind, options, length, batch, heads, head_dim, device, repeats)
+        measure(label, kind, options, length, batch, heads, head_dim, device, repeats, impl)
         for label, (kind, options) in kinds.items()
         for length in lengths
     ]
@@ -64,9 +66,10 @@ def measure(
     head_dim: int = 64,
     device: str = "cpu",
     repeats: int = 2,
+    impl: str = "auto",
 ) -> SpeedRow:
     """Time and peak memory of one case; on CPU each in its own freshly spawned process."""
-    case = (kind, options, length, batch, heads, head_dim, device)
+    case = (kind, options, length, batch, heads, head_dim, impl, device)
     if torch.device(device).type == "cpu":
         what = f"{label} at length {length}"
         ms = bench.in_fresh_process(what, _time_case, case, repeats)
@@ -77,11 +80,19 @@ def measure(
 
 
 def _prepare(
-    kind: str, options: dict, length: int, batch: int, heads: int, head_dim: int, device: str
+    kind: str,
+    options: dict,
+    length: int,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    impl: str,
+    device: str,
 ) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     """The module, warmed up on a short input (kernels loaded), and random fp32 inputs."""
     torch.manual_seed(0)
     attn = build_attention(kind, head_dim=head_dim, **options).to(device)
+    dispatch.set_impl(attn, impl)
     _forward_backward(attn, *_inputs(batch, heads, 256, head_dim, device))
     return attn, _inputs(batch, heads, length, head_dim, device)
 
@@ -160,6 +171,7 @@ def main(
     head_dim: int = 64,
     device: str = "cpu",
     repeats: int = 2,
+    impl: str = "auto",
     out: str | None = None,
 ) -> dict:
     """`sbtrain bench attention`: measure, print the table, write JSON to `out`."""
@@ -170,8 +182,11 @@ def main(
         )
     chosen = {k: BENCH_KINDS[k] for k in kinds} if kinds else BENCH_KINDS
     device = str(pick_device(device))  # one line, not a traceback, for a device not here
-    rows = run_attention_bench(chosen, tuple(lengths), batch, heads, head_dim, device, repeats)
+    rows = run_attention_bench(
+        chosen, tuple(lengths), batch, heads, head_dim, device, repeats, impl
+    )
     settings = {
+        "impl": impl,
         "batch": batch,
         "heads": heads,
         "head_dim": head_dim,

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from sbtrain.attention import build_attention, triton_kernels
-from sbtrain.attention.common import normalise
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -63,7 +62,7 @@ def time_kernels(
             None,
             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         ),
-        ("scatterbrain", "pytorch", None, _pytorch_path(scatterbrain)),
+        ("scatterbrain", "pytorch", None, scatterbrain.pytorch_forward),
     ]
     implementations += [
         (
@@ -75,7 +74,7 @@ def time_kernels(
         for block in blocks
         if window % block == 0
     ]
-    implementations.append(("performer", "pytorch", None, _pytorch_path(performer)))
+    implementations.append(("performer", "pytorch", None, performer.pytorch_forward))
     implementations += [
         ("performer", "triton", block, _fused_performer(performer.projection, block))
         for block in blocks
@@ -107,15 +106,6 @@ def time_kernels(
             rows.append(row)
         reference.clear()
     return rows
-
-
-def _pytorch_path(module: torch.nn.Module) -> Attention:
-    """The module's PyTorch forward, even where `forward` would dispatch to the fused kernels."""
-
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return normalise(module.forward_parts(q, k, v)).to(v.dtype)
-
-    return attention
 
 
 def _fused_scatterbrain(projection: torch.Tensor, window: int, block: int) -> Attention:

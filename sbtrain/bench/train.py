@@ -11,6 +11,7 @@ import time
 import torch
 
 from sbtrain import bench
+from sbtrain.attention import dispatch
 from sbtrain.config import Recipe, load_recipe
 from sbtrain.distributed import pick_device
 from sbtrain.errors import UserError
@@ -69,6 +70,8 @@ def bench_train(recipe: Recipe, vocab_size: int, steps: int = 10, warmup: int = 
         "batch": recipe.train.batch_size,
         "params": count_parameters(trainer.model),
         "precision": recipe.train.precision,
+        "attention_impl": recipe.train.attention_impl,
+        "fallbacks": dispatch.fallbacks(),  # why `auto` took the PyTorch path, if it did
         "step_ms": 1000 * seconds,
         "tokens_per_s": tokens / seconds,
     }
