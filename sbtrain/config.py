@@ -145,6 +145,9 @@ class TrainConfig:
     patience: int | None = opt(None, "stop after this many validations without improvement")
     loss_scale_init: float = opt(2.0**16, "fp16: initial loss scale (halved on overflow)")
     compile: bool = opt(False, "torch.compile the model")
+    activation_checkpointing: bool = opt(
+        False, "recompute each block in the backward pass: keep one tensor per block"
+    )
     tensorboard: bool = opt(True, "write TensorBoard scalars to {save_dir}/tb")
 
 
