@@ -11,6 +11,7 @@ at most `output_chunk_elements` scores, each recomputed in the backward pass, so
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -202,7 +203,7 @@ class TransformerLM(nn.Module):
         width = self.vocab_size
         if self.adaptive is not None:
             edges = self.adaptive.cutoffs  # [c1, ..., vocab_size]
-            tails = [b - a for a, b in zip(edges, edges[1:])]
+            tails = [b - a for a, b in itertools.pairwise(edges)]
             width = max(self.adaptive.head_size, *tails)
         return max(1, self.output_chunk_elements // width)
 

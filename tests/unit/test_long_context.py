@@ -49,7 +49,9 @@ def loss_and_grads(model, x, y, seed=1):
     torch.manual_seed(seed)
     nll, _ = model.loss(x, y)
     nll.backward()
-    return nll.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return nll.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def assert_same(a: dict, b: dict, rel: float = 1e-6):
@@ -100,7 +102,7 @@ def test_checkpointed_blocks_keep_only_their_inputs():
     plain = saved_elements(model, x, y)
     model.activation_checkpointing = True
     kept = saved_elements(model, x, y)
-    d, f, tokens = 32, 64, x.numel()
+    f, tokens = 64, x.numel()
     # each block saves at least its feed-forward hidden state (T x d_ff) without checkpoints
     assert plain - kept >= 4 * tokens * f
     assert kept < plain / 3
@@ -133,7 +135,9 @@ def test_output_layer_never_forms_all_scores_at_once(output):
     targets = torch.randint(0, vocab, (2, 200))
     saved = []
     with LargestTensor() as seen:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel()) or t, lambda t: t
+        ):
             nll = model.token_nll(hidden, targets)
         nll.sum().backward()
     assert sum(saved) < 400 * vocab / 10  # kept between the passes: no chunk's scores either
