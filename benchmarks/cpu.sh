@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's CPU benchmark tables: run them one at a time on a quiet machine.
-#   benchmarks/cpu.sh        -> benchmarks/results/{attention,approx,generate,train-wt103-L2048,preprocess}-cpu.json
+#   benchmarks/cpu.sh        -> benchmarks/results/{attention,approx,generate,train-wt103-*,preprocess}-cpu.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sbtrain=${SBTRAIN:-sbtrain}
@@ -12,4 +12,13 @@ $sbtrain bench generate --contexts 1024,4096,16384 --steps 128 --out $r/generate
 $sbtrain bench train recipes/wt103-full.yaml recipes/wt103.yaml train.batch_size=1 \
   train.precision=fp32 train.device=cpu --steps 2 --warmup 1 --vocab-size 267744 \
   --out $r/train-wt103-L2048-cpu.json
+# the long-context study: both models at 2k..32k, batch 1, fp32, activation checkpointing on;
+# the checkpointing's time cost at 2k; where a 16k step's time goes
+wt103="recipes/wt103.yaml recipes/wt103-full.yaml train.batch_size=1 train.precision=fp32 train.device=cpu"
+$sbtrain bench train $wt103 --lengths 2048,4096,8192,16384,32768 --checkpointing on \
+  --steps 1 --warmup 1 --vocab-size 267744 --out $r/train-wt103-long-cpu.json
+$sbtrain bench train $wt103 --lengths 2048 --checkpointing both \
+  --steps 2 --warmup 1 --vocab-size 267744 --out $r/train-wt103-checkpointing-cpu.json
+$sbtrain bench train $wt103 --lengths 16384 --checkpointing on --breakdown \
+  --steps 1 --warmup 1 --vocab-size 267744 --out $r/train-wt103-L16384-breakdown-cpu.json
 $sbtrain bench preprocess --megabytes 500 --workers 2 --out $r/preprocess-cpu.json

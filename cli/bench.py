@@ -4,6 +4,7 @@ examples:
   sbtrain bench attention --lengths 2048,4096,8192,16384 --out benchmarks/results/attention-cpu.json
   sbtrain bench approx --budget 64 --length 1024 --out benchmarks/results/approx-cpu.json
   sbtrain bench train recipes/wt103.yaml recipes/wt103-full.yaml train.batch_size=2 --steps 5
+  sbtrain bench train recipes/wt103.yaml --lengths 2048,4096 --checkpointing both --breakdown
   sbtrain bench preprocess --megabytes 500 --workers 2
   sbtrain bench generate --contexts 1024,4096,16384
   sbtrain bench kernels --out benchmarks/results/kernels-h100.json        # CUDA + Triton only
@@ -91,6 +92,17 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=count, default=2)
     t.add_argument(
         "--vocab-size", type=positive, default=32000, help="for lm recipes (random tokens)"
+    )
+    t.add_argument("--lengths", type=ints, help="tokens per sample (default: each recipe's)")
+    t.add_argument(
+        "--checkpointing",
+        choices=["on", "off", "both"],
+        help="train.activation_checkpointing for every case, or both (default: the recipe's)",
+    )
+    t.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time attention, feed-forward and output layer of a step, each alone",
     )
 
     p = sub.add_parser("preprocess", help="MB/s and peak RSS of preprocess on a generated corpus")

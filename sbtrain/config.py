@@ -152,6 +152,9 @@ class TrainConfig:
     attention_impl: Literal["auto", "pytorch", "fused"] = opt(
         "auto", "scatterbrain (local), performer: auto (fused where it serves) | pytorch | fused"
     )
+    activation_checkpointing: bool = opt(
+        False, "recompute each block in the backward pass: keep one tensor per block"
+    )
     tensorboard: bool = opt(True, "write TensorBoard scalars to {save_dir}/tb")
 
 

@@ -117,7 +117,7 @@ def score(
                 by_position.add(nll, targets)
             if count_correct:
                 scored = targets != IGNORE
-                guess = model.log_probs(hidden[scored].float()).argmax(-1)
+                guess = model.predict(hidden[scored].float())
                 total.correct += (guess == targets[scored]).sum().item()
             if progress is not None:
                 progress.update(len(batch))

@@ -2,21 +2,29 @@
 
 model = TransformerLM(recipe.model, vocab_size=267_744, max_len=2048)
 nll_sum, n_tokens = model.loss(inputs, targets)        # (B, T) int64 each; -100 = not scored
+
+Long sequences train in bounded memory: with `activation_checkpointing` each block is recomputed
+in the backward pass (only its input is kept), and the output layer scores positions in chunks of
+at most `output_chunk_elements` scores, each recomputed in the backward pass, so no
+(tokens x vocabulary) tensor ever exists whole.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sbtrain.attention import build_attention, dispatch
 from sbtrain.config import AttentionConfig, ModelConfig, Recipe
 from sbtrain.errors import UserError
 
 IGNORE = -100  # target value of positions that are not scored (e.g. the copy task's prompt)
+OUTPUT_CHUNK_ELEMENTS = 2**25  # scores (128 MiB in fp32) one chunk of the output layer may form
 
 
 class SelfAttention(nn.Module):
@@ -136,6 +144,8 @@ class TransformerLM(nn.Module):
             self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(
                 cfg.d_model, vocab_size, cutoffs, div_value=cfg.adaptive_div_value
             )
+        self.activation_checkpointing = False  # set from train.activation_checkpointing
+        self.output_chunk_elements = OUTPUT_CHUNK_ELEMENTS
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections
             if name.endswith(("attn.proj.weight", "mlp.2.weight")):
@@ -165,8 +175,12 @@ class TransformerLM(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> final hidden states (B, T, C)."""
         x = self._embed(tokens)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            if recompute:  # keep only the block's input; the same dropout masks in recompute
+                x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=True)
+            else:
+                x = block(x)
         return self.ln_f(x)
 
     def decode(
@@ -182,7 +196,7 @@ class TransformerLM(nn.Module):
         return self.ln_f(x), new
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., C) hidden states -> (..., vocab) log-probabilities in fp32."""
+        """(..., C) hidden states -> (..., vocab) log-probabilities in fp32 (all at once)."""
         flat = hidden.reshape(-1, hidden.shape[-1])
         if self.adaptive is not None:
             out = self.adaptive.log_prob(flat.float())
@@ -190,15 +204,36 @@ class TransformerLM(nn.Module):
             out = F.log_softmax((flat @ self.tok_emb.weight.t()).float(), dim=-1)
         return out.view(*hidden.shape[:-1], -1)
 
+    def predict(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, C) hidden states -> (N,) most likely next tokens, chunk by chunk."""
+        return over_chunks(lambda h: self.log_probs(h).argmax(-1), self._chunk_rows(), hidden)
+
     def token_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Negative log-likelihood in nats of each scored target: (B, T, C), (B, T) -> (N,)."""
+        """Negative log-likelihood in nats of each scored target: (B, T, C), (B, T) -> (N,).
+
+        Computed over chunks of positions, each recomputed in the backward pass: the scores of
+        one chunk (at most `output_chunk_elements`) are the largest tensor it forms.
+        """
         keep = targets.reshape(-1) != IGNORE
         flat = hidden.reshape(-1, hidden.shape[-1])[keep]
-        target = targets.reshape(-1)[keep]
+        return over_chunks(self._nll, self._chunk_rows(), flat, targets.reshape(-1)[keep])
+
+    def _nll(self, flat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The unchunked loss: (N, C), (N,) -> (N,) nats."""
         if self.adaptive is not None:
             return -self.adaptive(flat.float(), target).output
         logits = flat @ self.tok_emb.weight.t()  # tied output embedding
         return F.cross_entropy(logits.float(), target, reduction="none")
+
+    def _chunk_rows(self) -> int:
+        """Positions per chunk: the widest row of scores the output layer forms fits the budget
+        (adaptive: the head or the largest tail cluster; softmax: the vocabulary)."""
+        width = self.vocab_size
+        if self.adaptive is not None:
+            edges = self.adaptive.cutoffs  # [c1, ..., vocab_size]
+            tails = [b - a for a, b in itertools.pairwise(edges)]
+            width = max(self.adaptive.head_size, *tails)
+        return max(1, self.output_chunk_elements // width)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(summed NLL in nats, number of scored targets) of a batch."""
@@ -206,11 +241,26 @@ class TransformerLM(nn.Module):
         return nll.sum(), nll.numel()
 
 
+def over_chunks(function, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """`function(*tensors)` (row-wise) over chunks of `rows` rows, concatenated.
+
+    When gradients are on, each chunk is checkpointed: its intermediates are dropped after the
+    forward pass and recomputed one chunk at a time in the backward pass.
+    """
+    if len(tensors[0]) <= rows:
+        return function(*tensors)
+    chunks = zip(*(t.split(rows) for t in tensors))  # split: one backward node, not one per chunk
+    if torch.is_grad_enabled():
+        return torch.cat([checkpoint(function, *c, use_reentrant=False) for c in chunks])
+    return torch.cat([function(*c) for c in chunks])
+
+
 def build_model(recipe: Recipe, vocab_size: int) -> TransformerLM:
     """The model of a recipe, initialised from train.seed (identically on every process)."""
     torch.manual_seed(recipe.train.seed)
     model = TransformerLM(recipe.model, vocab_size, recipe.context_length)
     dispatch.set_impl(model, recipe.train.attention_impl)
+    model.activation_checkpointing = recipe.train.activation_checkpointing
     return model
 
 

@@ -92,7 +92,7 @@ def _cell(value) -> str:
 PLOTS = {
     "attention": ("length", ("ms", "peak_mib"), ("kind",)),
     "approx": ("temperature", ("error",), ("kind", "regime")),
-    "train": ("length", ("tokens_per_s", "step_ms"), ("attention", "sparse")),
+    "train": ("length", ("tokens_per_s", "peak_kib_per_token"), ("recipe", "checkpointing")),
     "generate": ("context", ("ms_per_token", "cache_mib"), ("kind",)),
 }
 

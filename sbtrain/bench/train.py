@@ -1,21 +1,27 @@
-"""`sbtrain bench train RECIPE`: tokens/s, step time and peak memory of real training steps.
+"""`sbtrain bench train RECIPE... [--lengths L,...]`: tokens/s, step time and peak memory of real
+training steps, per recipe and length, each case in a fresh process.
 
 The steps are the trainer's own (autocast, loss scaling, clipping, AdamW) on random tokens of the
-recipe's shapes, so no data is needed; the first `warmup` steps are not timed.
+recipe's shapes, so no data is needed; the first `warmup` steps are not timed. `--breakdown` also
+times the parts of a step alone at the step's shapes (forward + backward, recomputation included):
+every layer's attention sublayer, every feed-forward sublayer, the output layer; `other_ms` is
+what remains of the step (embeddings, final LayerNorm's share, clipping, the optimizer).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from sbtrain import bench
 from sbtrain.attention import dispatch
 from sbtrain.config import Recipe, load_recipe
 from sbtrain.distributed import pick_device
 from sbtrain.errors import UserError
-from sbtrain.model import count_parameters
+from sbtrain.model import TransformerLM, count_parameters
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -41,8 +47,15 @@ class SyntheticData:
         return self.dataset
 
 
-def bench_train(recipe: Recipe, vocab_size: int, steps: int = 10, warmup: int = 2) -> dict:
-    """Time `steps` updates after `warmup` ones; returns one row."""
+def bench_train(
+    recipe: Recipe,
+    vocab_size: int,
+    steps: int = 10,
+    warmup: int = 2,
+    breakdown: bool = False,
+    name: str = "",
+) -> dict:
+    """Time `steps` updates after `warmup` ones; returns one row (`name`: the recipe's)."""
     from sbtrain.distributed import Layout
     from sbtrain.trainer import Trainer
 
@@ -64,6 +77,7 @@ def bench_train(recipe: Recipe, vocab_size: int, steps: int = 10, warmup: int = 
     seconds = (time.perf_counter() - start) / steps
     tokens = recipe.train.batch_size * recipe.context_length
     row = {
+        "recipe": name,
         "attention": recipe.model.attention.kind,
         "sparse": recipe.model.attention.sparse,
         "length": recipe.context_length,
@@ -72,14 +86,69 @@ def bench_train(recipe: Recipe, vocab_size: int, steps: int = 10, warmup: int = 
         "precision": recipe.train.precision,
         "attention_impl": recipe.train.attention_impl,
         "fallbacks": dispatch.fallbacks(),  # why `auto` took the PyTorch path, if it did
+        "checkpointing": recipe.train.activation_checkpointing,
         "step_ms": 1000 * seconds,
         "tokens_per_s": tokens / seconds,
     }
     if device.type == "cuda":
-        row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        row["peak_mib"] = peak
     else:
-        row["peak_rss_mib"] = bench.peak_rss_mib()
+        peak = row["peak_rss_mib"] = bench.peak_rss_mib()
+    row["peak_kib_per_token"] = 1024 * peak / tokens
+    if breakdown:
+        shape = (trainer.micro, recipe.context_length)
+        parts = time_parts(trainer.model, shape, vocab_size, device)
+        row.update({f"{name}_ms": 1000 * s for name, s in parts.items()})
+        row["other_ms"] = row["step_ms"] - 1000 * sum(parts.values())
     return {"machine": bench.machine(device), "device": str(device), "row": row}
+
+
+def time_parts(
+    model: TransformerLM, shape: tuple[int, int], vocab_size: int, device: torch.device
+) -> dict[str, float]:
+    """Seconds one training step of micro-batches of `shape` (B, T) spends in the attention
+    sublayers, the feed-forward sublayers and the output layer: each timed alone (forward and
+    backward; with activation checkpointing, the recomputed forward too) on the model's own
+    modules, in fp32, and multiplied by the layers and micro-batches of a step."""
+    block = model.blocks[0]
+
+    def attention(x):
+        return x + block.drop(block.attn(block.ln1(x)))
+
+    def feed_forward(x):
+        return x + block.mlp(block.ln2(x))
+
+    targets = torch.randint(0, vocab_size, shape, device=device)
+
+    def output(x):
+        return model.token_nll(model.ln_f(x), targets)
+
+    n_layers, recompute = len(model.blocks), model.activation_checkpointing
+    x = torch.randn(*shape, model.cfg.d_model, device=device, requires_grad=True)
+    times = {}
+    for name, part, count in (
+        ("attention", attention, n_layers),
+        ("feed_forward", feed_forward, n_layers),
+        ("output", output, 1),
+    ):
+        run = part
+        if recompute and part is not output:  # the output layer recomputes its chunks anyway
+            run = lambda x, part=part: checkpoint(part, x, use_reentrant=False)  # noqa: E731
+        times[name] = count * _seconds(lambda run=run: run(x).sum().backward(), device)
+    return times
+
+
+def _seconds(work, device: torch.device) -> float:
+    """Wall time of `work()`, after one untimed call."""
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def main(
@@ -87,20 +156,46 @@ def main(
     steps: int = 10,
     warmup: int = 2,
     vocab_size: int = 32000,
+    lengths: list[int] | None = None,
+    checkpointing: str | None = None,
+    breakdown: bool = False,
     out: str | None = None,
 ) -> dict:
-    """`sbtrain bench train RECIPE... [key=value...]`: one row per recipe, side by side."""
+    """`sbtrain bench train RECIPE... [key=value...]`: one row per recipe, length and
+    checkpointing setting (`on`, `off`, `both`; default: the recipe's), side by side."""
     paths = [r for r in recipes if "=" not in r]
     overrides = [r for r in recipes if "=" in r]
     if not paths:
         raise UserError("bench train: give at least one recipe")
-    loaded = [load_recipe(path, overrides) for path in paths]  # all checked before any run
+    settings = {"on": ["true"], "off": ["false"], "both": ["false", "true"], None: [None]}
+    cases = []  # all loaded and checked before any run
+    for path in paths:
+        for length in lengths or [None]:
+            for setting in settings[checkpointing]:
+                extra = [] if length is None else [f"data.tokens_per_sample={length}"]
+                extra += [] if setting is None else [f"train.activation_checkpointing={setting}"]
+                recipe = load_recipe(path, [*overrides, *extra])
+                if length is not None and recipe.task == "copy":
+                    raise UserError(
+                        f"bench train --lengths: {path} is a copy-task recipe; "
+                        "set its length with copy.length=N instead"
+                    )
+                cases.append((Path(path).stem, recipe))
     rows, where = [], None
-    for recipe in loaded:  # a fresh process each, so peak memory is each recipe's own
+    for name, recipe in cases:  # a fresh process each, so peak memory is each case's own
         vocab = recipe.copy.n_symbols + 1 if recipe.task == "copy" else vocab_size
-        what = f"{recipe.model.attention.kind} at length {recipe.context_length}"
-        result = bench.in_fresh_process(what, bench_train, recipe, vocab, steps, warmup)
+        what = f"{name} at length {recipe.context_length}"
+        args = (recipe, vocab, steps, warmup, breakdown, name)
+        result = bench.in_fresh_process(what, bench_train, *args)
         rows.append(result["row"])
         where = result["machine"]
-    settings = {"recipes": paths, "overrides": overrides, "steps": steps, "warmup": warmup}
+    settings = {
+        "recipes": paths,
+        "overrides": overrides,
+        "steps": steps,
+        "warmup": warmup,
+        "vocab_size": vocab_size,
+        "lengths": lengths,
+        "checkpointing": checkpointing,
+    }
     return bench.report("train", rows, out, {"machine": where, "settings": settings})

@@ -108,18 +108,30 @@ def test_loss_falls_and_logs_parse(token_folder, tmp_path, capsys):
     assert "d_model: 64" in capsys.readouterr().out  # the resolved recipe is printed at start
 
 
-def test_per_update_losses_match_the_golden_file(token_folder, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_per_update_losses_match_the_golden_file(token_folder, tmp_path, checkpointing):
     """First 20 losses of the debug recipe on CPU (tests/assets/losses, made by this test's
-    recipe on the development machine); catches silent changes to init, data order or maths."""
-    args = train_args(token_folder, tmp_path, "train.max_updates=20", "train.log_interval=1")
+    recipe on the development machine); catches silent changes to init, data order or maths.
+    Recomputing the blocks in the backward pass (dropout on) changes none of them."""
+    args = train_args(
+        token_folder,
+        tmp_path,
+        "train.max_updates=20",
+        "train.log_interval=1",
+        f"train.activation_checkpointing={str(checkpointing).lower()}",
+    )
     assert main(args) == 0
     golden = json.loads(GOLDEN.read_text())
     got = [loss for _, loss in losses(tmp_path)]
     assert got == pytest.approx(golden["loss"], rel=1e-4)
 
 
-def test_sigterm_then_rerun_gives_the_same_run_bit_for_bit(token_folder, tmp_path):
+@pytest.mark.parametrize(
+    "checkpointing", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["", "checkpointing"]
+)
+def test_sigterm_then_rerun_gives_the_same_run_bit_for_bit(token_folder, tmp_path, checkpointing):
     overrides = ["train.max_updates=120", "train.log_interval=1", "train.validate_interval=25"]
+    overrides.append(f"train.activation_checkpointing={str(checkpointing).lower()}")
     assert run_child(train_args(token_folder, tmp_path / "whole", *overrides)).returncode == 0
     cut = tmp_path / "cut"
     proc = start_child(train_args(token_folder, cut, *overrides))
@@ -187,7 +199,7 @@ def test_twenty_kill9_at_random_moments_lose_nothing(token_folder, tmp_path):
 
 def test_ddp_two_processes_match_one_process(token_folder, tmp_path):
     """Adaptive softmax with one sequence per micro-batch: tail clusters go unused in some
-    forward passes, which DDP must allow."""
+    forward passes, which DDP must allow; and the same with the blocks recomputed in backward."""
     common = [
         "train.max_updates=20",
         "train.log_interval=1",
@@ -199,17 +211,23 @@ def test_ddp_two_processes_match_one_process(token_folder, tmp_path):
     ]
     one = run_child(train_args(token_folder, tmp_path / "one", *common))
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [*TORCHRUN, "-m", "sbtrain", *train_args(token_folder, tmp_path / "two", *common)],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert [u for u, _ in a] == [u for u, _ in b] == list(range(1, 21))
-    for (_, x), (_, y) in zip(a, b):
-        assert abs(x - y) <= 1e-5 * abs(x)
+    for name, extra in (("two", []), ("two-checkpointed", ["train.activation_checkpointing=true"])):
+        two = subprocess.run(
+            [
+                *TORCHRUN,
+                "-m",
+                "sbtrain",
+                *train_args(token_folder, tmp_path / name, *common, *extra),
+            ],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert two.returncode == 0, two.stderr[-3000:]
+        a, b = losses(tmp_path / "one"), losses(tmp_path / name)
+        assert [u for u, _ in a] == [u for u, _ in b] == list(range(1, 21))
+        for (_, x), (_, y) in zip(a, b):
+            assert abs(x - y) <= 1e-5 * abs(x)
     assert two.stdout.count("| model:") == 1  # only rank 0 prints
 
 
