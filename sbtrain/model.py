@@ -83,13 +83,19 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
+        return self.feed_forward(self.attend(x))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention sublayer with its residual: (B, T, d_model) -> the same."""
+        return x + self.drop(self.attn(self.ln1(x)))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward sublayer with its residual: (B, T, d_model) -> the same."""
         return x + self.mlp(self.ln2(x))
 
     def decode(self, x: torch.Tensor, cache: dict | None, start: int) -> tuple[torch.Tensor, dict]:
         y, cache = self.attn.decode(self.ln1(x), cache, start)
-        x = x + self.drop(y)
-        return x + self.mlp(self.ln2(x)), cache
+        return self.feed_forward(x + self.drop(y)), cache
 
 
 def sinusoids(length: int, dim: int) -> torch.Tensor:

@@ -112,13 +112,6 @@ def time_parts(
     backward; with activation checkpointing, the recomputed forward too) on the model's own
     modules, in fp32, and multiplied by the layers and micro-batches of a step."""
     block = model.blocks[0]
-
-    def attention(x):
-        return x + block.drop(block.attn(block.ln1(x)))
-
-    def feed_forward(x):
-        return x + block.mlp(block.ln2(x))
-
     targets = torch.randint(0, vocab_size, shape, device=device)
 
     def output(x):
@@ -128,8 +121,8 @@ def time_parts(
     x = torch.randn(*shape, model.cfg.d_model, device=device, requires_grad=True)
     times = {}
     for name, part, count in (
-        ("attention", attention, n_layers),
-        ("feed_forward", feed_forward, n_layers),
+        ("attention", block.attend, n_layers),
+        ("feed_forward", block.feed_forward, n_layers),
         ("output", output, 1),
     ):
         run = part
