@@ -1,0 +1,200 @@
+"""Long Range Arena data: the classification format, ListOps and Pathfinder generators checked
+by independent evaluators, and the readers of the downloaded datasets on files written here in
+their published layouts."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sbtrain.lra import listops
+from sbtrain.lra.format import (
+    Examples,
+    LraDataError,
+    make_meta,
+    open_split,
+    write_meta,
+    write_split,
+)
+
+# ---------------------------------------------------------------------------------------------
+# format
+
+
+def _write_folder(folder: Path, pairs: bool = False) -> list[list[int]]:
+    docs = [[3, 1, 4], [], [1, 5, 9, 2, 6], [5]]
+    labels = [0, 2, 1, 2]
+    second = [d[::-1] + [7] for d in docs] if pairs else None
+    batches = [
+        Examples([np.array(d) for d in docs[:2]], labels[:2],
+                 second and [np.array(d) for d in second[:2]]),
+        Examples([np.array(d) for d in docs[2:]], labels[2:],
+                 second and [np.array(d) for d in second[2:]]),
+    ]  # fmt: skip
+    stats = write_split(folder, "train", batches, "uint8")
+    assert stats.examples == 4
+    assert stats.label_counts == {"0": 1, "1": 1, "2": 2}
+    lengths = [len(d) for d in docs] + ([len(d) for d in second] if pairs else [])
+    assert (stats.min_length, stats.max_length, stats.tokens) == (
+        min(lengths), max(lengths), sum(lengths))  # fmt: skip
+    assert stats.mean_length == pytest.approx(sum(lengths) / len(lengths), abs=0.01)
+    write_meta(folder, make_meta("t", "symbols", 10, 3, ["train"], streams=2 if pairs else 1,
+                                 symbols=[str(i) for i in range(10)]))  # fmt: skip
+    return docs, labels, second
+
+
+def test_format_roundtrip(tmp_path):
+    docs, labels, _ = _write_folder(tmp_path)
+    split = open_split(tmp_path, "train")
+    assert len(split) == 4
+    for i, (doc, label) in enumerate(zip(docs, labels)):
+        tokens, got = split[i]
+        assert tokens.tolist() == doc and got == label
+    assert split.lengths().tolist() == [3, 0, 5, 1]
+    assert json.loads((tmp_path / "train.json").read_text())["examples"] == 4
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert (meta["vocab_size"], meta["pad_id"], meta["cls_id"]) == (12, 10, 11)
+
+
+def test_format_pairs(tmp_path):
+    docs, labels, second = _write_folder(tmp_path, pairs=True)
+    split = open_split(tmp_path, "train")
+    for i in range(4):
+        a, b, label = split.pair(i)
+        assert (a.tolist(), b.tolist(), label) == (docs[i], second[i], labels[i])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / "train.bin").write_bytes(b"\0" * 8), "offsets run"),
+        (lambda f: (f / "train.idx").write_bytes(b"\0" * 12), "not a whole number"),
+        (lambda f: np.arange(3, dtype="<i8").tofile(f / "train.idx"), "offsets for 4 labels"),
+        (lambda f: np.array([0, 4, 3, 8, 9], "<i8").tofile(f / "train.idx"), "decrease"),
+        (lambda f: np.array([0, 1, 5, 1], "<i8").tofile(f / "train.labels"), "class 5"),
+        (lambda f: (f / "train.labels").unlink(), "missing"),
+        (lambda f: (f / "meta.json").write_text('{"format": "sbtrain-bin-1"}'), "format"),
+        (lambda f: (f / "meta.json").write_text("{not json"), "unreadable"),
+    ],
+)
+def test_format_damage_is_one_clear_error(tmp_path, damage, message):
+    _write_folder(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(LraDataError, match=message) as e:
+        open_split(tmp_path, "train")
+    assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_format_refuses_ids_beyond_dtype(tmp_path):
+    with pytest.raises(ValueError, match="outside uint8"):
+        write_split(tmp_path, "train", [Examples([np.array([256])], [0])], "uint8")
+
+
+# ---------------------------------------------------------------------------------------------
+# ListOps
+
+
+def stack_evaluate(text: str) -> tuple[int, int]:
+    """Value and operator nesting depth of a ListOps sequence, read token by token with a
+    stack (the generator evaluates a tree recursively)."""
+    ops = {
+        "[MAX": max,
+        "[MIN": min,
+        "[MED": lambda a: math.floor(statistics.median(a)),
+        "[SM": lambda a: sum(a) % 10,
+    }
+    stack: list[list] = [[None]]
+    depth = 0
+    for token in text.split():
+        if token in ops:
+            stack.append([token])
+            depth = max(depth, len(stack) - 1)
+        elif token == "]":
+            op, *args = stack.pop()
+            assert len(args) >= 2, text
+            stack[-1].append(ops[op](args))
+        else:
+            stack[-1].append(int(token))
+    assert len(stack) == 1 and len(stack[0]) == 2
+    return stack[0][1], depth
+
+
+def _max_args(text: str) -> int:
+    counts, best = [], 0
+    for token in text.split():
+        if token.startswith("["):
+            counts.append(0)
+        elif token == "]":
+            best = max(best, counts.pop())
+            if counts:
+                counts[-1] += 1
+        elif counts:
+            counts[-1] += 1
+    return best
+
+
+SMALL = listops.ListOpsConfig(train=300, valid=50, test=50, min_tokens=30, max_tokens=120,
+                              max_depth=4, max_args=5, seed=3, chunk=40)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_listops():
+    return listops.generate(SMALL)
+
+
+def test_listops_labels_lengths_limits(small_listops):
+    depths = []
+    for examples in small_listops.values():
+        for tokens, label in zip(examples.tokens, examples.labels):
+            text = listops.to_text(tokens)
+            value, depth = stack_evaluate(text)
+            assert value == label, text
+            assert SMALL.min_tokens <= len(tokens) <= SMALL.max_tokens
+            assert depth <= SMALL.max_depth - 1 and _max_args(text) <= SMALL.max_args
+            depths.append(depth)
+    assert max(depths) == SMALL.max_depth - 1  # the limit is reached, not just respected
+    sizes = {name: len(e.labels) for name, e in small_listops.items()}
+    assert sizes == {"train": 300, "valid": 50, "test": 50}
+    labels = np.concatenate([e.labels for e in small_listops.values()])
+    counts = np.bincount(labels, minlength=10)
+    assert counts.sum() == 400 and (counts > 0).sum() == 10, counts  # every class occurs
+
+
+def test_listops_even_median_rounds_down():
+    assert listops.apply(listops.MED, [1, 2]) == 1
+    assert listops.apply(listops.MED, [9, 0, 4, 3]) == 3
+    assert listops.apply(listops.MED, [7, 2, 5]) == 5
+    assert listops.apply(listops.SM, [9, 8, 7]) == 4
+
+
+def test_listops_unique_across_splits(small_listops):
+    seqs = [t.tobytes() for e in small_listops.values() for t in e.tokens]
+    assert len(set(seqs)) == len(seqs) == 400
+
+
+def test_listops_deterministic_any_workers(small_listops):
+    again = listops.generate(SMALL, workers=2)
+    for name, examples in small_listops.items():
+        assert [t.tobytes() for t in again[name].tokens] == [t.tobytes() for t in examples.tokens]
+        assert again[name].labels == examples.labels
+    other = listops.generate(SMALL.__class__(**{**SMALL.__dict__, "seed": 4}))
+    assert [t.tobytes() for t in other["train"].tokens] != [
+        t.tobytes() for t in small_listops["train"].tokens
+    ]
+
+
+def test_listops_prepare_writes_folder(tmp_path):
+    config = listops.ListOpsConfig(train=20, valid=4, test=4, min_tokens=10, max_tokens=40, chunk=8)
+    stats = listops.prepare(tmp_path, config)
+    split = open_split(tmp_path, "valid")
+    assert len(split) == 4 and stats["train"].examples == 20
+    assert split.meta["symbols"][split.meta["pad_id"] - 1] == "[SM"
+    for i in range(len(split)):
+        tokens, label = split[i]
+        assert stack_evaluate(listops.to_text(tokens))[0] == label
+    assert 10 <= stats["test"].min_length <= stats["test"].max_length <= 40
