@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,13 +99,16 @@ def write_split(
     labels: list[int] = []
     lengths: list[np.ndarray] = []
     outs = []
-    try:
+    with ExitStack() as files:
         for batch in batches:
             docs = [batch.tokens] if batch.pairs is None else [batch.tokens, batch.pairs]
             if streams is None:
                 streams = len(docs)
                 offsets = [[0] for _ in docs]
-                outs = [open(folder / f"{stream_name(split, s)}.bin", "wb") for s in range(streams)]
+                outs = [
+                    files.enter_context(open(folder / f"{stream_name(split, s)}.bin", "wb"))
+                    for s in range(streams)
+                ]
             if len(docs) != streams or any(len(d) != len(batch.labels) for d in docs):
                 raise ValueError("every batch needs the same streams and one label per example")
             for s, stream in enumerate(docs):
@@ -116,9 +120,6 @@ def write_split(
                     offsets[s].append(offsets[s][-1] + tokens.size)
                 lengths.append(np.fromiter(map(len, stream), np.int64, len(stream)))
             labels.extend(batch.labels)
-    finally:
-        for out in outs:
-            out.close()
     if streams is None:
         raise ValueError(f"split {split} has no examples")
     for s in range(streams):

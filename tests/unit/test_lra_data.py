@@ -29,7 +29,7 @@ from sbtrain.lra.format import (
 def _write_folder(folder: Path, pairs: bool = False) -> list[list[int]]:
     docs = [[3, 1, 4], [], [1, 5, 9, 2, 6], [5]]
     labels = [0, 2, 1, 2]
-    second = [d[::-1] + [7] for d in docs] if pairs else None
+    second = [[*d[::-1], 7] for d in docs] if pairs else None
     batches = [
         Examples([np.array(d) for d in docs[:2]], labels[:2],
                  second and [np.array(d) for d in second[:2]]),
