@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sbtrain.lra import listops
+from sbtrain.lra import listops, pathfinder
 from sbtrain.lra.format import (
     Examples,
     LraDataError,
@@ -198,3 +199,79 @@ def test_listops_prepare_writes_folder(tmp_path):
         tokens, label = split[i]
         assert stack_evaluate(listops.to_text(tokens))[0] == label
     assert 10 <= stats["test"].min_length <= stats["test"].max_length <= 40
+
+
+# ---------------------------------------------------------------------------------------------
+# Pathfinder
+
+
+def components(image: np.ndarray) -> np.ndarray:
+    """Label of each bright pixel's 8-connected component (0 = dark), by breadth-first fill."""
+    h, w = image.shape
+    labels = np.zeros((h, w), int)
+    count = 0
+    for y0, x0 in zip(*np.nonzero(image)):
+        if labels[y0, x0]:
+            continue
+        count += 1
+        labels[y0, x0] = count
+        queue = deque([(y0, x0)])
+        while queue:
+            y, x = queue.popleft()
+            for ny in range(max(y - 1, 0), min(y + 2, h)):
+                for nx in range(max(x - 1, 0), min(x + 2, w)):
+                    if image[ny, nx] and not labels[ny, nx]:
+                        labels[ny, nx] = count
+                        queue.append((ny, nx))
+    return labels
+
+
+PF = pathfinder.PathfinderConfig(train=200, valid=10, test=10, chunk=50, seed=5)
+
+
+def test_pathfinder_labels_match_the_pixels():
+    images = pathfinder.generate(PF, "train", 0, 200)
+    r = math.ceil(PF.marker_radius)
+    disk = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)
+            if dy * dy + dx * dx <= PF.marker_radius**2]  # fmt: skip
+    for pixels, label, markers in images:
+        image = pixels.reshape(PF.size, PF.size)
+        assert pixels.dtype == np.uint8 and set(np.unique(pixels)) <= {0, 255}
+        for y, x in markers:
+            assert all(image[y + dy, x + dx] for dy, dx in disk)  # a round marker is drawn
+        comps = components(image)
+        # every path is its own component: paths of different identity never touch
+        assert comps.max() == 2 + PF.distractors
+        (ya, xa), (yb, xb) = markers
+        assert (comps[ya, xa] == comps[yb, xb]) == bool(label)
+    assert sum(label for _, label, _ in images) == 100  # balanced
+
+
+def test_pathfinder_difficulty_is_path_length():
+    def bright(config):
+        return np.mean([(p > 0).sum() for p, _, _ in pathfinder.generate(config, "train", 0, 40)])
+
+    short = pathfinder.PathfinderConfig(train=40, segments=4, distractors=0, chunk=40)
+    long = pathfinder.PathfinderConfig(train=40, segments=12, distractors=0, chunk=40)
+    # two paths of segments * 2.5 px each, plus two 13-pixel markers
+    assert bright(long) - bright(short) == pytest.approx(2 * 8 * 2.5, rel=0.25)
+
+
+def test_pathfinder_prepare_deterministic_any_workers(tmp_path):
+    config = pathfinder.PathfinderConfig(train=24, valid=6, test=6, chunk=6, seed=1)
+    stats = pathfinder.prepare(tmp_path / "one", config)
+    pathfinder.prepare(tmp_path / "two", config, workers=2)
+    for split in ("train", "valid", "test"):
+        for name in (f"{split}.bin", f"{split}.labels", f"{split}.idx"):
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    split = open_split(tmp_path / "one", "train")
+    assert split.lengths().tolist() == [1024] * 24 and split.meta["shape"] == [32, 32]
+    assert stats["train"].label_counts == {"0": 12, "1": 12}
+    assert (split.meta["vocab_size"], split.meta["pad_id"], split.meta["dtype"]) == (
+        258,
+        256,
+        "uint8",
+    )
+    again = pathfinder.generate(config, "valid", 2, 5)
+    assert [p.tobytes() for p, _, _ in again] == [open_split(tmp_path / "one", "valid")[i][0].tobytes()
+                                                  for i in range(2, 5)]  # fmt: skip
