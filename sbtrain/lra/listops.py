@@ -67,8 +67,15 @@ def prepare(folder: str | Path, config: ListOpsConfig, workers: int = 1) -> dict
     stats = {
         name: write_split(folder, name, [examples], "uint8") for name, examples in splits.items()
     }
-    meta = make_meta("listops", "symbols", len(SYMBOLS), 10, list(splits), symbols=list(SYMBOLS),
-                     source={"generator": "listops", **asdict(config)})  # fmt: skip
+    meta = make_meta(
+        "listops",
+        "symbols",
+        len(SYMBOLS),
+        10,
+        list(splits),
+        symbols=list(SYMBOLS),
+        source={"generator": "listops", **asdict(config)},
+    )
     write_meta(folder, meta)
     return stats
 

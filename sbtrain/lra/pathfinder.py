@@ -66,12 +66,21 @@ def prepare(
         for split in SPLITS:
             count = getattr(config, split)
             if count:
-                jobs = [(config, split, a, min(a + config.chunk, count))
-                        for a in range(0, count, config.chunk)]  # fmt: skip
+                jobs = [
+                    (config, split, a, min(a + config.chunk, count))
+                    for a in range(0, count, config.chunk)
+                ]
                 batches = (_batch(result) for result in imap(_chunk, jobs))
                 stats[split] = write_split(folder, split, batches, "uint8")
-    meta = make_meta("pathfinder", "pixels", 256, 2, list(stats), shape=[config.size] * 2,
-                     source={"generator": "pathfinder", **asdict(config)})  # fmt: skip
+    meta = make_meta(
+        "pathfinder",
+        "pixels",
+        256,
+        2,
+        list(stats),
+        shape=[config.size] * 2,
+        source={"generator": "pathfinder", **asdict(config)},
+    )
     write_meta(folder, meta)
     return stats
 
@@ -177,8 +186,12 @@ def _segment(y0: float, x0: float, y1: float, x1: float, size: int) -> list[int]
 
 def _disk(radius: float) -> tuple[np.ndarray, np.ndarray]:
     r = math.ceil(radius)
-    offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)
-               if dy * dy + dx * dx <= radius * radius]  # fmt: skip
+    offsets = [
+        (dy, dx)
+        for dy in range(-r, r + 1)
+        for dx in range(-r, r + 1)
+        if dy * dy + dx * dx <= radius * radius
+    ]
     return np.array([o[0] for o in offsets]), np.array([o[1] for o in offsets])
 
 

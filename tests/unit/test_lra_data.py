@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import statistics
 from collections import deque
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sbtrain.lra import listops, pathfinder
+from sbtrain.lra import listops, pathfinder, readers
 from sbtrain.lra.format import (
     Examples,
     LraDataError,
@@ -32,20 +33,39 @@ def _write_folder(folder: Path, pairs: bool = False) -> list[list[int]]:
     labels = [0, 2, 1, 2]
     second = [[*d[::-1], 7] for d in docs] if pairs else None
     batches = [
-        Examples([np.array(d) for d in docs[:2]], labels[:2],
-                 second and [np.array(d) for d in second[:2]]),
-        Examples([np.array(d) for d in docs[2:]], labels[2:],
-                 second and [np.array(d) for d in second[2:]]),
-    ]  # fmt: skip
+        Examples(
+            [np.array(d) for d in docs[:2]],
+            labels[:2],
+            second and [np.array(d) for d in second[:2]],
+        ),
+        Examples(
+            [np.array(d) for d in docs[2:]],
+            labels[2:],
+            second and [np.array(d) for d in second[2:]],
+        ),
+    ]
     stats = write_split(folder, "train", batches, "uint8")
     assert stats.examples == 4
     assert stats.label_counts == {"0": 1, "1": 1, "2": 2}
     lengths = [len(d) for d in docs] + ([len(d) for d in second] if pairs else [])
     assert (stats.min_length, stats.max_length, stats.tokens) == (
-        min(lengths), max(lengths), sum(lengths))  # fmt: skip
+        min(lengths),
+        max(lengths),
+        sum(lengths),
+    )
     assert stats.mean_length == pytest.approx(sum(lengths) / len(lengths), abs=0.01)
-    write_meta(folder, make_meta("t", "symbols", 10, 3, ["train"], streams=2 if pairs else 1,
-                                 symbols=[str(i) for i in range(10)]))  # fmt: skip
+    write_meta(
+        folder,
+        make_meta(
+            "t",
+            "symbols",
+            10,
+            3,
+            ["train"],
+            streams=2 if pairs else 1,
+            symbols=[str(i) for i in range(10)],
+        ),
+    )
     return docs, labels, second
 
 
@@ -139,8 +159,17 @@ def _max_args(text: str) -> int:
     return best
 
 
-SMALL = listops.ListOpsConfig(train=300, valid=50, test=50, min_tokens=30, max_tokens=120,
-                              max_depth=4, max_args=5, seed=3, chunk=40)  # fmt: skip
+SMALL = listops.ListOpsConfig(
+    train=300,
+    valid=50,
+    test=50,
+    min_tokens=30,
+    max_tokens=120,
+    max_depth=4,
+    max_args=5,
+    seed=3,
+    chunk=40,
+)
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +261,12 @@ PF = pathfinder.PathfinderConfig(train=200, valid=10, test=10, chunk=50, seed=5)
 def test_pathfinder_labels_match_the_pixels():
     images = pathfinder.generate(PF, "train", 0, 200)
     r = math.ceil(PF.marker_radius)
-    disk = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)
-            if dy * dy + dx * dx <= PF.marker_radius**2]  # fmt: skip
+    disk = [
+        (dy, dx)
+        for dy in range(-r, r + 1)
+        for dx in range(-r, r + 1)
+        if dy * dy + dx * dx <= PF.marker_radius**2
+    ]
     for pixels, label, markers in images:
         image = pixels.reshape(PF.size, PF.size)
         assert pixels.dtype == np.uint8 and set(np.unique(pixels)) <= {0, 255}
@@ -273,5 +306,125 @@ def test_pathfinder_prepare_deterministic_any_workers(tmp_path):
         "uint8",
     )
     again = pathfinder.generate(config, "valid", 2, 5)
-    assert [p.tobytes() for p, _, _ in again] == [open_split(tmp_path / "one", "valid")[i][0].tobytes()
-                                                  for i in range(2, 5)]  # fmt: skip
+    assert [p.tobytes() for p, _, _ in again] == [
+        open_split(tmp_path / "one", "valid")[i][0].tobytes() for i in range(2, 5)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# readers of the downloaded datasets
+
+
+def test_imdb_reader(tmp_path):
+    reviews = {
+        ("train", "pos"): [b"great film", "très bon".encode()],
+        ("train", "neg"): [b"bad"],
+        ("test", "pos"): [b"x" * 5000],
+        ("test", "neg"): [b"meh", b"no"],
+    }
+    for (split, kind), texts in reviews.items():
+        (tmp_path / "aclImdb" / split / kind).mkdir(parents=True)
+        for i, text in enumerate(texts):
+            (tmp_path / "aclImdb" / split / kind / f"{i}_7.txt").write_bytes(text)
+    stats = readers.prepare_text(tmp_path / "out", tmp_path)  # the parent of aclImdb works too
+    for split in ("train", "test"):
+        got = sorted((bytes(t.tolist()), label) for t, label in open_split(tmp_path / "out", split))
+        want = sorted(
+            (text[:4000], int(kind == "pos"))
+            for (s, kind), texts in reviews.items()
+            if s == split
+            for text in texts
+        )
+        assert got == want
+    assert stats["test"].max_length == 4000 and stats["test"].label_counts == {"0": 2, "1": 1}
+    (tmp_path / "aclImdb" / "test" / "neg" / "0_7.txt").unlink()
+    (tmp_path / "aclImdb" / "test" / "neg" / "1_7.txt").unlink()
+    with pytest.raises(LraDataError, match=r"test/neg: no \*\.txt reviews"):
+        readers.prepare_text(tmp_path / "out2", tmp_path / "aclImdb")
+
+
+def _write_cifar(root: Path, rng: np.random.Generator, sizes: dict[str, int]) -> dict:
+    root.mkdir(parents=True)
+    written = {}
+    for name, n in sizes.items():
+        batch = {
+            b"batch_label": b"training batch",
+            b"data": rng.integers(0, 256, (n, 3072), np.uint8),
+            b"labels": rng.integers(0, 10, n).tolist(),
+            b"filenames": [b"a.png"] * n,
+        }
+        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
+        written[name] = batch
+    return written
+
+
+def test_cifar_reader_grey_levels(tmp_path):
+    rng = np.random.default_rng(0)
+    names = {f"data_batch_{i}": 3 for i in range(1, 6)} | {"test_batch": 4}
+    written = _write_cifar(tmp_path / "cifar-10-batches-py", rng, names)
+    stats = readers.prepare_image(tmp_path / "out", tmp_path / "cifar-10-batches-py")
+    assert stats["train"].examples == 15 and stats["test"].examples == 4
+    test = open_split(tmp_path / "out", "test")
+    batch = written["test_batch"]
+    for i in range(4):
+        pixels, label = test[i]
+        rgb = batch[b"data"][i].reshape(3, 32, 32).astype(float)  # planes R, G, B, row-major
+        luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+        assert np.abs(pixels.reshape(32, 32) - luma).max() <= 0.5 + 1e-9  # rounded luma
+        assert label == batch[b"labels"][i]
+    white = readers.to_grey(np.full((1, 3072), 255, np.uint8))
+    assert white.min() == white.max() == 255
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch HACKED",)
+
+
+def test_cifar_reader_refuses_other_classes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": _Evil(), b"labels": [0]}, protocol=2))
+    with pytest.raises(
+        LraDataError, match=r"data_batch_1: the pickle asks for (posix|os|nt)\.system"
+    ):
+        readers.read_cifar_batch(path)
+    assert not (tmp_path / "HACKED").exists()
+    path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, 2))
+    with pytest.raises(LraDataError, match=r"data_batch_1: not a CIFAR-10 python batch"):
+        readers.read_cifar_batch(path)
+    path.write_bytes(b"not a pickle")
+    with pytest.raises(LraDataError, match=r"data_batch_1: unreadable"):
+        readers.read_cifar_batch(path)
+    with pytest.raises(LraDataError, match=r"missing; expected CIFAR-10"):
+        (tmp_path / "test_batch").write_bytes(b"")
+        readers.prepare_image(tmp_path / "out", tmp_path)
+
+
+def test_aan_reader(tmp_path):
+    rows = {
+        "train": [("1.0", "a", "b", "first doc", "second doc"), ("0.0", "c", "d", "é" * 3000, "y")],
+        "eval": [("0", "e", "f", "p", "q")],
+        "test": [("1", "g", "h", "", "r")],
+    }
+    for name, lines in rows.items():
+        text = "".join("\t".join(r) + "\n" for r in lines)
+        (tmp_path / f"new_aan_pairs.{name}.tsv").write_text(text, encoding="utf-8")
+    stats = readers.prepare_retrieval(tmp_path / "out", tmp_path)
+    for split, name in (("train", "train"), ("valid", "eval"), ("test", "test")):
+        data = open_split(tmp_path / "out", split)
+        for i, row in enumerate(rows[name]):
+            a, b, label = data.pair(i)
+            assert (
+                bytes(a.tolist()) == row[3].encode()[:4000] and bytes(b.tolist()) == row[4].encode()
+            )
+            assert label == int(float(row[0]))
+    assert stats["train"].max_length == 4000 and stats["test"].min_length == 0
+    (tmp_path / "new_aan_pairs.eval.tsv").write_text("1\ta\tb\tonly four\n", encoding="utf-8")
+    with pytest.raises(LraDataError, match=r"eval.tsv:1: 4 tab-separated fields, expected 5"):
+        readers.prepare_retrieval(tmp_path / "out2", tmp_path)
+    (tmp_path / "new_aan_pairs.eval.tsv").write_text("2\ta\tb\tc\td\n", encoding="utf-8")
+    with pytest.raises(LraDataError, match=r"eval.tsv:1: label b'2', expected 0 or 1"):
+        readers.prepare_retrieval(tmp_path / "out3", tmp_path)
