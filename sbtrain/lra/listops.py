@@ -31,6 +31,7 @@ from sbtrain.lra.format import Examples, SplitStats, make_meta, write_meta, writ
 
 SYMBOLS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "]", "[MAX", "[MIN", "[MED", "[SM")
 CLOSE, MAX, MIN, MED, SM = 10, 11, 12, 13, 14
+EMPTY_ROUNDS = 20  # rounds of chunks without a new sequence before giving up
 OPERATOR_P = 0.25  # chance that a node above the last level is an operator (the release's)
 
 
@@ -87,7 +88,7 @@ def generate(config: ListOpsConfig, workers: int = 1) -> dict[str, Examples]:
     wanted = config.train + config.valid + config.test
     seen: set[bytes] = set()
     tokens, labels = [], []
-    next_chunk = 0
+    next_chunk = empty_rounds = 0
     with _mapper(workers) as imap:
         while len(tokens) < wanted:
             # enough chunks for what is missing (at least one per worker); which chunks run
@@ -95,12 +96,19 @@ def generate(config: ListOpsConfig, workers: int = 1) -> dict[str, Examples]:
             count = max(workers, -(-(wanted - len(tokens)) // config.chunk))
             jobs = [(config, i) for i in range(next_chunk, next_chunk + count)]
             next_chunk += count
+            before = len(tokens)
             for chunk_tokens, chunk_labels in imap(_chunk, jobs):
                 for seq, label in zip(chunk_tokens, chunk_labels):
                     if len(tokens) < wanted and seq not in seen:
                         seen.add(seq)
                         tokens.append(seq)
                         labels.append(label)
+            empty_rounds = 0 if len(tokens) > before else empty_rounds + 1
+            if empty_rounds == EMPTY_ROUNDS:  # nothing new for long: (almost) none are left
+                raise ValueError(
+                    f"ListOps: found only {before} distinct sequences for {config}; ask for "
+                    "fewer examples or widen the length range"
+                )
     bounds = {"train": (0, config.train)}
     bounds["valid"] = (config.train, config.train + config.valid)
     bounds["test"] = (config.train + config.valid, wanted)

@@ -207,6 +207,17 @@ def test_listops_unique_across_splits(small_listops):
     assert len(set(seqs)) == len(seqs) == 400
 
 
+def test_listops_dedupes_when_few_sequences_exist():
+    # 4-token trees "[OP d d ]": 4 operators x 100 digit pairs = 400 distinct sequences
+    tiny = listops.ListOpsConfig(train=300, valid=25, test=25, min_tokens=4, max_tokens=4, chunk=50)
+    seqs = [t.tobytes() for e in listops.generate(tiny).values() for t in e.tokens]
+    assert len(set(seqs)) == len(seqs) == 350
+    with pytest.raises(ValueError, match="found only 400 distinct sequences"):
+        listops.generate(
+            listops.ListOpsConfig(train=401, valid=0, test=0, min_tokens=4, max_tokens=4, chunk=50)
+        )
+
+
 def test_listops_deterministic_any_workers(small_listops):
     again = listops.generate(SMALL, workers=2)
     for name, examples in small_listops.items():
