@@ -3,7 +3,9 @@
 Each returns the full (L x L) normalised attention matrix a module computes, built by brute force
 from the module's own buffers (projection W, LSH rotations) and written independently of the fast
 kernels: no chunks, no stabilisers, no sorting. Rows sum to 1; entries above the diagonal are 0.
-Cost O(L^2) memory: for tests and small benchmarks only.
+Cost O(L^2) memory: for tests and small benchmarks only. Because a twin shares the module's
+random draws, it checks the kernels, not the draws: tests/unit/test_estimators.py checks those
+(unbiased feature products, chi row lengths, orthogonal blocks, LSH buckets, exact softmax).
 """
 
 from __future__ import annotations
