@@ -61,6 +61,32 @@ def token_folder(tmp_path_factory) -> Path:
     return make_token_folder(tmp_path_factory.mktemp("tokens"))
 
 
+def write_corpus(folder, seed=0):
+    """A WikiText-like corpus: headings, blank lines, Zipfian words from a 300-word vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(300)]
+    p = 1.0 / np.arange(1, 301)
+    p /= p.sum()
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, articles in (("train", 60), ("valid", 6), ("test", 6)):
+        lines = []
+        for a in range(articles):
+            lines += [f" = Article {split} {a} = ", ""]
+            for _ in range(rng.integers(2, 6)):
+                lines.append(" " + " ".join(rng.choice(words, rng.integers(5, 40), p=p)) + " ")
+            lines.append("")
+        (folder / f"wiki.{split}.raw").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def expected_tokens(path) -> int:
+    """Whitespace tokens plus one end-of-line per line, counted from the raw text."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":
+        lines = lines[:-1]
+    return sum(len(line.split()) for line in lines) + len(lines)
+
+
 def sbtrain_command(*args: str) -> list[str]:
     """The command line of `python -m sbtrain ARGS` (for runs that need their own process)."""
     import sys
@@ -103,3 +129,14 @@ def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0], err
     return err[0]
+
+
+@pytest.fixture(scope="session")
+def word_corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """`write_corpus` raw text and its preprocessed folder (debug recipe, word tokenizer)."""
+    from cli.main import main
+
+    root = tmp_path_factory.mktemp("words")
+    raw, data = write_corpus(root / "raw"), root / "bin"
+    assert main(["preprocess", str(DEBUG_RECIPE), f"data.raw={raw}", f"data.dir={data}"]) == 0
+    return raw, data

@@ -5,37 +5,10 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 
 from cli.main import main
-from tests.conftest import DEBUG_RECIPE, WIKI_LEADS, read_jsonl
-
-
-def write_corpus(folder, seed=0):
-    """A WikiText-like corpus: headings, blank lines, Zipfian words from a 300-word vocabulary."""
-    rng = np.random.default_rng(seed)
-    words = [f"w{i}" for i in range(300)]
-    p = 1.0 / np.arange(1, 301)
-    p /= p.sum()
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, articles in (("train", 60), ("valid", 6), ("test", 6)):
-        lines = []
-        for a in range(articles):
-            lines += [f" = Article {split} {a} = ", ""]
-            for _ in range(rng.integers(2, 6)):
-                lines.append(" " + " ".join(rng.choice(words, rng.integers(5, 40), p=p)) + " ")
-            lines.append("")
-        (folder / f"wiki.{split}.raw").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
-
-
-def expected_tokens(path) -> int:
-    """Whitespace tokens plus one end-of-line per line, counted from the raw text."""
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines[-1] == "":
-        lines = lines[:-1]
-    return sum(len(line.split()) for line in lines) + len(lines)
+from tests.conftest import DEBUG_RECIPE, WIKI_LEADS, expected_tokens, read_jsonl, write_corpus
 
 
 def pipeline(tmp_path, raw, capsys, *overrides):
