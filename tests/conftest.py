@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -85,6 +87,41 @@ def expected_tokens(path) -> int:
     if lines[-1] == "":
         lines = lines[:-1]
     return sum(len(line.split()) for line in lines) + len(lines)
+
+
+def uniform_checkpoint(source: Path, target: Path, **model_overrides) -> Path:
+    """A copy of checkpoint `source` (its recipe changed by `model_overrides`, e.g. output=adaptive)
+    whose final layer norm outputs zeros: every logit of the tied softmax, and of the adaptive
+    softmax's head and tail clusters (no biases), is 0, so the NLL is known in closed form."""
+    from sbtrain.config import recipe_from_dict
+    from sbtrain.model import TransformerLM
+
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    tree = state["recipe"]
+    tree["model"] = {**tree["model"], **model_overrides}
+    recipe = recipe_from_dict(tree)
+    model = TransformerLM(recipe.model, int(state["vocab_size"]), recipe.context_length)
+    model.load_state_dict(state["model"], strict=False)  # an adaptive head keeps its fresh init
+    torch.nn.init.zeros_(model.ln_f.weight)
+    torch.nn.init.zeros_(model.ln_f.bias)
+    state["model"] = model.state_dict()
+    torch.save(state, target)
+    return target
+
+
+def uniform_nll(targets: np.ndarray, vocab_size: int, cutoffs: list[int] | None = None) -> float:
+    """Mean NLL (nats) of `targets` under all-equal logits: ln V for the tied softmax. Adaptive
+    softmax with cutoffs c_0 < ... < c_{K-1} < V: the head is uniform over its c_0 words and K
+    clusters, and cluster i uniform over its c_{i+1} - c_i words (c_K = V), so a head word costs
+    ln(c_0 + K) and a word of cluster i ln(c_0 + K) + ln(c_{i+1} - c_i)."""
+    if not cutoffs:
+        return math.log(vocab_size)
+    bounds = [*cutoffs, vocab_size]
+    head = math.log(cutoffs[0] + len(cutoffs))
+    cost = np.full(vocab_size, head)
+    for low, high in itertools.pairwise(bounds):
+        cost[low:high] += math.log(high - low)
+    return float(cost[targets.astype(np.int64)].mean())
 
 
 def sbtrain_command(*args: str) -> list[str]:

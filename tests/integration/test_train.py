@@ -89,7 +89,6 @@ def test_loss_falls_and_logs_parse(token_folder, tmp_path, capsys):
     assert records[-1]["loss"] < records[0]["loss"] - 1.0  # bits
     for key in ("loss", "ppl", "wps", "ups", "wpb", "bsz", "gnorm", "lr", "clip", "wall"):
         assert key in records[0]
-    assert records[0]["ppl"] == pytest.approx(2 ** records[0]["loss"])
     assert records[0]["wpb"] == 8 * 64 and records[0]["bsz"] == 8
     valid = read_jsonl(tmp_path / "valid.jsonl")  # 39 updates per epoch: 39 is once, not twice
     assert [(r["update"], r["epoch"]) for r in valid] == [
@@ -109,13 +108,23 @@ def test_loss_falls_and_logs_parse(token_folder, tmp_path, capsys):
 
 
 def test_per_update_losses_match_the_golden_file(token_folder, tmp_path):
-    """First 20 losses of the debug recipe on CPU (tests/assets/losses, made by this test's
-    recipe on the development machine); catches silent changes to init, data order or maths."""
+    """A regression check, not a truth: the first 20 losses of the debug recipe on CPU, stored in
+    tests/assets/losses/debug-cpu.json by this very run (see the README there for the command,
+    torch version and machine). It catches silent changes to init, data order, dropout or maths:
+    dropout off, lr 3% higher or another seed move the losses by 4e-3 to 3e-2 relative; rel=1e-4
+    leaves room for the rounding of other CPUs' fp32 kernels (bitwise repeatable on one machine).
+
+    The first update is checked against a truth: the fresh model's logits are small (weights of
+    std 0.02), so its loss is log2(64) = 6 bits and its perplexity 64, up to ~1% (the tied
+    embedding favours repeating the input token a little)."""
     args = train_args(token_folder, tmp_path, "train.max_updates=20", "train.log_interval=1")
     assert main(args) == 0
     golden = json.loads(GOLDEN.read_text())
     got = [loss for _, loss in losses(tmp_path)]
     assert got == pytest.approx(golden["loss"], rel=1e-4)
+    first = read_jsonl(tmp_path / "train.jsonl")[0]
+    assert first["update"] == 1 and abs(first["loss"] - 6.0) < 0.05
+    assert first["ppl"] == pytest.approx(64, rel=0.04)
 
 
 def test_sigterm_then_rerun_gives_the_same_run_bit_for_bit(token_folder, tmp_path):
