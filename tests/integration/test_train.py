@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +28,14 @@ from tests.conftest import (
 )
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TORCHRUN_NODE = [  # one node of two; add --node_rank, --rdzv_endpoint and --rdzv_id
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--nnodes=2",
+    "--nproc_per_node=1",
+    "--rdzv_backend=c10d",
+]
 GOLDEN = ROOT / "tests" / "assets" / "losses" / "debug-cpu.json"
 
 
@@ -220,6 +230,56 @@ def test_ddp_two_processes_match_one_process(token_folder, tmp_path):
     for (_, x), (_, y) in zip(a, b):
         assert abs(x - y) <= 1e-5 * abs(x)
     assert two.stdout.count("| model:") == 1  # only rank 0 prints
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_with_c10d_rendezvous_match_one_process(token_folder, tmp_path):
+    """Two torchrun launchers on this machine, as on two nodes: --nnodes=2, one process each,
+    a c10d rendezvous on 127.0.0.1 (gloo). Same losses as one process, dropout off. A launcher
+    still running at the deadline, or left behind by a failure, is killed with its workers."""
+    common = ["train.max_updates=12", "train.log_interval=1", "model.dropout=0.0"]
+    one = run_child(train_args(token_folder, tmp_path / "one", *common))
+    assert one.returncode == 0, one.stderr
+    endpoint = f"127.0.0.1:{free_port()}"
+    launchers = []
+    try:
+        for rank in (0, 1):
+            node = [
+                *TORCHRUN_NODE,
+                f"--node_rank={rank}",
+                f"--rdzv_endpoint={endpoint}",
+                f"--rdzv_id=sbtrain-test-{endpoint}",
+            ]
+            args = train_args(token_folder, tmp_path / "two", *common)
+            launchers.append(
+                subprocess.Popen(
+                    [*node, "-m", "sbtrain", *args],
+                    env=subprocess_env(),
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,  # its own process group: killed with its workers
+                )
+            )
+        outputs = [proc.communicate(timeout=240) for proc in launchers]
+    finally:
+        for proc in launchers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    for proc, (_, err) in zip(launchers, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [u for u, _ in a] == [u for u, _ in b] == list(range(1, 13))
+    for (_, x), (_, y) in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x)
+    assert sum(out.count("| model:") for out, _ in outputs) == 1  # only global rank 0 prints
 
 
 def test_fp16_overflow_is_skipped_and_counted_and_runs_end_finite(token_folder, tmp_path):
