@@ -73,14 +73,19 @@ def test_every_kind_trains_evaluates_reloads_and_generates(name, word_corpus, tm
     vocab = load_tokenizer(data).vocab_size
     assert test["ppl"] < vocab / 2  # well below a uniform guess over the vocabulary
 
-    # greedy decoding with the caches picks, at every step, the argmax of the full forward pass
+    # decoding with the caches gives every generated token the log-probability the full forward
+    # pass of the whole sequence gives it, and greedy decoding picks its argmax
     prompt = "w1 w2 w3"
-    greedy = run_json(
-        capsys, "generate", last, "--prompt", prompt, "--max-tokens", 40, "--temperature", 0
-    )
-    ids = [load_tokenizer(data).eol_id, *load_tokenizer(data).encode(prompt)]
-    sequence = torch.tensor([*ids, *greedy["tokens"]])
+    tokenizer = load_tokenizer(data)
+    ids = [tokenizer.eol_id, *tokenizer.encode(prompt)]
     model, _, _ = load_model(last, torch.device("cpu"))
-    with torch.no_grad():
-        logp = model.log_probs(model(sequence[None, :-1]))[0]
-    assert logp[len(ids) - 1 :].argmax(-1).tolist() == greedy["tokens"]
+    for how in (["--temperature", 0], ["--seed", 5]):
+        out = run_json(capsys, "generate", last, "--prompt", prompt, "--max-tokens", 40, *how)
+        sequence = torch.tensor([*ids, *out["tokens"]])
+        with torch.no_grad():
+            logp = model.log_probs(model(sequence[None, :-1]))[0, len(ids) - 1 :]
+        assert out["logprobs"] == pytest.approx(
+            logp[torch.arange(40), out["tokens"]].tolist(), abs=1e-5
+        )
+        if how[0] == "--temperature":
+            assert logp.argmax(-1).tolist() == out["tokens"]

@@ -244,8 +244,7 @@ def test_two_nodes_with_c10d_rendezvous_match_one_process(token_folder, tmp_path
     a c10d rendezvous on 127.0.0.1 (gloo). Same losses as one process, dropout off. A launcher
     still running at the deadline, or left behind by a failure, is killed with its workers."""
     common = ["train.max_updates=12", "train.log_interval=1", "model.dropout=0.0"]
-    one = run_child(train_args(token_folder, tmp_path / "one", *common))
-    assert one.returncode == 0, one.stderr
+    assert main(train_args(token_folder, tmp_path / "one", *common)) == 0
     endpoint = f"127.0.0.1:{free_port()}"
     launchers = []
     try:
