@@ -8,6 +8,7 @@ plus the window's keys), so a step costs the same at any context length. LSH kin
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +31,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+class Sample(NamedTuple):
+    tokens: list[int]  # the generated ids
+    logprobs: list[float]  # the model's log-probability of each (before temperature, top-k/p)
+
+
 @torch.no_grad()
 def sample(
     model: TransformerLM,
@@ -39,7 +45,7 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
-) -> list[int]:
+) -> Sample:
     """Continue `prompt` (token ids) by `max_tokens` tokens; temperature 0 is greedy."""
     if not prompt:
         raise UserError("the prompt is empty: give at least one token")
@@ -47,7 +53,7 @@ def sample(
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.tensor([prompt], device=device)
     hidden, caches = model.decode(tokens, None, start=0)  # prefill the prompt at once
-    out = []
+    out, logprobs = [], []
     for step in range(max_tokens):
         logits = model.log_probs(hidden[:, -1])  # (1, V) log-probabilities
         if temperature == 0:
@@ -56,9 +62,10 @@ def sample(
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator)
         out.append(int(nxt))
+        logprobs.append(float(logits[0, out[-1]]))
         if step + 1 < max_tokens:
             hidden, caches = model.decode(nxt, caches, start=len(prompt) + step)
-    return out
+    return Sample(out, logprobs)
 
 
 def main(
@@ -109,11 +116,12 @@ def main(
             f"positions, the model has {model.max_len}: shorten the prompt or --max-tokens"
         )
     start = time.perf_counter()
-    out = sample(model, ids, max_tokens, temperature, top_k, top_p, seed)
+    out, logprobs = sample(model, ids, max_tokens, temperature, top_k, top_p, seed)
     seconds = time.perf_counter() - start
     return {
         "prompt_tokens": len(ids) - shown,
         "tokens": out,
+        "logprobs": logprobs,
         "text": decode(out),
         "tokens_per_s": len(out) / max(seconds, 1e-9),
     }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -61,6 +63,67 @@ def token_folder(tmp_path_factory) -> Path:
     return make_token_folder(tmp_path_factory.mktemp("tokens"))
 
 
+def write_corpus(folder, seed=0):
+    """A WikiText-like corpus: headings, blank lines, Zipfian words from a 300-word vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(300)]
+    p = 1.0 / np.arange(1, 301)
+    p /= p.sum()
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, articles in (("train", 60), ("valid", 6), ("test", 6)):
+        lines = []
+        for a in range(articles):
+            lines += [f" = Article {split} {a} = ", ""]
+            for _ in range(rng.integers(2, 6)):
+                lines.append(" " + " ".join(rng.choice(words, rng.integers(5, 40), p=p)) + " ")
+            lines.append("")
+        (folder / f"wiki.{split}.raw").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def expected_tokens(path) -> int:
+    """Whitespace tokens plus one end-of-line per line, counted from the raw text."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":
+        lines = lines[:-1]
+    return sum(len(line.split()) for line in lines) + len(lines)
+
+
+def uniform_checkpoint(source: Path, target: Path, **model_overrides) -> Path:
+    """A copy of checkpoint `source` (its recipe changed by `model_overrides`, e.g. output=adaptive)
+    whose final layer norm outputs zeros: every logit of the tied softmax, and of the adaptive
+    softmax's head and tail clusters (no biases), is 0, so the NLL is known in closed form."""
+    from sbtrain.config import recipe_from_dict
+    from sbtrain.model import TransformerLM
+
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    tree = state["recipe"]
+    tree["model"] = {**tree["model"], **model_overrides}
+    recipe = recipe_from_dict(tree)
+    model = TransformerLM(recipe.model, int(state["vocab_size"]), recipe.context_length)
+    model.load_state_dict(state["model"], strict=False)  # an adaptive head keeps its fresh init
+    torch.nn.init.zeros_(model.ln_f.weight)
+    torch.nn.init.zeros_(model.ln_f.bias)
+    state["model"] = model.state_dict()
+    torch.save(state, target)
+    return target
+
+
+def uniform_nll(targets: np.ndarray, vocab_size: int, cutoffs: list[int] | None = None) -> float:
+    """Mean NLL (nats) of `targets` under all-equal logits: ln V for the tied softmax. Adaptive
+    softmax with cutoffs c_0 < ... < c_{K-1} < V: the head is uniform over its c_0 words and K
+    clusters, and cluster i uniform over its c_{i+1} - c_i words (c_K = V), so a head word costs
+    ln(c_0 + K) and a word of cluster i ln(c_0 + K) + ln(c_{i+1} - c_i)."""
+    if not cutoffs:
+        return math.log(vocab_size)
+    bounds = [*cutoffs, vocab_size]
+    head = math.log(cutoffs[0] + len(cutoffs))
+    cost = np.full(vocab_size, head)
+    for low, high in itertools.pairwise(bounds):
+        cost[low:high] += math.log(high - low)
+    return float(cost[targets.astype(np.int64)].mean())
+
+
 def sbtrain_command(*args: str) -> list[str]:
     """The command line of `python -m sbtrain ARGS` (for runs that need their own process)."""
     import sys
@@ -103,3 +166,14 @@ def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0], err
     return err[0]
+
+
+@pytest.fixture(scope="session")
+def word_corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """`write_corpus` raw text and its preprocessed folder (debug recipe, word tokenizer)."""
+    from cli.main import main
+
+    root = tmp_path_factory.mktemp("words")
+    raw, data = write_corpus(root / "raw"), root / "bin"
+    assert main(["preprocess", str(DEBUG_RECIPE), f"data.raw={raw}", f"data.dir={data}"]) == 0
+    return raw, data

@@ -6,6 +6,9 @@ kernels: no chunks, no stabilisers, no sorting. Causal: rows sum to 1, entries a
 are 0. Non-causal (a module built with causal=False, optional key padding mask): columns of padded
 keys are 0, rows of real queries sum to 1, rows of padded queries are 0 (their output is 0).
 Cost O(L^2) memory: for tests and small benchmarks only.
+Because a twin shares the module's random draws, it checks the kernels, not the draws:
+tests/unit/test_estimators.py checks those (unbiased feature products, chi row lengths, orthogonal
+blocks, LSH buckets, exact softmax).
 """
 
 from __future__ import annotations

@@ -15,7 +15,13 @@ from cli.main import main
 from sbtrain import checkpoint
 from sbtrain.config import recipe_from_dict
 from sbtrain.model import TransformerLM
-from tests.conftest import DEBUG_RECIPE, one_error_line, write_token_folder
+from tests.conftest import (
+    DEBUG_RECIPE,
+    one_error_line,
+    uniform_checkpoint,
+    uniform_nll,
+    write_token_folder,
+)
 
 
 def eval_json(capsys, *args) -> dict:
@@ -61,9 +67,31 @@ def test_eval_ppl_equals_an_independent_computation(trained_debug, token_folder,
     nll, count = independent_nll(ckpt, tokens, eol=2)
     assert r["tokens"] == count == len(tokens)  # every token of the split, once
     assert r["loss_nats"] == pytest.approx(nll / count, rel=1e-5)
-    assert r["ppl"] == pytest.approx(math.exp(r["loss_nats"]), rel=1e-12)
-    assert r["loss_bits"] == pytest.approx(r["loss_nats"] / math.log(2), rel=1e-12)
+    assert r["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert r["loss_bits"] == pytest.approx(nll / count / math.log(2), rel=1e-5)
     assert r["split"] == "valid"
+
+
+@pytest.mark.parametrize("cutoffs", [None, [8, 40]], ids=["softmax", "adaptive"])
+def test_a_model_with_all_equal_logits_scores_its_closed_form(
+    trained_debug, token_folder, tmp_path, capsys, cutoffs
+):
+    """Zeroed final layer norm: ln 64 per token for the tied softmax; for the adaptive softmax
+    (head: 8 words + 2 clusters; clusters of 32 and 24 words) the mean of ln 10, ln 10 + ln 32
+    and ln 10 + ln 24 over the split's own tokens, counted from valid.bin."""
+    overrides = {} if cutoffs is None else {"output": "adaptive", "adaptive_cutoffs": cutoffs}
+    ckpt = uniform_checkpoint(
+        trained_debug / "checkpoint_best.pt", tmp_path / "uniform.pt", **overrides
+    )
+    r = eval_json(capsys, ckpt, "--split", "valid")
+    tokens = np.fromfile(token_folder / "valid.bin", dtype=np.uint16)
+    truth = uniform_nll(tokens, 64, cutoffs)
+    if cutoffs is None:
+        assert truth == math.log(64)
+    assert r["tokens"] == len(tokens) == 3000
+    assert r["loss_nats"] == pytest.approx(truth, rel=1e-6)
+    assert r["loss_bits"] == pytest.approx(truth / math.log(2), rel=1e-6)
+    assert r["ppl"] == pytest.approx(math.exp(truth), rel=1e-6)
 
 
 def test_context_window_lowers_perplexity_and_scores_the_same_tokens(trained_debug, capsys):
@@ -114,8 +142,9 @@ def test_bad_input_gets_one_line_and_status_2(trained_debug, tmp_path, capsys):
 
 
 def test_attention_swap_draws_fresh_buffers_of_the_new_shape(token_folder, tmp_path, capsys):
-    """A performer model (8 features) evaluated with 4 features and with scatterbrain: the old
-    projection is dropped, not loaded into the new kernel."""
+    """A performer model (8 features) evaluated with 4 features, with scatterbrain (a window and
+    4 features) and with full attention: the old projection is dropped, not loaded into the new
+    kernel (its shape would not fit), and the swapped kernel is the one that scores."""
     save = tmp_path / "performer"
     args = [
         "train",
@@ -132,9 +161,12 @@ def test_attention_swap_draws_fresh_buffers_of_the_new_shape(token_folder, tmp_p
     own = eval_json(capsys, ckpt, "--split", "valid")
     fewer = eval_json(capsys, ckpt, "--split", "valid", "--attention", "performer", "n_features=4")
     exact = eval_json(capsys, ckpt, "--split", "valid", "--attention", "full")
-    assert own["tokens"] == fewer["tokens"] == exact["tokens"] == 3000
-    assert own["attention"] == "performer" and exact["attention"] == "full"
-    assert len({own["loss_nats"], fewer["loss_nats"], exact["loss_nats"]}) == 3
+    spec = ["scatterbrain", "sparse=local", "window=16", "n_features=4"]
+    mixed = eval_json(capsys, ckpt, "--split", "valid", "--attention", *spec)
+    runs = (own, fewer, exact, mixed)
+    assert [r["tokens"] for r in runs] == [3000] * 4
+    assert [r["attention"] for r in runs] == ["performer", "performer", "full", "scatterbrain"]
+    assert len({r["loss_nats"] for r in runs}) == 4
     again = eval_json(capsys, ckpt, "--split", "valid", "--attention", "performer", "n_features=4")
     assert again["loss_nats"] == fewer["loss_nats"]  # buffers drawn from train.seed
 

@@ -5,37 +5,18 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 
 from cli.main import main
-from tests.conftest import DEBUG_RECIPE, WIKI_LEADS, read_jsonl
-
-
-def write_corpus(folder, seed=0):
-    """A WikiText-like corpus: headings, blank lines, Zipfian words from a 300-word vocabulary."""
-    rng = np.random.default_rng(seed)
-    words = [f"w{i}" for i in range(300)]
-    p = 1.0 / np.arange(1, 301)
-    p /= p.sum()
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, articles in (("train", 60), ("valid", 6), ("test", 6)):
-        lines = []
-        for a in range(articles):
-            lines += [f" = Article {split} {a} = ", ""]
-            for _ in range(rng.integers(2, 6)):
-                lines.append(" " + " ".join(rng.choice(words, rng.integers(5, 40), p=p)) + " ")
-            lines.append("")
-        (folder / f"wiki.{split}.raw").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
-
-
-def expected_tokens(path) -> int:
-    """Whitespace tokens plus one end-of-line per line, counted from the raw text."""
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines[-1] == "":
-        lines = lines[:-1]
-    return sum(len(line.split()) for line in lines) + len(lines)
+from sbtrain.tokenizer import load_tokenizer
+from tests.conftest import (
+    DEBUG_RECIPE,
+    WIKI_LEADS,
+    expected_tokens,
+    read_jsonl,
+    uniform_checkpoint,
+    write_corpus,
+)
 
 
 def pipeline(tmp_path, raw, capsys, *overrides):
@@ -61,12 +42,21 @@ def pipeline(tmp_path, raw, capsys, *overrides):
     return result, read_jsonl(save / "train.jsonl"), save / "checkpoint_best.pt"
 
 
-def check(result, log, raw):
+def check(result, log, raw, ckpt, capsys):
+    """Token counts from the raw text; the figures of eval-ppl against a closed form: the same
+    checkpoint with all-equal logits scores ln V nats, log2 V bits, perplexity V, per token."""
     assert result["split"] == "test"
     assert result["tokens"] == expected_tokens(raw / "wiki.test.raw")
-    assert result["ppl"] == pytest.approx(math.exp(result["loss_nats"]), rel=1e-12)
-    assert result["loss_bits"] == pytest.approx(result["loss_nats"] / math.log(2), rel=1e-12)
     assert log[-1]["loss"] < log[0]["loss"] - 0.5  # bits: the training loss falls
+    uniform = uniform_checkpoint(ckpt, ckpt.with_name("uniform.pt"))
+    assert main(["eval-ppl", str(uniform), "--json"]) == 0
+    flat = json.loads(capsys.readouterr().out)
+    vocab = load_tokenizer(ckpt.parent.parent / "bin").vocab_size
+    assert flat["tokens"] == result["tokens"]
+    assert flat["loss_nats"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert flat["loss_bits"] == pytest.approx(math.log2(vocab), rel=1e-6)
+    assert flat["ppl"] == pytest.approx(vocab, rel=1e-6)
+    assert result["ppl"] < vocab  # and the trained model beats it
 
 
 def generate(capsys, *args) -> dict:
@@ -77,7 +67,7 @@ def generate(capsys, *args) -> dict:
 def test_generated_corpus_end_to_end(tmp_path, capsys):
     raw = write_corpus(tmp_path / "raw")
     result, log, ckpt = pipeline(tmp_path, raw, capsys, "train.max_updates=40")
-    check(result, log, raw)
+    check(result, log, raw, ckpt, capsys)
 
     sampled = generate(capsys, ckpt, "--prompt", "w1 w2 w3", "--max-tokens", 12, "--seed", 3)
     assert sampled["prompt_tokens"] == 3 and len(sampled["tokens"]) == 12
@@ -95,5 +85,5 @@ def test_generated_corpus_end_to_end(tmp_path, capsys):
 @pytest.mark.skipif(not WIKI_LEADS.is_dir(), reason=f"wiki-leads corpus not found at {WIKI_LEADS}")
 def test_wiki_leads_end_to_end(tmp_path, capsys):
     overrides = ["data.vocab_size=4000", "train.max_updates=40", "train.max_valid_batches=4"]
-    result, log, _ = pipeline(tmp_path, WIKI_LEADS, capsys, *overrides)
-    check(result, log, WIKI_LEADS)
+    result, log, ckpt = pipeline(tmp_path, WIKI_LEADS, capsys, *overrides)
+    check(result, log, WIKI_LEADS, ckpt, capsys)

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The wiki-leads comparison with error bars (recipes/wiki-leads.yaml, 64 keys or features per query):
+#  train   every kind trained with seeds 1 2 3, test perplexity;
+#  dropin  each seed's full model evaluated with every other kind swapped in (no retraining);
+#  budget  scatterbrain's split of the same 64: window/features 0/64, 16/48, 32/32, 48/16, 64/0
+#          (64/0 is local attention with a window of 64; 32/32 is the train study's run).
+# One JSON line per evaluated run (study, name, seed, updates, the validation curve, eval-ppl's
+# figures) -> benchmarks/results/wiki-leads-seeds-cpu.jsonl; then mean and standard deviation per
+# (study, name) -> wiki-leads-seeds-cpu.md and .json (python -m sbtrain.bench.seeds).
+#
+#   benchmarks/wiki-leads-seeds.sh [UPDATES [RAW_DIR]]      UPDATES: per run (default 500)
+#   SEEDS="1 2" STUDIES="train budget" ONLY="full|local" OUT=/tmp/x.jsonl benchmarks/wiki-leads-seeds.sh 20
+#
+# Runs live in checkpoints/wiki-leads-seeds/u$UPDATES/; rerunning the script resumes an unfinished
+# run and reuses a finished one (rerunning `sbtrain train` resumes), so it can be stopped at any time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sbtrain=${SBTRAIN:-sbtrain}
+python=${PYTHON:-python3}
+updates=${1:-500}
+raw=${2:-data/wiki-leads}
+seeds=${SEEDS:-1 2 3}
+studies=${STUDIES:-train dropin budget}
+only=${ONLY:-.}
+out=${OUT:-benchmarks/results/wiki-leads-seeds-cpu.jsonl}
+runs=checkpoints/wiki-leads-seeds/u$updates
+[ -f data/wiki-leads-bin/meta.json ] || $sbtrain preprocess recipes/wiki-leads.yaml data.raw="$raw"
+
+# name | label of its run folder | model.attention | --attention of the drop-in swap
+kinds='full|full|{kind: full}|full
+scatterbrain|scatterbrain-w32-f32|{kind: scatterbrain, sparse: local, window: 32, n_features: 32}|scatterbrain sparse=local window=32 n_features=32
+performer|performer-f64|{kind: performer, n_features: 64}|performer n_features=64
+local|local-w64|{kind: local, window: 64}|local window=64
+lsh|lsh-2x32|{kind: lsh, n_hashes: 2, bucket_size: 32}|lsh n_hashes=2 bucket_size=32'
+budget='0/64|scatterbrain-w0-f64|{kind: scatterbrain, sparse: local, window: 0, n_features: 64}
+16/48|scatterbrain-w16-f48|{kind: scatterbrain, sparse: local, window: 16, n_features: 48}
+32/32|scatterbrain-w32-f32|{kind: scatterbrain, sparse: local, window: 32, n_features: 32}
+48/16|scatterbrain-w48-f16|{kind: scatterbrain, sparse: local, window: 48, n_features: 16}
+64/0|local-w64|{kind: local, window: 64}'
+
+record() {  # study name seed attention save_dir: eval-ppl's JSON on stdin -> one line on stdout
+  STUDY=$1 NAME=$2 SEED=$3 SPEC=$4 SAVE=$5 UPDATES=$updates $python -c '
+import json, os, sys
+r = json.load(sys.stdin)
+save = os.environ["SAVE"]
+valid = [json.loads(line) for line in open(f"{save}/valid.jsonl")]  # the last: at the end
+print(json.dumps({
+    "study": os.environ["STUDY"], "name": os.environ["NAME"], "seed": int(os.environ["SEED"]),
+    "updates": int(os.environ["UPDATES"]), "attention_spec": os.environ["SPEC"],
+    "train_seconds": valid[-1]["wall"],
+    "valid_curve": [[v["update"], v["loss"]] for v in valid],  # bits: has it flattened?
+    **r,
+}))'
+}
+
+train() {  # label attention seed -> the run folder (trained, or resumed to the end)
+  local save=$runs/$1-s$3
+  $sbtrain train recipes/wiki-leads.yaml "model.attention=$2" train.seed="$3" \
+    train.max_updates="$updates" train.save_dir="$save" >"$save.log" 2>&1 \
+    || { echo "training $save failed: see $save.log" >&2; exit 1; }
+  echo "$save"
+}
+
+mkdir -p "$runs" "$(dirname "$out")"
+: >"$out"
+for seed in $seeds; do
+  for study in $studies; do
+    case $study in
+      train) lines=$kinds ;;
+      budget) lines=$budget ;;
+      dropin) lines=$kinds ;;
+      *) echo "unknown study $study (train, dropin, budget)" >&2; exit 2 ;;
+    esac
+    while IFS='|' read -r name label attention swap; do
+      [[ $name =~ $only ]] || continue
+      if [ "$study" = dropin ]; then
+        save=$(train full "{kind: full}" "$seed")
+        # shellcheck disable=SC2086  # swap is KIND key=value ...: split on purpose
+        $sbtrain eval-ppl "$save/checkpoint_best.pt" --attention $swap --json \
+          | record dropin "$name" "$seed" "$attention" "$save" | tee -a "$out"
+      else
+        save=$(train "$label" "$attention" "$seed")
+        $sbtrain eval-ppl "$save/checkpoint_best.pt" --json \
+          | record "$study" "$name" "$seed" "$attention" "$save" | tee -a "$out"
+      fi
+    done <<<"$lines"
+  done
+done
+$python -m sbtrain.bench.seeds "$out" --out "${out%.jsonl}.md"

@@ -1,0 +1,97 @@
+"""Mean and standard deviation over seeds of the JSON lines a multi-seed study writes.
+
+    python -m sbtrain.bench.seeds benchmarks/results/wiki-leads-seeds-cpu.jsonl [--out T.md]
+
+Each line is one evaluated run: `study` (e.g. train, dropin, budget), `name` (the kind or the
+split of the budget), `seed`, and the `eval-ppl --json` figures (`ppl`, `loss_nats`, ...). Runs are
+grouped by (study, name) in first-seen order; the standard deviation is the sample one (n - 1),
+so a group of one run has none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from sbtrain.errors import UserError
+
+
+def read_runs(paths: list[str | Path]) -> list[dict]:
+    """Every JSON line of `paths` (blank lines skipped)."""
+    runs = []
+    for path in paths:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                runs.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{number}: not a JSON line") from None
+    return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for fewer than two values)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1))
+
+
+def summarise(runs: list[dict], metric: str = "ppl") -> list[dict]:
+    """One row per (study, name): n, the seeds, and mean / std of `metric` and of loss_nats."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run.get("study", ""), run["name"]), []).append(run)
+    rows = []
+    for (study, name), members in groups.items():
+        row = {"study": study, "name": name, "n": len(members)}
+        row["seeds"] = ",".join(str(m.get("seed", "?")) for m in members)
+        for key in (metric, "loss_nats"):
+            mean, std = mean_std([float(m[key]) for m in members])
+            row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], metric: str = "ppl") -> str:
+    """The rows as a markdown table: study, name, runs, metric as mean ± std."""
+    lines = [f"| study | name | runs | {metric} (mean ± std) |", "|---|---|---:|---:|"]
+    for r in rows:
+        mean, std = r[f"{metric}_mean"], r[f"{metric}_std"]
+        spread = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+        lines.append(f"| {r['study']} | {r['name']} | {r['n']} | {spread} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sbtrain.bench.seeds", description=__doc__)
+    parser.add_argument("jsonl", nargs="+", help="JSON lines of evaluated runs")
+    parser.add_argument("--metric", default="ppl", help="the figure to summarise (default: ppl)")
+    parser.add_argument("--out", help="also write the markdown table here, and the rows as JSON")
+    args = parser.parse_args(argv)
+    try:
+        rows = summarise(read_runs(args.jsonl), args.metric)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"{parser.prog}: error: a run has no {e.args[0]!r} field", file=sys.stderr)
+        return 2
+    text = markdown(rows, args.metric)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The multi-seed aggregator (sbtrain/bench/seeds.py) on a small hand-made JSON-lines file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sbtrain.bench.seeds import main, mean_std, summarise
+
+RUNS = [  # ppl 10, 12, 14 -> mean 12, sample std 2; loss 1, 2, 6 -> mean 3, std sqrt(7)
+    {"study": "train", "name": "full", "seed": 1, "ppl": 10.0, "loss_nats": 1.0},
+    {"study": "train", "name": "local", "seed": 1, "ppl": 7.5, "loss_nats": 0.5},
+    {"study": "train", "name": "full", "seed": 2, "ppl": 12.0, "loss_nats": 2.0},
+    {"study": "train", "name": "full", "seed": 3, "ppl": 14.0, "loss_nats": 6.0},
+    {"study": "dropin", "name": "full", "seed": 1, "ppl": 20.0, "loss_nats": 3.0},
+    {"study": "dropin", "name": "full", "seed": 2, "ppl": 21.0, "loss_nats": 3.0},
+]
+
+
+def test_mean_and_sample_standard_deviation_by_hand():
+    assert mean_std([10.0, 12.0, 14.0]) == (12.0, 2.0)
+    assert mean_std([5.0]) == (5.0, None)  # one run has no spread
+
+
+def test_groups_by_study_and_name_in_first_seen_order():
+    rows = summarise(RUNS)
+    assert [(r["study"], r["name"], r["n"], r["seeds"]) for r in rows] == [
+        ("train", "full", 3, "1,2,3"),
+        ("train", "local", 1, "1"),
+        ("dropin", "full", 2, "1,2"),
+    ]
+    full, local, dropin = rows
+    assert full["ppl_mean"] == pytest.approx(12.0) and full["ppl_std"] == pytest.approx(2.0)
+    assert full["loss_nats_mean"] == pytest.approx(3.0)
+    assert full["loss_nats_std"] == pytest.approx(7**0.5)  # (4 + 1 + 9) / 2 = 7
+    assert local["ppl_std"] is None
+    assert dropin["ppl_mean"] == pytest.approx(20.5)
+    assert dropin["ppl_std"] == pytest.approx(0.5**0.5)  # (0.25 + 0.25) / 1
+
+
+def test_command_prints_and_writes_the_markdown_table(tmp_path, capsys):
+    jsonl = tmp_path / "runs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in RUNS) + "\n\n")
+    out = tmp_path / "table.md"
+    assert main([str(jsonl), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| train | full | 3 | 12.00 ± 2.00 |" in table
+    assert "| train | local | 1 | 7.50 |" in table
+    assert "| dropin | full | 2 | 20.50 ± 0.71 |" in table
+    assert out.read_text() == table
+    assert json.loads(out.with_suffix(".json").read_text())[0]["ppl_std"] == pytest.approx(2.0)
+
+
+def test_bad_input_gets_one_line_and_status_2(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"name": "full", "ppl": 1.0, "loss_nats": 0.0}\nnot json\n')
+    assert main([str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"python -m sbtrain.bench.seeds: error: {bad}:2: not a JSON line"
+    )
+    assert main([str(tmp_path / "absent.jsonl")]) == 2
+    assert "absent.jsonl: cannot read it" in capsys.readouterr().err
+    bad.write_text('{"name": "full", "loss_nats": 0.0}\n')
+    assert main([str(bad)]) == 2
+    assert "a run has no 'ppl' field" in capsys.readouterr().err
