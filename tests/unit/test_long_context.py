@@ -172,24 +172,27 @@ def test_chunked_output_layer_gives_the_same_loss_and_gradients(output):
 
 
 def test_checkpointing_with_the_fused_kernel_gives_the_same_gradients(monkeypatch):
-    """Scatterbrain's fused Triton kernel (the interpreter on CPU) inside checkpointed blocks.
-    The modules dispatch to it only on CUDA, so here the scatterbrain module is made to call it."""
+    """Scatterbrain's fused Triton kernel inside checkpointed blocks, reached through the real
+    dispatch (`attention_impl=fused`; Triton's interpreter on CPU)."""
     pytest.importorskip("triton")
-    from sbtrain.attention import scatterbrain, triton_kernels
+    from sbtrain.attention import dispatch, triton_kernels
 
-    if not triton_kernels.available("cuda" if torch.cuda.is_available() else "cpu"):
+    if not torch.cuda.is_available() and not triton_kernels.interpreting():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     calls = []
+    kernel = triton_kernels.scatterbrain_local
 
-    def fused(self, q, k, v):
+    def counted(q, *args, **kwargs):
         calls.append(q.shape)
-        return triton_kernels.scatterbrain_local(q, k, v, self.projection, self.window, block=16)
+        return kernel(q, *args, **kwargs)
 
-    monkeypatch.setattr(scatterbrain.ScatterbrainAttention, "forward", fused)
+    monkeypatch.setattr(triton_kernels, "scatterbrain_local", counted)
     attention = AttentionConfig(kind="scatterbrain", sparse="local", window=16, n_features=32)
     model = small_model(attention, layers=1)
+    dispatch.set_impl(model, "fused")
     x, y = batch(batch=1, length=40)
     plain_loss, plain = loss_and_grads(model, x, y)
+    assert len(calls) == 1
     model.activation_checkpointing = True
     calls.clear()
     loss, grads = loss_and_grads(model, x, y)

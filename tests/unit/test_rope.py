@@ -73,6 +73,22 @@ def test_kinds_on_rotated_inputs_match_the_dense_reference(name):
         assert relative(g, w) < 1e-9
 
 
+@pytest.mark.parametrize("name", [n for n in CASES if "lsh" in n])
+def test_non_causal_lsh_kinds_hash_the_content_too(name):
+    """Non-causal, with ragged padding: the module on rope(q), rope(k) with the content as
+    hash_qk equals the float64 twin whose buckets come from the content; hashing the rotated
+    vectors instead gives another output."""
+    chunkless = {"chunk_size": None} if name == "scatterbrain-lsh" else {}  # causal-only option
+    attn = build(name, causal=False, **chunkless)
+    q, k, v = qkv(97)
+    mask = torch.arange(97) < torch.tensor([[97], [60]])
+    out = attn(rope(q), rope(k), v, key_padding_mask=mask, hash_qk=(q, k))
+    expected = reference_attention(attn, rope_twin(q), rope_twin(k), v, mask, hash_qk=(q, k))
+    assert relative(out, expected) < 1e-9
+    rotated = attn(rope(q), rope(k), v, key_padding_mask=mask)
+    assert relative(rotated, expected) > 1e-3
+
+
 def support(attn, q, k, hash_qk=None) -> torch.Tensor:
     """(B, H, L, L) bool: which keys each query's output draws on. The values are one-hot
     position indicators, so out[..., i, j] > 0 exactly where key j weighs in."""
