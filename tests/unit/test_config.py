@@ -130,9 +130,7 @@ DEBUG_SIZE = [
 def test_every_shipped_recipe_builds_its_model_at_debug_size(path):
     import torch
 
-    from sbtrain.model import build_model
-
-    from sbtrain.model import prepare_model
+    from sbtrain.model import build_model, prepare_model
     from sbtrain.tasks import get_task
 
     recipe = load_recipe(path, DEBUG_SIZE)
