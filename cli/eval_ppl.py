@@ -1,4 +1,5 @@
-r"""Perplexity of a checkpoint on a split (copy task: loss and accuracy on the copied half).
+r"""Perplexity of a checkpoint on a split (copy task: loss and accuracy on the copied half;
+classifiers: loss and accuracy per example).
 
 examples:
   sbtrain eval-ppl checkpoints/wt103/checkpoint_best.pt
@@ -7,6 +8,7 @@ examples:
       --attention scatterbrain sparse=local window=128 n_features=128
   sbtrain eval-ppl checkpoints/wiki-leads-rope/checkpoint_best.pt \
       --tokens-per-sample 2048 --by-position 128 --plot ppl-by-position.png
+  sbtrain eval-ppl checkpoints/lra/listops-cpu/checkpoint_best.pt --json   # a classifier
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from sbtrain.errors import UserError
 COMMANDS = {
     "preprocess": ("cli.preprocess", "tokenize raw text and write binarized splits"),
     "train": ("cli.train", "train a model (rerunning the same command resumes)"),
-    "eval-ppl": ("cli.eval_ppl", "perplexity (or copy accuracy) of a checkpoint"),
+    "eval-ppl": ("cli.eval_ppl", "perplexity (copy, classifiers: accuracy) of a checkpoint"),
     "generate": ("cli.generate", "sample text from a checkpoint"),
     "bench": ("cli.bench", "benchmarks: attention approx train preprocess generate kernels gpt"),
 }

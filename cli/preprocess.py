@@ -12,6 +12,7 @@ examples:
       --validpref data/wikitext-103/wiki.valid.tokens \\
       --testpref data/wikitext-103/wiki.test.tokens --destdir data/wikitext-103-bin --workers 8
   sbtrain preprocess recipes/wt103.yaml --srcdict data/wikitext-103-bin/dict.txt --destdir data/x
+  sbtrain preprocess recipes/lra/listops-cpu.yaml      # LRA tasks: generated or read from data.raw
 """
 
 from __future__ import annotations

@@ -166,7 +166,9 @@ def main(
         if value is not None:
             data[FLAGS[flag]] = value
     resolved = recipe_from_dict(tree, source=recipe or "command line")
-    return preprocess(resolved.data, inputs=inputs, force=force)
+    from sbtrain.tasks import get_task  # tasks call back into this module
+
+    return get_task(resolved).preprocess(dict(inputs), force)
 
 
 def preprocess(
@@ -524,10 +526,12 @@ def _check_target(target: Path, sources: dict[str, Path], force: bool) -> None:
 
 
 def _is_output(folder: Path) -> bool:
+    """Whether `folder` was written by sbtrain preprocess (token or classification format)."""
     try:
-        return json.loads((folder / "meta.json").read_text(encoding="utf-8"))["format"] == FORMAT
+        found = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["format"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
+    return found in (FORMAT, "sbtrain-cls-1")
 
 
 @contextmanager

@@ -68,14 +68,20 @@ class AttentionConfig:
 @dataclass(frozen=True)
 class DataConfig:
     raw: str | None = opt(
-        None, "preprocess input: a folder with wiki.{train,valid,test}.{tokens,raw}"
+        None,
+        "preprocess input: lm: a folder with wiki.{train,valid,test}.{tokens,raw}; text: "
+        "aclImdb; image: cifar-10-batches-py; retrieval: the folder of new_aan_pairs.*.tsv",
     )
     dir: str = opt("data/bin", "preprocess output and training input (binarized splits)")
     tokenizer: str = opt("word", "word | sentencepiece | bpe, or a path to a tokenizer model file")
     vocab_size: int | None = opt(None, "word: vocabulary cap; subword: target vocabulary size")
     min_count: int = opt(1, "word: keep words seen at least this often in train")
     spm_model_type: Literal["unigram", "bpe"] = opt("unigram", "sentencepiece model type")
-    tokens_per_sample: int = opt(2048, "lm: tokens per sample, the model's context (copy: 2|w|+1)")
+    tokens_per_sample: int = opt(
+        2048,
+        "lm: tokens per sample, the model's context (copy: 2|w|+1); classifiers: the longest "
+        "document (a longer one is an error)",
+    )
     workers: int = opt(1, "preprocess: binarization processes")
     tokenizer_sample_mb: float = opt(
         20.0, "preprocess, sentencepiece | bpe: MB of train text (evenly spread lines) to fit on"
@@ -92,6 +98,45 @@ class CopyConfig:
 
 
 @dataclass(frozen=True)
+class ListOpsConfig:
+    """Sizes and settings of the generated ListOps (null: the Long Range Arena's value)."""
+
+    train: int | None = opt(None, "listops: training examples (LRA: 96,000)")
+    valid: int | None = opt(None, "listops: validation examples (LRA: 2,000)")
+    test: int | None = opt(None, "listops: test examples (LRA: 2,000)")
+    min_tokens: int | None = opt(None, "listops: shortest sequence kept, tokens (LRA: 500)")
+    max_tokens: int | None = opt(None, "listops: longest sequence kept, tokens (LRA: 2,000)")
+    max_depth: int | None = opt(None, "listops: tree levels, leaves included (LRA: 10)")
+    max_args: int | None = opt(None, "listops: most arguments of an operator (LRA: 10)")
+    seed: int | None = opt(None, "listops: generator seed (default 0)")
+
+    def options(self) -> dict[str, Any]:
+        """The settings that were set, as keyword arguments of sbtrain.lra's config."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
+
+
+@dataclass(frozen=True)
+class PathfinderConfig:
+    """Sizes and settings of the generated Pathfinder (null: the generator's default)."""
+
+    train: int | None = opt(None, "pathfinder: training images (LRA: 160,000)")
+    valid: int | None = opt(None, "pathfinder: validation images (LRA: 20,000)")
+    test: int | None = opt(None, "pathfinder: test images (LRA: 20,000)")
+    size: int | None = opt(None, "pathfinder: image side in pixels, size**2 tokens (LRA: 32)")
+    segments: int | None = opt(None, "pathfinder: pieces of each main path, the difficulty (8)")
+    distractors: int | None = opt(None, "pathfinder: paths without markers (default 2)")
+    seed: int | None = opt(None, "pathfinder: generator seed (default 0)")
+
+    def options(self) -> dict[str, Any]:
+        """The settings that were set, as keyword arguments of sbtrain.lra's config."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     n_layers: int = opt(16, "transformer blocks")
     n_heads: int = opt(8, "attention heads per block")
@@ -103,7 +148,12 @@ class ModelConfig:
         "learned (a table of tokens_per_sample) | sinusoidal (added, any length) | rope (rotary "
         "on queries and keys, any length)",
     )
-    output: Literal["softmax", "adaptive"] = opt("softmax", "softmax (tied) | adaptive softmax")
+    output: Literal["softmax", "adaptive"] = opt(
+        "softmax", "language models: softmax (tied) | adaptive softmax"
+    )
+    pooling: Literal["cls", "mean"] = opt(
+        "cls", "classifiers: a CLS token in front | the mean over the real tokens"
+    )
     adaptive_cutoffs: tuple[int, ...] = opt((20000, 60000), "adaptive softmax cluster cutoffs")
     adaptive_div_value: float = opt(4.0, "adaptive softmax: width divisor per tail cluster")
     attention: AttentionConfig = opt(AttentionConfig(), "attention of every layer")
@@ -160,9 +210,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    task: Literal["lm", "copy"] = opt("lm", "lm: language modelling on binarized text | copy")
+    task: Literal["lm", "copy", "listops", "pathfinder", "text", "image", "retrieval"] = opt(
+        "lm",
+        "lm (language modelling on binarized text) | copy | listops | pathfinder | text | image "
+        "| retrieval (Long Range Arena classifiers)",
+    )
     data: DataConfig = opt(DataConfig(), "data")
     copy: CopyConfig = opt(CopyConfig(), "copy task")
+    listops: ListOpsConfig = opt(ListOpsConfig(), "listops task: what preprocess generates")
+    pathfinder: PathfinderConfig = opt(
+        PathfinderConfig(), "pathfinder task: what preprocess generates"
+    )
     model: ModelConfig = opt(ModelConfig(), "model")
     optim: OptimConfig = opt(OptimConfig(), "optimisation")
     train: TrainConfig = opt(TrainConfig(), "training")
@@ -408,7 +466,17 @@ def _check(r: Recipe, source: str) -> None:
         or min(m.adaptive_cutoffs, default=1) <= 0
     ):
         fail("model.adaptive_cutoffs", "must be increasing positive integers")
+    from sbtrain.tasks import TASKS  # tasks depend on config
+
+    task = TASKS[r.task]
     try:
-        check_attention(m.attention.kind, head_dim=m.d_model // m.n_heads, **m.attention.options())
+        check_attention(
+            m.attention.kind,
+            head_dim=m.d_model // m.n_heads,
+            causal=task.causal,
+            **m.attention.options(),
+        )
     except (TypeError, ValueError) as e:
         fail("model.attention", str(e))
+    for key, why in task.contradictions(r):
+        fail(key, why)

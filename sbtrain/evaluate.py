@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -16,10 +15,10 @@ from tqdm import tqdm
 
 from sbtrain import checkpoint
 from sbtrain.config import Recipe, recipe_from_dict
-from sbtrain.datasets import LMBlocks, collate, copy_split, open_split
 from sbtrain.distributed import pick_device
 from sbtrain.errors import UserError
-from sbtrain.model import IGNORE, TransformerLM, build_model
+from sbtrain.model import IGNORE, prepare_model
+from sbtrain.tasks import Task, get_task
 
 
 def autocast(device: torch.device, precision: str):
@@ -89,33 +88,33 @@ class ByPosition:
 
 @torch.no_grad()
 def score(
-    model: TransformerLM,
+    model: torch.nn.Module,
+    task: Task,
     dataset,
     indices: list[int],
     batch_size: int,
     device: torch.device,
     precision: str,
-    count_correct: bool = False,
     progress=None,
     by_position: ByPosition | None = None,
 ) -> Score:
-    """Sum the NLL (and argmax hits) of `dataset[i]` for i in `indices`, `batch_size` at a time
-    (and per bucket of positions into `by_position`)."""
+    """Sum the NLL (and, where the task counts them, argmax hits) of `dataset[i]` for i in
+    `indices`, `batch_size` at a time (and per bucket of positions into `by_position`)."""
     was_training = model.training
     model.eval()
     total = Score()
     try:
         for start in range(0, len(indices), batch_size):
             batch = [dataset[i] for i in indices[start : start + batch_size]]
-            inputs, targets = (t.to(device) for t in collate(batch))
+            *inputs, targets = (t.to(device) for t in task.collate(batch))
             with autocast(device, precision):
-                hidden = model(inputs)
+                hidden = model(*inputs)
             nll = model.token_nll(hidden.float(), targets)
             total.nll += nll.double().sum().item()
             total.tokens += nll.numel()
             if by_position is not None:
                 by_position.add(nll, targets)
-            if count_correct:
+            if task.counts_correct:
                 scored = targets != IGNORE
                 guess = model.predict(hidden[scored].float())
                 total.correct += (guess == targets[scored]).sum().item()
@@ -135,7 +134,7 @@ def load_model(
     device: torch.device,
     attention: dict | None = None,
     attention_impl: str | None = None,
-) -> tuple[TransformerLM, Recipe, dict]:
+) -> tuple[torch.nn.Module, Recipe, dict]:
     """The model of a checkpoint (its recipe gives the architecture), ready for evaluation.
 
     `attention` ({"kind": ..., options}) swaps every layer's attention kernel for another kind:
@@ -150,7 +149,8 @@ def load_model(
     if attention_impl is not None:
         tree = {**tree, "train": {**tree.get("train", {}), "attention_impl": attention_impl}}
     recipe = recipe_from_dict(tree, source=f"{path} (--attention)" if attention else str(path))
-    model = build_model(recipe, int(state["vocab_size"]))
+    model_args = state.get("model_args") or {"vocab_size": int(state["vocab_size"])}
+    model = prepare_model(recipe, lambda: get_task(recipe).build_model(**model_args))
     try:
         missing, _ = model.load_state_dict(weights, strict=attention is None)
     except RuntimeError:
@@ -177,58 +177,6 @@ def parse_attention(words: list[str] | None) -> dict | None:
         except yaml.YAMLError:
             raise UserError(f"--attention: {word!r} is not key=value with a YAML value") from None
     return spec
-
-
-def block_length(model: TransformerLM, recipe: Recipe, tokens_per_sample: int | None) -> int:
-    """Input tokens per scored block: --tokens-per-sample, or the length the model trained at."""
-    if tokens_per_sample is None:
-        return recipe.context_length
-    if recipe.task == "copy":
-        raise UserError("--tokens-per-sample: copy samples have a fixed length (copy.length)")
-    if tokens_per_sample < 1:
-        raise UserError(f"--tokens-per-sample {tokens_per_sample}: must be at least 1")
-    if model.cfg.positions == "learned" and tokens_per_sample > model.max_len:
-        raise UserError(
-            f"--tokens-per-sample {tokens_per_sample}: the model has {model.max_len} learned "
-            f"positions; use at most {model.max_len} (sinusoidal and rope models take any length)"
-        )
-    return tokens_per_sample
-
-
-def eval_dataset(
-    recipe: Recipe,
-    state: dict,
-    split: str,
-    context_window: int,
-    data_dir: str | None,
-    length: int,
-):
-    """The samples (blocks of `length` input tokens) to score, and the split's stats (LM: words
-    and lines; copy: None)."""
-    if recipe.task == "copy":
-        return copy_split(recipe, split), None
-    if not 0 <= context_window < length:
-        raise UserError(
-            f"--context-window {context_window}: must be in [0, {length}) "
-            f"(the blocks hold {length} tokens: data.tokens_per_sample or --tokens-per-sample)"
-        )
-    folder = data_dir or recipe.data.dir
-    tokens, meta = open_split(folder, split)
-    if int(meta["vocab_size"]) != int(state["vocab_size"]):
-        raise UserError(
-            f"{folder} has a vocabulary of {meta['vocab_size']}, the model "
-            f"{state['vocab_size']}: give the folder it was trained on with --data"
-        )
-    dataset = LMBlocks(
-        tokens,
-        int(meta["eol_id"]),
-        length - context_window,
-        context=context_window,
-        drop_last=False,
-    )
-    stats_path = Path(folder) / f"{split}.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    return dataset, {**stats, "tokenizer": meta.get("tokenizer")}
 
 
 def main(
@@ -261,10 +209,11 @@ def main(
         plotting()
     dev = pick_device(device)
     model, recipe, state = load_model(path, dev, attention, attention_impl)
-    length = block_length(model, recipe, tokens_per_sample)
-    dataset, stats = eval_dataset(recipe, state, split, context_window, data_dir, length)
+    task = get_task(recipe)
+    task.eval_options(context_window, tokens_per_sample, by_position)
+    length = task.block_length(model, tokens_per_sample)
+    dataset, stats = task.eval_set(split, state, data_dir, context_window, length)
     buckets = ByPosition(by_position, length) if by_position is not None else None
-    copy = recipe.task == "copy"
     interactive = progress and sys.stderr.isatty()
     with tqdm(
         total=len(dataset), desc=f"eval {split}", unit="seq", disable=not interactive, leave=False
@@ -272,16 +221,28 @@ def main(
         start = time.perf_counter()
         s = score(
             model,
+            task,
             dataset,
             list(range(len(dataset))),
             batch_size,
             dev,
             precision,
-            count_correct=copy,
             progress=bar,
             by_position=buckets,
         )
         seconds = time.perf_counter() - start
+    if task.unit == "examples":
+        return {
+            "checkpoint": str(path),
+            "split": split,
+            "examples": s.tokens,
+            "loss_nats": s.loss_nats,
+            "accuracy": s.accuracy,
+            "examples_per_s": s.tokens / max(seconds, 1e-9),
+            "task": recipe.task,
+            "positions": recipe.model.positions,
+            "attention": recipe.model.attention.kind,
+        }
     result = {
         "checkpoint": str(path),
         "split": split,
@@ -302,7 +263,7 @@ def main(
             title = f"{path} ({recipe.model.attention.kind}, {recipe.model.positions}), {split}"
             plot_by_position(result["by_position"], plot, title)
             result["plot"] = str(plot)
-    if copy:
+    if task.counts_correct:
         result["accuracy"] = s.accuracy
     if stats and stats["tokenizer"] != "word" and "words" in stats:
         words = stats["words"] + stats["lines"]  # each end-of-line counts as a word
@@ -337,6 +298,11 @@ def plot_by_position(rows: list[dict], path: str | Path, title: str) -> None:
 
 
 def format_result(r: dict) -> str:
+    if "examples" in r:  # a classifier
+        return (
+            f"| {r['split']}: {r['examples']:,} examples | loss {r['loss_nats']:.4f} nats | "
+            f"accuracy {100 * r['accuracy']:.2f}% | {r['examples_per_s']:,.1f} examples/s"
+        )
     parts = [
         f"{r['split']}: {r['tokens']:,} tokens",
         f"loss {r['loss_nats']:.4f} nats",

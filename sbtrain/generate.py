@@ -95,6 +95,8 @@ def main(
         if bad:
             raise UserError(message)
     model, recipe, _ = load_model(path, pick_device(device), attention, attention_impl)
+    if not hasattr(model, "decode"):
+        raise UserError(f"{path} holds a {recipe.task} classifier: only language models generate")
     if recipe.task == "copy":
         ids = _symbols(prompt, model.vocab_size)
         shown = 0

@@ -34,14 +34,15 @@ class SelfAttention(nn.Module):
     `hash_qk`: what LSH buckets are drawn from (content, not position; other kinds ignore it).
     """
 
-    def __init__(self, cfg: ModelConfig, attention: AttentionConfig):
+    def __init__(self, cfg: ModelConfig, attention: AttentionConfig, causal: bool = True):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.rotary = cfg.positions == "rope"
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        options = attention.options() if causal else {**attention.options(), "causal": False}
         self.kernel = build_attention(
-            attention.kind, head_dim=cfg.d_model // cfg.n_heads, **attention.options()
+            attention.kind, head_dim=cfg.d_model // cfg.n_heads, **options
         )
 
     def _heads(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
@@ -57,8 +58,13 @@ class SelfAttention(nn.Module):
         b, h, t, d = y.shape
         return self.proj(y.transpose(1, 2).reshape(b, t, h * d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, C); `key_padding_mask` (B, T) bool, True = a real token (non-causal only)."""
         q, k, v, extra = self._heads(x, 0)
+        if key_padding_mask is not None:
+            extra["key_padding_mask"] = key_padding_mask
         return self._merge(self.kernel(q, k, v, **extra))
 
     def decode(self, x: torch.Tensor, cache: dict | None, start: int) -> tuple[torch.Tensor, dict]:
@@ -69,10 +75,13 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention: AttentionConfig):
+    """Pre-LN transformer block; `causal=False` for encoders (classifiers), which take a key
+    padding mask."""
+
+    def __init__(self, cfg: ModelConfig, attention: AttentionConfig, causal: bool = True):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = SelfAttention(cfg, attention)
+        self.attn = SelfAttention(cfg, attention, causal)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.d_model, cfg.d_ff),
@@ -82,12 +91,14 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.feed_forward(self.attend(x))
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.feed_forward(self.attend(x, key_padding_mask))
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The attention sublayer with its residual: (B, T, d_model) -> the same."""
-        return x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.attn(self.ln1(x), key_padding_mask))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The feed-forward sublayer with its residual: (B, T, d_model) -> the same."""
@@ -262,9 +273,17 @@ def over_chunks(function, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(recipe: Recipe, vocab_size: int) -> TransformerLM:
-    """The model of a recipe, initialised from train.seed (identically on every process)."""
+    """The language model of a recipe, initialised from train.seed (the same on every process)."""
+    return prepare_model(
+        recipe, lambda: TransformerLM(recipe.model, vocab_size, recipe.context_length)
+    )
+
+
+def prepare_model(recipe: Recipe, make) -> nn.Module:
+    """`make()` (any task's model) initialised from train.seed, identically on every process,
+    with the recipe's attention_impl and activation checkpointing."""
     torch.manual_seed(recipe.train.seed)
-    model = TransformerLM(recipe.model, vocab_size, recipe.context_length)
+    model = make()
     dispatch.set_impl(model, recipe.train.attention_impl)
     model.activation_checkpointing = recipe.train.activation_checkpointing
     return model

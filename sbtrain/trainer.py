@@ -20,13 +20,14 @@ from torch import nn
 
 from sbtrain import __version__, checkpoint, distributed
 from sbtrain.config import Recipe
-from sbtrain.datasets import CopyTask, EpochSampler, LMBlocks, collate, copy_split, open_split
+from sbtrain.datasets import EpochSampler
 from sbtrain.distributed import Layout
 from sbtrain.errors import UserError
 from sbtrain.evaluate import Score, autocast, score
 from sbtrain.metrics import Interval, Logger, peak_memory_gb
-from sbtrain.model import IGNORE, TransformerLM, build_model, count_parameters
+from sbtrain.model import IGNORE, count_parameters, prepare_model
 from sbtrain.optim import build_optimizer, lr_at
+from sbtrain.tasks import TrainingData, get_task
 
 MAX_OVERFLOWS = 25  # consecutive fp16 overflows before we give up
 
@@ -40,55 +41,19 @@ class Stopped(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# data
-
-
-class TaskData:
-    """The training and validation samples of a recipe, and the vocabulary size they imply."""
-
-    def __init__(self, recipe: Recipe):
-        self.recipe = recipe
-        if recipe.task == "copy":
-            self.vocab_size = recipe.copy.n_symbols + 1
-            self.valid = copy_split(recipe, "valid")
-            self.n_train = recipe.copy.train_size
-            return
-        tokens, meta = open_split(recipe.data.dir, "train")
-        self.vocab_size, self.eol_id = int(meta["vocab_size"]), int(meta["eol_id"])
-        length = recipe.data.tokens_per_sample
-        if len(tokens) < length:
-            raise UserError(
-                f"data.tokens_per_sample={length} is longer than the training data "
-                f"({len(tokens)} tokens in {recipe.data.dir}/train.bin); lower it"
-            )
-        self.train_blocks = LMBlocks(tokens, self.eol_id, length)
-        self.n_train = len(self.train_blocks)
-        self.valid = None
-        if (Path(recipe.data.dir) / "valid.bin").is_file():
-            valid_tokens, _ = open_split(recipe.data.dir, "valid")
-            self.valid = LMBlocks(valid_tokens, self.eol_id, length, drop_last=False)
-
-    def train_set(self, epoch: int):
-        """Training samples of an epoch (copy: fresh sequences every epoch)."""
-        if self.recipe.task == "copy":
-            c = self.recipe.copy
-            return CopyTask(c.n_symbols, c.length, c.train_size, self.recipe.train.seed, epoch)
-        return self.train_blocks
-
-
-# ---------------------------------------------------------------------------------------------
 # the objective DDP wraps
 
 
 class Objective(nn.Module):
     """Summed NLL (nats) of a batch: the module DDP wraps, so the loss is computed in forward."""
 
-    def __init__(self, model: TransformerLM):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model.token_nll(self.model(inputs), targets).sum()
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        *inputs, targets = batch
+        return self.model.token_nll(self.model(*inputs), targets).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,11 +61,13 @@ class Objective(nn.Module):
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, layout: Layout, data: TaskData):
+    def __init__(self, recipe: Recipe, layout: Layout, data: TrainingData):
         self.recipe, self.layout, self.data = recipe, layout, data
+        self.task = get_task(recipe)
         t = recipe.train
         self.save_dir = Path(t.save_dir)
-        self.model = build_model(recipe, data.vocab_size).to(layout.device)
+        model = prepare_model(recipe, lambda: self.task.build_model(**data.model_args))
+        self.model = model.to(layout.device)
         self.optimizer = build_optimizer(self.model, recipe.optim)
         self.scaler = torch.amp.GradScaler(
             layout.device.type, init_scale=t.loss_scale_init, enabled=t.precision == "fp16"
@@ -150,6 +117,7 @@ class Trainer:
                 "bad_validations": self.bad_validations,
             },
             "vocab_size": self.data.vocab_size,
+            "model_args": self.data.model_args,
             "world_size": self.layout.world_size,
             "recipe": self.recipe.to_dict(),
             "versions": {"sbtrain": __version__, "torch": str(torch.__version__)},
@@ -197,16 +165,16 @@ class Trainer:
         """One update from this process's share of a global batch; None if fp16 skipped it."""
         t, device = self.recipe.train, self.layout.device
         batches = [
-            collate([dataset[i] for i in indices[s : s + self.micro]])
+            self.task.collate([dataset[i] for i in indices[s : s + self.micro]])
             for s in range(0, len(indices), self.micro)
         ]
-        local_tokens = sum(int((y != IGNORE).sum()) for _, y in batches)
+        local_tokens = sum(int((batch[-1] != IGNORE).sum()) for batch in batches)
         global_tokens, sequences = distributed.all_reduce_sum([local_tokens, len(indices)], device)
         lr = lr_at(self.updates + 1, self.recipe.optim, self.total_updates)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         nll_total = 0.0
-        for j, (x, y) in enumerate(batches):
+        for j, batch in enumerate(batches):
             last = j == len(batches) - 1
             sync = (
                 contextlib.nullcontext()
@@ -215,7 +183,7 @@ class Trainer:
             )
             with sync:
                 with autocast(device, t.precision):
-                    nll = self.objective(x.to(device), y.to(device))
+                    nll = self.objective(*(t.to(device) for t in batch))
                 # DDP averages gradients over processes: scale so they sum to the global mean
                 loss = nll * (self.layout.world_size / max(global_tokens, 1))
                 self.scaler.scale(loss).backward()
@@ -252,15 +220,8 @@ class Trainer:
         if t.max_valid_batches:
             n = min(n, t.max_valid_batches * self.micro * self.layout.world_size)
         mine = list(range(self.layout.rank, n, self.layout.world_size))
-        s = score(
-            self.model,
-            self.data.valid,
-            mine,
-            self.micro,
-            self.layout.device,
-            t.precision,
-            count_correct=self.recipe.task == "copy",
-        )
+        s = score(self.model, self.task, self.data.valid, mine, self.micro, self.layout.device,
+                  t.precision)  # fmt: skip
         s.nll, tokens, correct = distributed.all_reduce_sum(
             [s.nll, s.tokens, s.correct], self.layout.device
         )
@@ -290,7 +251,7 @@ class Trainer:
                     "tokens": s.tokens,
                     "best_loss": self.best_valid / math.log(2),
                 }
-                if self.recipe.task == "copy":
+                if self.task.counts_correct:
                     record["accuracy"] = s.accuracy
                 logger.log(record, prefix="valid")
         self.save(epoch if end_of_epoch else None, is_best)
@@ -430,19 +391,6 @@ def micro_batch_size(recipe: Recipe, world_size: int) -> int:
     return micro
 
 
-ARCHITECTURE = (
-    "n_layers",
-    "n_heads",
-    "d_model",
-    "d_ff",
-    "positions",
-    "output",
-    "adaptive_cutoffs",
-    "adaptive_div_value",
-    "attention",
-)
-
-
 def check_compatible(state: dict, recipe: Recipe, model: nn.Module, path: Path) -> None:
     """Refuse weights of another task or architecture, naming the first difference."""
     old_task = state["recipe"].get("task")
@@ -452,7 +400,7 @@ def check_compatible(state: dict, recipe: Recipe, model: nn.Module, path: Path) 
             "use another train.save_dir"
         )
     old, new = state["recipe"]["model"], recipe.to_dict()["model"]
-    for key in ARCHITECTURE:
+    for key in get_task(recipe).architecture:
         if old.get(key) != new.get(key):
             raise UserError(
                 f"{path} holds a model with model.{key}={old.get(key)}, the recipe has "
@@ -514,7 +462,7 @@ def _restore(recipe: Recipe, restore_file: str | None) -> tuple[Path | None, dic
 
 
 def _train(recipe, layout, restore_file, reset_optimizer, reset_dataloader) -> dict:
-    data = TaskData(recipe)
+    data = get_task(recipe).training_data()
     path, state, resuming = _restore(recipe, restore_file)
     trainer = Trainer(recipe, layout, data)  # every check before anything is written
     if state is not None:

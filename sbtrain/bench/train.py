@@ -22,6 +22,7 @@ from sbtrain.config import Recipe, load_recipe
 from sbtrain.distributed import pick_device
 from sbtrain.errors import UserError
 from sbtrain.model import TransformerLM, count_parameters
+from sbtrain.tasks import TrainingData, get_task
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -36,15 +37,10 @@ class RandomTokens(torch.utils.data.Dataset):
         return self.data[i, :-1], self.data[i, 1:]
 
 
-class SyntheticData:
-    """Stands in for the trainer's TaskData: random tokens, no validation set."""
-
-    def __init__(self, recipe: Recipe, vocab_size: int, n_samples: int):
-        self.vocab_size, self.n_train, self.valid = vocab_size, n_samples, None
-        self.dataset = RandomTokens(vocab_size, recipe.context_length, n_samples, recipe.train.seed)
-
-    def train_set(self, epoch: int) -> RandomTokens:
-        return self.dataset
+def synthetic_data(recipe: Recipe, vocab_size: int, n_samples: int) -> TrainingData:
+    """Stands in for a task's training data: random tokens, no validation set."""
+    dataset = RandomTokens(vocab_size, recipe.context_length, n_samples, recipe.train.seed)
+    return TrainingData(n_samples, None, lambda epoch: dataset, {"vocab_size": vocab_size})
 
 
 def bench_train(
@@ -60,7 +56,7 @@ def bench_train(
     from sbtrain.trainer import Trainer
 
     device = pick_device(recipe.train.device)
-    data = SyntheticData(recipe, vocab_size, recipe.train.batch_size * (steps + warmup))
+    data = synthetic_data(recipe, vocab_size, recipe.train.batch_size * (steps + warmup))
     trainer = Trainer(recipe, Layout(0, 1, device), data)
     batches = trainer.sampler.epoch_batches()
     dataset = data.train_set(1)
@@ -168,6 +164,11 @@ def main(
                 extra = [] if length is None else [f"data.tokens_per_sample={length}"]
                 extra += [] if setting is None else [f"train.activation_checkpointing={setting}"]
                 recipe = load_recipe(path, [*overrides, *extra])
+                if get_task(recipe).unit != "tokens":
+                    raise UserError(
+                        f"bench train: {path} is a {recipe.task} classifier; bench train times "
+                        "language models (lm, copy)"
+                    )
                 if length is not None and recipe.task == "copy":
                     raise UserError(
                         f"bench train --lengths: {path} is a copy-task recipe; "

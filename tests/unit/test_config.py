@@ -130,9 +130,19 @@ DEBUG_SIZE = [
 def test_every_shipped_recipe_builds_its_model_at_debug_size(path):
     import torch
 
-    from sbtrain.model import build_model
+    from sbtrain.model import build_model, prepare_model
+    from sbtrain.tasks import get_task
 
     recipe = load_recipe(path, DEBUG_SIZE)
+    task = get_task(recipe)
+    if task.unit == "examples":  # a classifier: 18 token ids, pad 18, CLS 19, 3 classes
+        model = prepare_model(recipe, lambda: task.build_model(20, 3, 18, 19))
+        task._pad_id = 18
+        docs = [torch.randint(0, 18, (n,)) for n in (recipe.context_length, 5)]
+        *inputs, labels = task.collate([(d,) * task.streams + (1,) for d in docs])
+        logits = model(*inputs)
+        assert logits.shape == (2, 3) and torch.isfinite(model.token_nll(logits, labels)).all()
+        return
     vocab = recipe.copy.n_symbols + 1 if recipe.task == "copy" else 70_000  # above the cutoffs
     model = build_model(recipe, vocab)
     tokens = torch.randint(0, vocab, (2, recipe.context_length))
