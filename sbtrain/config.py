@@ -55,6 +55,9 @@ class AttentionConfig:
     n_buckets: int | None = opt(None, "lsh: buckets per hash round")
     chunk_size: int | None = opt(None, "performer: chunk length of the causal prefix sums")
     seed: int | None = opt(None, "seed of the random projections (default: drawn from train.seed)")
+    features: str | None = opt(
+        None, "performer, scatterbrain: feature map favor+ (default) | simplex | favor++"
+    )
 
     def options(self) -> dict[str, Any]:
         """The options that were set, as keyword arguments for `build_attention`."""

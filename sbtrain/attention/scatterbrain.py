@@ -50,7 +50,7 @@ from sbtrain.attention.features import (
     draw_projection,
     empty_state,
     fold,
-    log_features,
+    map_log_features,
     real_key_weights,
     scan_chunks,
 )
@@ -69,7 +69,12 @@ from sbtrain.attention.lsh import (
     draw_rotations,
     lsh_parts,
 )
-from sbtrain.attention.performer import check_features, state_from_cache, state_to_cache
+from sbtrain.attention.performer import (
+    check_features,
+    init_feature_map,
+    state_from_cache,
+    state_to_cache,
+)
 
 SPARSE = ("local", "lsh", "local+lsh")
 DEFAULTS = {"window": 128, "n_hashes": 2, "bucket_size": 64, "n_buckets": 16, "chunk_size": 64}
@@ -124,7 +129,8 @@ def resolve_options(
 
 
 class ScatterbrainAttention(nn.Module):
-    """Exact scores on the window and/or LSH support, FAVOR+ features on every other past key.
+    """Exact scores on the window and/or LSH support, random features (`features`: favor+,
+    simplex or favor++, see features.py) on every other past key.
 
     window 0 (with sparse=local) leaves no exact part: the same as Performer with the same W.
     Time O(L (window (D + m) + m D + K (D + m))), memory O(L (window + m) + L/window m D), plus
@@ -143,6 +149,7 @@ class ScatterbrainAttention(nn.Module):
         n_buckets: int | None = None,
         seed: int | None = None,
         causal: bool = True,
+        features: str = "favor+",
     ):
         super().__init__()
         options = resolve_options(
@@ -156,7 +163,7 @@ class ScatterbrainAttention(nn.Module):
         self.chunk_size = options["chunk_size"]
         self.lsh = "lsh" in sparse
         self.tau = head_dim**-0.5
-        self.register_buffer("projection", torch.empty(n_features // 2, head_dim), persistent=True)
+        init_feature_map(self, features)
         if self.lsh:
             self.n_hashes = options["n_hashes"]
             self.bucket_size = options["bucket_size"]
@@ -177,21 +184,23 @@ class ScatterbrainAttention(nn.Module):
         n_buckets: int | None = None,
         seed: int | None = None,
         causal: bool = True,
+        features: str = "favor+",
     ) -> None:
         check_causal(causal)
         options = resolve_options(
             sparse, window, chunk_size, n_hashes, bucket_size, n_buckets, causal
         )
-        check_features(head_dim, n_features, options["chunk_size"])
+        check_features(head_dim, n_features, options["chunk_size"], features)
         if "lsh" in sparse:
             check_lsh(options["n_hashes"], options["bucket_size"], options["n_buckets"])
         check_seed(seed)
 
     @torch.no_grad()
     def redraw(self, seed: int) -> None:
-        """Draw a new projection W (and LSH rotations) from `seed` (never called automatically)."""
+        """Draw a new projection W (and LSH rotations) from `seed` (by the trainer every
+        train.redraw_interval updates, if set)."""
         gen = generator(seed)
-        self.projection.copy_(draw_projection(self.head_dim, self.n_features, gen))
+        self.projection.copy_(draw_projection(self.head_dim, self.n_features, gen, self.features))
         if self.lsh:
             self.rotations.copy_(draw_rotations(self.head_dim, self.n_hashes, self.n_buckets, gen))
 
@@ -210,8 +219,8 @@ class ScatterbrainAttention(nn.Module):
         context_k, context_v = cached_kv(cache, k, v)
         all_k, all_v = torch.cat([context_k, k], dim=-2), torch.cat([context_v, v], dim=-2)
         state = state_from_cache(cache)
-        lq = log_features(q, self.projection, self.tau)
-        lk = log_features(all_k, self.projection, self.tau)  # (B, H, n + T, m)
+        lq = map_log_features(self, q)
+        lk = map_log_features(self, all_k)  # (B, H, n + T, m)
         vx = with_ones(all_v)
         if self.window:
             part, state = self._windowed(q, all_k, lq, lk, vx, state, keep_cache)
@@ -278,8 +287,7 @@ class ScatterbrainAttention(nn.Module):
         """The non-causal part for q, k, v (B, H, L, D) and real tokens (B, L)."""
         dtype = compute_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        lq = log_features(q, self.projection, self.tau)
-        lk = log_features(k, self.projection, self.tau)
+        lq, lk = map_log_features(self, q), map_log_features(self, k)
         vx = with_ones(v)
         if self.window:
             part = centred_window_part(q * self.tau, k, vx, lq, lk, self.window, real)
@@ -313,14 +321,16 @@ class ScatterbrainAttention(nn.Module):
         v: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (sparse=local: fused Triton
-        kernels on CUDA, causal only); key_padding_mask (B, L) bool, True for real tokens
-        (non-causal only): padded keys get no weight in any part, padded queries output 0."""
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (sparse=local with a `fusable`
+        map: fused Triton kernels on CUDA, causal only); key_padding_mask (B, L) bool, True for
+        real tokens (non-causal only): padded keys get no weight in any part, padded queries
+        output 0."""
         # non-causal: PyTorch only (the fused kernels are causal)
         real = real_tokens(self.causal, key_padding_mask, q)
         if real is not None:
             return normalise(self.forward_parts(q, k, v, real), real).to(v.dtype)
-        if self.sparse == "local" and q.is_cuda and triton_kernels.supports(q, self.window):
+        fused = self.fusable and self.sparse == "local"
+        if fused and q.is_cuda and triton_kernels.supports(q, self.window):
             return triton_kernels.scatterbrain_local(q, k, v, self.projection, self.window)
         return normalise(self.forward_parts(q, k, v)).to(v.dtype)
 
