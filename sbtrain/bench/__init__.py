@@ -92,6 +92,7 @@ def _cell(value) -> str:
 PLOTS = {
     "attention": ("length", ("ms", "peak_mib"), ("kind",)),
     "approx": ("temperature", ("error",), ("kind", "regime")),
+    "approx-checkpoint": ("n_features", ("error",), ("features", "layer")),
     "train": ("length", ("tokens_per_s", "step_ms"), ("attention", "sparse")),
     "generate": ("context", ("ms_per_token", "cache_mib"), ("kind",)),
 }
