@@ -33,7 +33,7 @@ import math
 import torch
 
 from sbtrain.attention import KINDS, build_attention
-from sbtrain.attention.features import FEATURES
+from sbtrain.attention.features import FEATURES, input_statistic
 from sbtrain.attention.full import FullAttention
 from sbtrain.attention.performer import calibrate
 from sbtrain.attention.reference import reference_attention
@@ -266,7 +266,8 @@ def checkpoint_errors(
     seeds: int = 3,
     features: tuple[str, ...] = FEATURES,
 ) -> list[dict]:
-    """Rows {layer, features, n_features, error, error_std}: Performer's mean relative output
+    """Rows {layer, features, n_features, error, error_std, statistic (favor++'s S from the
+    training blocks)}: Performer's mean relative output
     error (over `seeds` draws) against exact causal attention, on q, k, v captured at each layer
     of the checkpoint's model on `blocks` validation blocks."""
     from sbtrain.evaluate import load_model
@@ -280,6 +281,7 @@ def checkpoint_errors(
     rows = []
     for layer, ((q, k, v), (cq, ck, _)) in enumerate(zip(valid, train)):
         exact = reference_attention(FullAttention(head_dim), q, k, v)
+        statistic = float(input_statistic(cq, ck, head_dim**-0.5))  # favor++'s S of this layer
         for name in features:
             for n in counts:
                 errors = []
@@ -293,7 +295,7 @@ def checkpoint_errors(
                 mean = sum(errors) / seeds
                 spread = (sum((e - mean) ** 2 for e in errors) / max(seeds - 1, 1)) ** 0.5
                 rows.append(dict(layer=layer, features=name, n_features=n, error=mean,
-                                 error_std=spread))  # fmt: skip
+                                 error_std=spread, statistic=statistic))  # fmt: skip
     return rows
 
 
