@@ -300,8 +300,8 @@ def checkpoint_errors(
 
 
 def stops_improving(rows: list[dict], gain: float = 0.1) -> dict[str, int | None]:
-    """Per `features` (errors averaged over layers): the first count whose next doubling lowers
-    the error by less than `gain` (10%), or None if every doubling still gains."""
+    """Per `features` (errors averaged over layers): the count from which no further doubling
+    lowers the error by `gain` (10%) or more; None if the last doubling still does."""
     out = {}
     for name in dict.fromkeys(r["features"] for r in rows):
         by_count: dict[int, list[float]] = {}
@@ -309,9 +309,12 @@ def stops_improving(rows: list[dict], gain: float = 0.1) -> dict[str, int | None
             if r["features"] == name:
                 by_count.setdefault(r["n_features"], []).append(r["error"])
         curve = sorted((n, sum(e) / len(e)) for n, e in by_count.items())
-        out[name] = next(
-            (n for (n, e), (_, after) in itertools.pairwise(curve) if after > (1 - gain) * e), None
-        )
+        gains = [(n, after <= (1 - gain) * e) for (n, e), (_, after) in itertools.pairwise(curve)]
+        if not gains or gains[-1][1]:
+            out[name] = None
+            continue
+        last_gain = max((i for i, (_, gained) in enumerate(gains) if gained), default=-1)
+        out[name] = gains[last_gain + 1][0]
     return out
 
 

@@ -102,9 +102,9 @@ def test_checkpoint_errors_fall_as_features_grow(trained_debug, token_folder):
     assert set(stops) == {"favor+", "simplex", "favor++"}
 
 
-def test_stops_improving_is_the_first_count_that_gains_under_10_percent():
-    curve = [(16, 1.0), (32, 0.5), (64, 0.46), (128, 0.2)]
+def test_stops_improving_is_where_no_further_doubling_gains_10_percent():
+    curve = [(16, 1.0), (32, 0.95), (64, 0.5), (128, 0.46), (256, 0.45)]
     rows = [dict(features="m", layer=0, n_features=n, error=e) for n, e in curve]
-    assert stops_improving(rows) == {"m": 32}
+    assert stops_improving(rows) == {"m": 64}
     rows = [dict(features="m", layer=0, n_features=n, error=1 / n) for n in (16, 32, 64)]
     assert stops_improving(rows) == {"m": None}
