@@ -75,6 +75,8 @@ def test_a_device_that_is_not_here_is_one_error_line(what, capsys):
         (["generate", "--steps", "0"], "--steps: expected an integer >= 1"),
         (["approx", "--budget", "6"], "multiple of 4"),
         (["approx", "--length", "1"], "at least 2 positions"),
+        (["approx", "--from-checkpoint", "missing.pt"], "missing.pt: checkpoint not found"),
+        (["approx", "--from-checkpoint", "missing.pt", "--counts", "15"], "must be even"),
         (["train", "recipes/debug.yaml", "--warmup", "-1"], "--warmup: expected an integer >= 0"),
         (["preprocess", "--megabytes", "0"], "megabytes > 0"),
     ],
