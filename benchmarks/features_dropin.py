@@ -89,8 +89,13 @@ def main() -> None:
             "window_plus_features_vs_window": mean[f"window 64 + 64 features {f}"] / local - 1,
             "features_never_hurt_the_window": mean[f"window 64 + 64 features {f}"] <= local,
         }
-    result = {"benchmark": "features-dropin", "machine": {**machine(), "note": "2-core CPU (shared)"},
-              "checkpoint": args.checkpoint, "rows": rows, "goals": goals}  # fmt: skip
+    result = {
+        "benchmark": "features-dropin",
+        "machine": {**machine(), "note": "2-core CPU (shared)"},
+        "checkpoint": args.checkpoint,
+        "rows": rows,
+        "goals": goals,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(goals, indent=1))
