@@ -3,6 +3,8 @@
 examples:
   sbtrain bench attention --lengths 2048,4096,8192,16384 --out benchmarks/results/attention-cpu.json
   sbtrain bench approx --budget 64 --length 1024 --out benchmarks/results/approx-cpu.json
+  sbtrain bench approx --from-checkpoint checkpoints/wiki-leads-full/checkpoint_best.pt \
+      --out benchmarks/results/approx-checkpoint-cpu.json
   sbtrain bench train recipes/wt103.yaml recipes/wt103-full.yaml train.batch_size=2 --steps 5
   sbtrain bench train recipes/wt103.yaml --lengths 2048,4096 --checkpointing both --breakdown
   sbtrain bench preprocess --megabytes 500 --workers 2
@@ -80,6 +82,15 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     x.add_argument("--heads", type=positive, default=4)
     x.add_argument("--head-dim", type=positive, default=64)
     x.add_argument("--seeds", type=positive, default=3)
+    x.add_argument(
+        "--from-checkpoint",
+        metavar="CKPT",
+        help="q, k, v captured at every layer of this trained model instead of synthetic inputs: "
+        "Performer's error per feature map as the number of features grows",
+    )
+    x.add_argument("--data", help="with --from-checkpoint: its data folder (default: its recipe's)")
+    x.add_argument("--blocks", type=positive, default=2, help="validation blocks to capture")
+    x.add_argument("--counts", type=ints, help="feature counts (default 16 ... 1024)")
 
     t = sub.add_parser("train", help="tokens/s, step time, peak memory of training steps")
     t.add_argument(

@@ -55,6 +55,9 @@ class AttentionConfig:
     n_buckets: int | None = opt(None, "lsh: buckets per hash round")
     chunk_size: int | None = opt(None, "performer: chunk length of the causal prefix sums")
     seed: int | None = opt(None, "seed of the random projections (default: drawn from train.seed)")
+    features: str | None = opt(
+        None, "performer, scatterbrain: feature map favor+ (default) | simplex | favor++"
+    )
 
     def options(self) -> dict[str, Any]:
         """The options that were set, as keyword arguments for `build_attention`."""
@@ -188,6 +191,9 @@ class TrainConfig:
     )
     save_dir: str = opt("checkpoints/run", "checkpoints, train.jsonl, TensorBoard logs")
     seed: int = opt(1, "seed of weights, data order and dropout")
+    redraw_interval: int | None = opt(
+        None, "updates between new random projections of every attention layer (null: never)"
+    )
     device: str = opt("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     log_interval: int = opt(10, "updates between log lines")
     validate_interval: int | None = opt(None, "updates between validations (always at epoch end)")
@@ -433,6 +439,7 @@ def _check(r: Recipe, source: str) -> None:
         "train.save_interval": t.save_interval,
         "train.max_valid_batches": t.max_valid_batches,
         "train.patience": t.patience,
+        "train.redraw_interval": t.redraw_interval,
         "data.vocab_size": r.data.vocab_size,
     }
     non_negative = {

@@ -199,6 +199,8 @@ class Trainer:
         if self.scaler.is_enabled() and self.scaler.get_scale() < scale_before:
             return None  # overflow: the optimizer step was skipped
         self.updates += 1
+        if t.redraw_interval and self.updates % t.redraw_interval == 0:
+            redraw_attention(self.model, t.seed, self.updates)
         gnorm = float(gnorm)
         return {
             "nll": nll_total,
@@ -371,6 +373,18 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------------------
 # entry point
+
+
+@torch.no_grad()
+def redraw_attention(model: nn.Module, seed: int, update: int) -> None:
+    """New random projections for every attention kernel that has them (`redraw`), layer by
+    layer from seeds that depend only on (train.seed, update): the same on every process and on
+    a rerun; the draw lives in the kernels' buffers, so checkpoints carry it."""
+    seeds = torch.Generator().manual_seed(seed * 1_000_003 + update)
+    for module in model.modules():
+        redraw = getattr(module, "redraw", None)
+        if callable(redraw) and module is not model:
+            redraw(int(torch.randint(0, 2**62, (), generator=seeds, dtype=torch.int64)))
 
 
 def micro_batch_size(recipe: Recipe, world_size: int) -> int:

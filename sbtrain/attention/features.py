@@ -9,6 +9,21 @@ when `M` grows. `M` only ever covers keys a query is allowed to see, so a large 
 push past keys into underflow. Query features are stabilised by their own max over features.
 Non-causal sums (`bidirectional_feature_sum`) see every real key at once: one per-feature max
 over the real keys of the sequence serves them.
+
+Feature maps (`features` of performer and scatterbrain), all unbiased for `exp(tau q.k)`:
+
+- `favor+`: the map above, W stacked orthogonal Gaussian blocks.
+- `simplex`: the same map; within each block the row directions form a regular simplex (pairwise
+  cosine -1/(D-1)) instead of an orthonormal basis, randomly rotated (simplex random features).
+  Each row is still marginally Gaussian, so the estimate stays unbiased; negatively correlated
+  directions lower its variance. Data-independent, so causal by construction.
+- `favor++`: generalised positive features `phi(x) = m**-0.5 (1+4A)**(D/4) exp(-A|w|² +
+  (1+4A)**0.5 w.x' - |x'|²/2)` over the rows ±w of W, unbiased for every fixed A > -1/4 (A = 0
+  is FAVOR+). The A that minimises the variance of `phi(x).phi(y)` depends on `S = |x' + y'|²`
+  (`optimal_a`); S is a per-module statistic `feature_stat`, a buffer saved with the model: a
+  data-independent default (inputs with unit-variance entries) until `calibrate` sets it from
+  queries and keys of *other* data (training blocks), never from the sequence being attended,
+  so no position sees a statistic of its future.
 """
 
 from __future__ import annotations
@@ -29,30 +44,93 @@ class FeatureState(NamedTuple):
     max: torch.Tensor
 
 
-def draw_projection(head_dim: int, n_features: int, generator: torch.Generator) -> torch.Tensor:
-    """W: (n_features/2, head_dim) fp32, stacked orthogonal Gaussian blocks (FAVOR+).
+FEATURES = ("favor+", "simplex", "favor++")
 
-    Each block is the Q of a Gaussian (D, D) matrix, so its rows are orthonormal; every row is
-    then rescaled by the norm of an independent Gaussian vector, matching i.i.d. Gaussian rows in
-    length while keeping the directions orthogonal (lower variance than i.i.d.).
+
+def check_feature_map(features: str) -> None:
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
+
+
+def fusable(features: str) -> bool:
+    """Whether `features` is FAVOR+'s formula exp(W x' - |x'|²/2), the one the fused Triton
+    kernels compute (favor+ and simplex differ only in how W is drawn); favor++ is not."""
+    return features in ("favor+", "simplex")
+
+
+def draw_projection(
+    head_dim: int, n_features: int, generator: torch.Generator, features: str = "favor+"
+) -> torch.Tensor:
+    """W: (n_features/2, head_dim) fp32, stacked blocks of `head_dim` rows.
+
+    favor+ and favor++: each block is the Q of a Gaussian (D, D) matrix, so its rows are
+    orthonormal. simplex: each block is the D unit vertices of a regular simplex centred at 0
+    (pairwise cosine -1/(D-1)) times a random rotation. Every row is then rescaled by the norm of
+    an independent Gaussian vector, matching i.i.d. Gaussian rows in length while keeping the
+    directions coupled (lower variance than i.i.d.).
     """
     rows = n_features // 2
     blocks = []
+    if features == "simplex" and head_dim > 1:
+        vertices = torch.eye(head_dim, dtype=torch.float64) - 1.0 / head_dim
+        vertices = vertices / vertices.norm(dim=1, keepdim=True)  # (D, D), rows of a simplex
     for _ in range(math.ceil(rows / head_dim)):
         gaussian = torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64)
-        orthogonal, _ = torch.linalg.qr(gaussian)
-        blocks.append(orthogonal.T)
+        orthogonal, triangle = torch.linalg.qr(gaussian)
+        if features == "simplex" and head_dim > 1:
+            rotation = orthogonal * torch.sign(torch.diagonal(triangle))  # Haar-distributed
+            blocks.append(vertices @ rotation.T)
+        else:
+            blocks.append(orthogonal.T)
     directions = torch.cat(blocks)[:rows]
     lengths = torch.randn(rows, head_dim, generator=generator, dtype=torch.float64).norm(dim=1)
     return (directions * lengths[:, None]).float()
 
 
-def log_features(x: torch.Tensor, projection: torch.Tensor, tau: float) -> torch.Tensor:
-    """log phi(x): (B, H, L, D) -> (B, H, L, m), m = 2 * projection rows, in x's dtype."""
+def default_statistic(head_dim: int) -> float:
+    """S = |x' + y'|² for independent inputs with unit-variance entries: 2 D tau = 2 D**0.5."""
+    return 2.0 * head_dim**0.5
+
+
+def input_statistic(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
+    """The mean of S = |x' + y'|² over every (query, key) pair of q, k (..., D), x' = tau**0.5 x:
+    mean|q'|² + mean|k'|² + 2 mean(q').mean(k'), a float64 scalar."""
+    q = q.detach().double().flatten(0, -2) * tau**0.5
+    k = k.detach().double().flatten(0, -2) * tau**0.5
+    return (q * q).sum(-1).mean() + (k * k).sum(-1).mean() + 2 * q.mean(0) @ k.mean(0)
+
+
+def optimal_a(statistic: float, head_dim: int) -> float:
+    """The A minimising the second moment of favor++'s phi(x).phi(y) given S = |x' + y'|²:
+    the root A >= 0 of 16 D A² + (2 D - 4 S) A - S = 0 (A = 0 when S = 0)."""
+    d, s = float(head_dim), max(float(statistic), 0.0)
+    b = 2 * d - 4 * s
+    return (math.sqrt(b * b + 64 * d * s) - b) / (32 * d)
+
+
+def map_log_features(module, x: torch.Tensor) -> torch.Tensor:
+    """log phi(x) of `module`'s map (its `features`, `projection`, `tau` and, for favor++,
+    `feature_stat`)."""
+    if module.features == "favor++":
+        a = optimal_a(float(module.feature_stat), module.head_dim)
+        return log_features(x, module.projection, module.tau, a)
+    return log_features(x, module.projection, module.tau)
+
+
+def log_features(
+    x: torch.Tensor, projection: torch.Tensor, tau: float, a: float = 0.0
+) -> torch.Tensor:
+    """log phi(x): (B, H, L, D) -> (B, H, L, m), m = 2 * projection rows, in x's dtype.
+
+    a = 0: FAVOR+; a > -1/4: favor++'s generalised map with parameter A = a."""
     x = x * tau**0.5
     both = torch.cat([projection, -projection]).to(x.dtype)  # (m, D): one matmul for both halves
     offset = 0.5 * (x * x).sum(-1, keepdim=True) + 0.5 * math.log(both.shape[0])
-    return (x @ both.T).sub_(offset)  # (B, H, L, m)
+    if a == 0.0:
+        return (x @ both.T).sub_(offset)  # (B, H, L, m)
+    # -A|w|² + (D/4) log(1 + 4A) per feature, the projection scaled by (1 + 4A)**0.5
+    per_feature = a * (both * both).sum(-1) - 0.25 * x.shape[-1] * math.log1p(4 * a)
+    return (x @ (both * math.sqrt(1 + 4 * a)).T).sub_(offset).sub_(per_feature)
 
 
 def empty_state(lk: torch.Tensor, vx: torch.Tensor) -> FeatureState:

@@ -1,5 +1,5 @@
-"""Performer (FAVOR+): linear attention with positive orthogonal random features, causal (chunked
-prefix sums) or over every real key (one sum)."""
+"""Performer: linear attention with positive random features (FAVOR+ by default, see
+features.py for the maps), causal (chunked prefix sums) or over every real key (one sum)."""
 
 from __future__ import annotations
 
@@ -24,15 +24,22 @@ from sbtrain.attention.features import (
     FeatureState,
     bidirectional_feature_sum,
     causal_feature_sum,
+    check_feature_map,
+    default_statistic,
     draw_projection,
-    log_features,
+    fusable,
+    input_statistic,
+    map_log_features,
 )
 
 CHUNK_SIZE = 64  # the default chunk of causal prefix sums
 
 
-def check_features(head_dim: int, n_features: int, chunk_size: int) -> None:
+def check_features(
+    head_dim: int, n_features: int, chunk_size: int, features: str = "favor+"
+) -> None:
     """The checks every kind with a random-feature part shares."""
+    check_feature_map(features)
     if not isinstance(n_features, int) or n_features <= 0 or n_features % 2:
         raise ValueError(
             f"n_features must be a positive even integer (both halves of the positive features "
@@ -48,6 +55,27 @@ def state_from_cache(cache: dict | None) -> FeatureState | None:
 
 def state_to_cache(state: FeatureState) -> dict:
     return {"state_nd": state.nd, "state_max": state.max}
+
+
+def init_feature_map(module: nn.Module, features: str) -> None:
+    """The buffers and attributes of a random-feature map, shared by performer and scatterbrain:
+    `projection` (drawn by `redraw`), `features`, `fusable` (True: the fused Triton kernels may
+    run it) and, for favor++ only, `feature_stat` (S of `optimal_a`, default data-independent)."""
+    module.features = features
+    module.fusable = fusable(features)
+    shape = (module.n_features // 2, module.head_dim)
+    module.register_buffer("projection", torch.empty(shape), persistent=True)
+    if features == "favor++":
+        stat = torch.tensor(default_statistic(module.head_dim), dtype=torch.float64)
+        module.register_buffer("feature_stat", stat, persistent=True)
+
+
+@torch.no_grad()
+def calibrate(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> None:
+    """favor++: set `feature_stat` from queries and keys (B, H, L, D) of calibration data (not
+    the data it will attend to); other maps have no statistic (a no-op)."""
+    if module.features == "favor++":
+        module.feature_stat.copy_(input_statistic(q, k, module.tau))
 
 
 class PerformerAttention(nn.Module):
@@ -66,6 +94,7 @@ class PerformerAttention(nn.Module):
         chunk_size: int | None = None,
         seed: int | None = None,
         causal: bool = True,
+        features: str = "favor+",
     ):
         super().__init__()
         self.head_dim = head_dim
@@ -74,7 +103,7 @@ class PerformerAttention(nn.Module):
         self.causal = causal
         self.tau = head_dim**-0.5
         self.impl = "auto"  # fused kernels or PyTorch path: see dispatch.py (not a checkpoint's)
-        self.register_buffer("projection", torch.empty(n_features // 2, head_dim), persistent=True)
+        init_feature_map(self, features)
         self.redraw(resolve_seed(seed))
 
     @staticmethod
@@ -84,6 +113,7 @@ class PerformerAttention(nn.Module):
         chunk_size: int | None = None,
         seed: int | None = None,
         causal: bool = True,
+        features: str = "favor+",
     ) -> None:
         check_causal(causal)
         if not causal and chunk_size is not None:
@@ -91,13 +121,15 @@ class PerformerAttention(nn.Module):
                 "performer: chunk_size only applies to causal attention (non-causal sums over "
                 "all keys at once); leave it unset"
             )
-        check_features(head_dim, n_features, CHUNK_SIZE if chunk_size is None else chunk_size)
+        chunk = CHUNK_SIZE if chunk_size is None else chunk_size
+        check_features(head_dim, n_features, chunk, features)
         check_seed(seed)
 
     @torch.no_grad()
     def redraw(self, seed: int) -> None:
-        """Draw a new projection W from `seed` (never called automatically)."""
-        drawn = draw_projection(self.head_dim, self.n_features, generator(seed))
+        """Draw a new projection W from `seed` (by the trainer every train.redraw_interval
+        updates, if set)."""
+        drawn = draw_projection(self.head_dim, self.n_features, generator(seed), self.features)
         self.projection.copy_(drawn)
 
     @full_precision
@@ -106,8 +138,7 @@ class PerformerAttention(nn.Module):
     ) -> tuple[Part, FeatureState]:
         dtype = compute_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        lq = log_features(q, self.projection, self.tau)
-        lk = log_features(k, self.projection, self.tau)
+        lq, lk = map_log_features(self, q), map_log_features(self, k)
         return causal_feature_sum(lq, lk, with_ones(v), self.chunk_size, state)
 
     @full_precision
@@ -116,8 +147,7 @@ class PerformerAttention(nn.Module):
     ) -> Part:
         dtype = compute_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        lq = log_features(q, self.projection, self.tau)
-        lk = log_features(k, self.projection, self.tau)
+        lq, lk = map_log_features(self, q), map_log_features(self, k)
         return bidirectional_feature_sum(lq, lk, with_ones(v), real)
 
     def forward_parts(
@@ -142,13 +172,15 @@ class PerformerAttention(nn.Module):
         hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype: causal, the fused Triton kernels
-        or the PyTorch path, as `self.impl` (auto | pytorch | fused) and dispatch.py decide;
-        key_padding_mask (B, L) bool, True for real tokens (non-causal only, PyTorch path):
-        padded keys get no weight, padded queries output 0. `hash_qk` is ignored."""
+        (a `fusable` feature map only) or the PyTorch path, as `self.impl` (auto | pytorch | fused)
+        and dispatch.py decide; key_padding_mask (B, L) bool, True for real tokens (non-causal
+        only, PyTorch path): padded keys get no weight, padded queries output 0. `hash_qk` is
+        ignored."""
         real = real_tokens(self.causal, key_padding_mask, q)
         if real is not None:
             return normalise(self.forward_parts(q, k, v, real), real).to(v.dtype)
-        return dispatch.attention(self.impl, q, k, v, self.projection, 0, self.pytorch_forward)
+        window = 0 if self.fusable else None  # None: no kernel for this feature map
+        return dispatch.attention(self.impl, q, k, v, self.projection, window, self.pytorch_forward)
 
     def pytorch_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The causal PyTorch path of `forward` (the fused kernels' reference)."""

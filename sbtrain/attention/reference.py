@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,12 +57,12 @@ def reference_matrix(
         support = _lsh_support(hash_q, hash_k, module.rotations, module.bucket_size)
         return _softmax_over(support, scores)
     if isinstance(module, PerformerAttention):
-        return _rows_normalised(_feature_products(q, k, module.projection) * past)
+        return _rows_normalised(_feature_products(q, k, module) * past)
     if isinstance(module, ScatterbrainAttention):
         support = _window(length, module.window, q.device).expand_as(scores)
         if module.lsh:
             support = support | _lsh_support(hash_q, hash_k, module.rotations, module.bucket_size)
-        ahat = torch.where(support, scores.exp(), _feature_products(q, k, module.projection))
+        ahat = torch.where(support, scores.exp(), _feature_products(q, k, module))
         return _rows_normalised(ahat * past)
     raise TypeError(f"no reference for {type(module).__name__}")
 
@@ -97,13 +98,13 @@ def _bidirectional_matrix(
     elif isinstance(module, LSHAttention):
         support = _two_sided_lsh_support(*hashed, real, module.rotations, module.bucket_size)
     elif isinstance(module, PerformerAttention):
-        return _rows_normalised_or_zero(_feature_products(q, k, module.projection) * visible)
+        return _rows_normalised_or_zero(_feature_products(q, k, module) * visible)
     elif isinstance(module, ScatterbrainAttention):
         support = _centred(length, module.window, q.device).expand_as(scores)
         if module.lsh:
             lsh = _two_sided_lsh_support(*hashed, real, module.rotations, module.bucket_size)
             support = support | lsh
-        ahat = torch.where(support, scores.exp(), _feature_products(q, k, module.projection))
+        ahat = torch.where(support, scores.exp(), _feature_products(q, k, module))
         return _rows_normalised_or_zero(ahat * visible)
     else:
         raise TypeError(f"no reference for {type(module).__name__}")
@@ -165,18 +166,27 @@ def _window(length: int, window: int, device: torch.device) -> torch.Tensor:
     return (j <= i) & (j > i - window)
 
 
-def _features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    """phi(x) = m**-0.5 [exp(W x' - |x'|²/2), exp(-W x' - |x'|²/2)], x' = tau**0.5 x, directly."""
-    x = x * x.shape[-1] ** -0.25
-    wx = x @ projection.double().T
-    half_norm = 0.5 * (x * x).sum(-1, keepdim=True)
-    m = 2 * projection.shape[0]
-    return torch.cat([torch.exp(wx - half_norm), torch.exp(-wx - half_norm)], dim=-1) / math.sqrt(m)
+def _features(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """phi(x) of the module's map, directly, over the rows w of [W, -W], x' = tau**0.5 x:
+    favor+ / simplex: m**-0.5 exp(w.x' - |x'|²/2); favor++: m**-0.5 (1+4A)**(D/4)
+    exp(-A|w|² + (1+4A)**0.5 w.x' - |x'|²/2), A the root >= 0 of 16 D A² + (2 D - 4 S) A - S
+    for the module's statistic S (found here as a polynomial root)."""
+    d = x.shape[-1]
+    x = x * d**-0.25
+    w = torch.cat([module.projection.double(), -module.projection.double()])  # (m, D)
+    a = 0.0
+    if getattr(module, "features", "favor+") == "favor++":
+        s = float(module.feature_stat)
+        roots = np.roots([16.0 * d, 2.0 * d - 4.0 * s, -s])
+        a = float(max(r.real for r in roots))
+    log_phi = math.sqrt(1 + 4 * a) * (x @ w.T) - 0.5 * (x * x).sum(-1, keepdim=True)
+    log_phi = log_phi - a * (w * w).sum(-1) + 0.25 * d * math.log(1 + 4 * a)
+    return torch.exp(log_phi) / math.sqrt(w.shape[0])
 
 
-def _feature_products(q: torch.Tensor, k: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, L): phi(q_i) . phi(k_j)."""
-    return _features(q, projection) @ _features(k, projection).transpose(-1, -2)
+def _feature_products(q: torch.Tensor, k: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """(B, H, L, L): phi(q_i) . phi(k_j) with the module's feature map."""
+    return _features(q, module) @ _features(k, module).transpose(-1, -2)
 
 
 def _buckets(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:

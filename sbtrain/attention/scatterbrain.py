@@ -52,7 +52,7 @@ from sbtrain.attention.features import (
     draw_projection,
     empty_state,
     fold,
-    log_features,
+    map_log_features,
     real_key_weights,
     scan_chunks,
 )
@@ -72,7 +72,12 @@ from sbtrain.attention.lsh import (
     hashed_context,
     lsh_parts,
 )
-from sbtrain.attention.performer import check_features, state_from_cache, state_to_cache
+from sbtrain.attention.performer import (
+    check_features,
+    init_feature_map,
+    state_from_cache,
+    state_to_cache,
+)
 
 SPARSE = ("local", "lsh", "local+lsh")
 DEFAULTS = {"window": 128, "n_hashes": 2, "bucket_size": 64, "n_buckets": 16, "chunk_size": 64}
@@ -127,7 +132,8 @@ def resolve_options(
 
 
 class ScatterbrainAttention(nn.Module):
-    """Exact scores on the window and/or LSH support, FAVOR+ features on every other past key.
+    """Exact scores on the window and/or LSH support, random features (`features`: favor+,
+    simplex or favor++, see features.py) on every other past key.
 
     window 0 (with sparse=local) leaves no exact part: the same as Performer with the same W.
     Time O(L (window (D + m) + m D + K (D + m))), memory O(L (window + m) + L/window m D), plus
@@ -146,6 +152,7 @@ class ScatterbrainAttention(nn.Module):
         n_buckets: int | None = None,
         seed: int | None = None,
         causal: bool = True,
+        features: str = "favor+",
     ):
         super().__init__()
         options = resolve_options(
@@ -160,7 +167,7 @@ class ScatterbrainAttention(nn.Module):
         self.lsh = "lsh" in sparse
         self.tau = head_dim**-0.5
         self.impl = "auto"  # fused kernels or PyTorch path: see dispatch.py (not a checkpoint's)
-        self.register_buffer("projection", torch.empty(n_features // 2, head_dim), persistent=True)
+        init_feature_map(self, features)
         if self.lsh:
             self.n_hashes = options["n_hashes"]
             self.bucket_size = options["bucket_size"]
@@ -181,21 +188,23 @@ class ScatterbrainAttention(nn.Module):
         n_buckets: int | None = None,
         seed: int | None = None,
         causal: bool = True,
+        features: str = "favor+",
     ) -> None:
         check_causal(causal)
         options = resolve_options(
             sparse, window, chunk_size, n_hashes, bucket_size, n_buckets, causal
         )
-        check_features(head_dim, n_features, options["chunk_size"])
+        check_features(head_dim, n_features, options["chunk_size"], features)
         if "lsh" in sparse:
             check_lsh(options["n_hashes"], options["bucket_size"], options["n_buckets"])
         check_seed(seed)
 
     @torch.no_grad()
     def redraw(self, seed: int) -> None:
-        """Draw a new projection W (and LSH rotations) from `seed` (never called automatically)."""
+        """Draw a new projection W (and LSH rotations) from `seed` (by the trainer every
+        train.redraw_interval updates, if set)."""
         gen = generator(seed)
-        self.projection.copy_(draw_projection(self.head_dim, self.n_features, gen))
+        self.projection.copy_(draw_projection(self.head_dim, self.n_features, gen, self.features))
         if self.lsh:
             self.rotations.copy_(draw_rotations(self.head_dim, self.n_hashes, self.n_buckets, gen))
 
@@ -216,8 +225,8 @@ class ScatterbrainAttention(nn.Module):
         context_k, context_v = cached_kv(cache, k, v)
         all_k, all_v = torch.cat([context_k, k], dim=-2), torch.cat([context_v, v], dim=-2)
         state = state_from_cache(cache)
-        lq = log_features(q, self.projection, self.tau)
-        lk = log_features(all_k, self.projection, self.tau)  # (B, H, n + T, m)
+        lq = map_log_features(self, q)
+        lk = map_log_features(self, all_k)  # (B, H, n + T, m)
         vx = with_ones(all_v)
         if self.window:
             part, state = self._windowed(q, all_k, lq, lk, vx, state, keep_cache)
@@ -302,8 +311,7 @@ class ScatterbrainAttention(nn.Module):
         """The non-causal part for q, k, v (B, H, L, D) and real tokens (B, L)."""
         dtype = compute_dtype(q)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        lq = log_features(q, self.projection, self.tau)
-        lk = log_features(k, self.projection, self.tau)
+        lq, lk = map_log_features(self, q), map_log_features(self, k)
         vx = with_ones(v)
         if self.window:
             part = centred_window_part(q * self.tau, k, vx, lq, lk, self.window, real)
@@ -347,17 +355,17 @@ class ScatterbrainAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype (sparse=local: fused Triton
-        kernels on CUDA, causal only); key_padding_mask (B, L) bool, True for real tokens
-        (non-causal only): padded keys get no weight in any part, padded queries output 0.
-        With LSH, buckets are drawn from `hash_qk` (the unrotated q, k) when given; without LSH
-        it is ignored. Causal sparse=local: the fused Triton kernels or the PyTorch path, as
-        `self.impl` (auto | pytorch | fused) and dispatch.py decide; the rest takes the PyTorch
-        path."""
+        """q, k, v: (B, H, L, D) -> (B, H, L, D) in v's dtype; key_padding_mask (B, L) bool,
+        True for real tokens (non-causal only): padded keys get no weight in any part, padded
+        queries output 0. With LSH, buckets are drawn from `hash_qk` (the unrotated q, k) when
+        given; without LSH it is ignored. Causal sparse=local with a `fusable` feature map: the
+        fused Triton kernels or the PyTorch path, as `self.impl` (auto | pytorch | fused) and
+        dispatch.py decide; the rest takes the PyTorch path."""
         real = real_tokens(self.causal, key_padding_mask, q)
         if real is not None:
             return normalise(self.forward_parts(q, k, v, real, hash_qk), real).to(v.dtype)
-        window = None if self.lsh else self.window  # None: no kernel for LSH supports
+        # None: no kernel for LSH supports or for this feature map
+        window = self.window if self.fusable and not self.lsh else None
         pytorch = functools.partial(self.pytorch_forward, hash_qk=hash_qk)
         return dispatch.attention(self.impl, q, k, v, self.projection, window, pytorch)
 

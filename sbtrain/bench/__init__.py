@@ -92,6 +92,7 @@ def _cell(value) -> str:
 PLOTS = {
     "attention": ("length", ("ms", "peak_mib"), ("kind",)),
     "approx": ("temperature", ("error",), ("kind", "regime")),
+    "approx-checkpoint": ("n_features", ("error",), ("features", "layer")),
     "train": ("length", ("tokens_per_s", "peak_kib_per_token"), ("recipe", "checkpointing")),
     "generate": ("context", ("ms_per_token", "cache_mib"), ("kind",)),
 }

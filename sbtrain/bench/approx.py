@@ -13,19 +13,29 @@ new random projections), for two input regimes:
   score high: the regime local attention is made for.
 
 and a range of temperatures: q and k are scaled so the RMS of `tau * q.k` over causal pairs is
-the given value (1: nearly uniform attention; 20: nearly one-hot).
+the given value (1: nearly uniform attention; 20: nearly one-hot). Performer and scatterbrain run
+with every feature map (favor+, simplex, favor++; favor++'s statistic is calibrated on inputs of
+another seed).
+
+`--from-checkpoint CKPT` measures the feature maps where it matters: queries, keys and values
+captured at every layer's attention of a trained model on a few validation blocks, and the
+relative error of Performer's output against exact attention as the number of features grows
+(`checkpoint_errors`); favor++ is calibrated on training blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import math
 
 import torch
 
 from sbtrain.attention import KINDS, build_attention
+from sbtrain.attention.features import FEATURES, input_statistic
 from sbtrain.attention.full import FullAttention
+from sbtrain.attention.performer import calibrate
 from sbtrain.attention.reference import reference_attention
 from sbtrain.errors import UserError
 
@@ -47,16 +57,23 @@ class ApproxRow:
 def equal_budget_kinds(budget: int, n_buckets: int = 8) -> dict[str, tuple[str, dict, int]]:
     """label -> (kind, options, budget) with `budget` keys/features per query (budget % 4 == 0)."""
     half = budget // 2
-    return {
+    kinds = {
         "local": ("local", {"window": budget}, budget),
-        "performer": ("performer", {"n_features": budget}, budget),
         "lsh": ("lsh", {"n_hashes": 2, "bucket_size": half, "n_buckets": n_buckets}, budget),
-        "scatterbrain": (
-            "scatterbrain",
-            {"sparse": "local", "window": half, "n_features": half},
-            budget,
-        ),
     }
+    for features in FEATURES:
+        suffix = "" if features == "favor+" else f"-{features}"
+        kinds[f"performer{suffix}"] = (
+            "performer",
+            {"n_features": budget, "features": features},
+            budget,
+        )
+        kinds[f"scatterbrain{suffix}"] = (
+            "scatterbrain",
+            {"sparse": "local", "window": half, "n_features": half, "features": features},
+            budget,
+        )
+    return kinds
 
 
 def run_approx_bench(
@@ -91,8 +108,11 @@ def approx_errors(
             for seed in range(seeds):
                 q, k, v = make_inputs(regime, temperature, length, heads, head_dim, seed)
                 exact = reference_attention(FullAttention(head_dim), q, k, v)
+                other = make_inputs(regime, temperature, length, heads, head_dim, seed + 1000)
                 for label, (kind, options, _) in kinds.items():
                     attn = build_attention(kind, head_dim=head_dim, **_seeded(kind, options, seed))
+                    if "features" in options:
+                        calibrate(attn, other[0], other[1])
                     out = attn(q, k, v)
                     errors[label] += float((out - exact).norm() / exact.norm()) / seeds
             rows += [
@@ -159,9 +179,19 @@ def main(
     head_dim: int = 64,
     seeds: int = 3,
     out: str | None = None,
+    from_checkpoint: str | None = None,
+    data: str | None = None,
+    blocks: int = 2,
+    counts: list[int] | None = None,
 ) -> dict:
     """`sbtrain bench approx`: measure, print the table, write JSON to `out`."""
     from sbtrain import bench
+
+    if from_checkpoint is not None:
+        counts = tuple(counts or FEATURE_COUNTS)
+        if any(n % 2 for n in counts):
+            raise UserError(f"--counts {list(counts)}: feature counts must be even")
+        return main_checkpoint(from_checkpoint, data, blocks, seeds, counts, out)
 
     if budget % 4:
         raise UserError(
@@ -186,3 +216,123 @@ def main(
     }
     rows_json = [dataclasses.asdict(r) for r in rows]
     return bench.report("approx", rows_json, out, meta, text=format_rows(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs captured from a trained model
+
+FEATURE_COUNTS = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def capture_attention_inputs(model, blocks: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """(q, k, v) (B, H, L, D) float64 at every layer's attention kernel, for token `blocks`
+    (B, L): forward hooks on the kernels' inputs during one no-grad forward."""
+    captured: list[tuple[torch.Tensor, ...]] = []
+    kernels = [block.attn.kernel for block in model.blocks]
+
+    def hook(module, inputs):
+        captured.append(tuple(x.detach().double() for x in inputs[:3]))
+
+    handles = [kernel.register_forward_pre_hook(hook) for kernel in kernels]
+    try:
+        with torch.no_grad():
+            model(blocks)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def split_blocks(folder: str, split: str, length: int, count: int, vocab_size: int):
+    """The first `count` blocks (count, length) of a preprocessed split's tokens."""
+    from sbtrain.datasets import open_split
+
+    tokens, meta = open_split(folder, split)
+    if int(meta["vocab_size"]) != vocab_size:
+        raise UserError(
+            f"{folder} has a vocabulary of {meta['vocab_size']}, the model {vocab_size}: give "
+            "the folder it was trained on with --data"
+        )
+    if len(tokens) < count * length:
+        raise UserError(f"{folder}: split {split} has fewer than {count} blocks of {length}")
+    return torch.as_tensor(tokens[: count * length].astype("int64")).view(count, length)
+
+
+def checkpoint_errors(
+    path: str,
+    data_dir: str | None = None,
+    blocks: int = 2,
+    counts: tuple[int, ...] = FEATURE_COUNTS,
+    seeds: int = 3,
+    features: tuple[str, ...] = FEATURES,
+) -> list[dict]:
+    """Rows {layer, features, n_features, error, error_std, statistic (favor++'s S from the
+    training blocks)}: Performer's mean relative output
+    error (over `seeds` draws) against exact causal attention, on q, k, v captured at each layer
+    of the checkpoint's model on `blocks` validation blocks."""
+    from sbtrain.evaluate import load_model
+
+    model, recipe, state = load_model(path, torch.device("cpu"))
+    folder = data_dir or recipe.data.dir
+    length, vocab = recipe.data.tokens_per_sample, int(state["vocab_size"])
+    valid = capture_attention_inputs(model, split_blocks(folder, "valid", length, blocks, vocab))
+    train = capture_attention_inputs(model, split_blocks(folder, "train", length, blocks, vocab))
+    head_dim = valid[0][0].shape[-1]
+    rows = []
+    for layer, ((q, k, v), (cq, ck, _)) in enumerate(zip(valid, train)):
+        exact = reference_attention(FullAttention(head_dim), q, k, v)
+        statistic = float(input_statistic(cq, ck, head_dim**-0.5))  # favor++'s S of this layer
+        for name in features:
+            for n in counts:
+                errors = []
+                for seed in range(seeds):
+                    attn = build_attention(
+                        "performer", head_dim=head_dim, n_features=n, seed=seed, features=name
+                    )
+                    calibrate(attn, cq, ck)
+                    out = attn(q, k, v)
+                    errors.append(float((out - exact).norm() / exact.norm()))
+                mean = sum(errors) / seeds
+                spread = (sum((e - mean) ** 2 for e in errors) / max(seeds - 1, 1)) ** 0.5
+                rows.append(dict(layer=layer, features=name, n_features=n, error=mean,
+                                 error_std=spread, statistic=statistic))  # fmt: skip
+    return rows
+
+
+def stops_improving(rows: list[dict], gain: float = 0.1) -> dict[str, int | None]:
+    """Per `features` (errors averaged over layers): the count from which no further doubling
+    lowers the error by `gain` (10%) or more; None if the last doubling still does."""
+    out = {}
+    for name in dict.fromkeys(r["features"] for r in rows):
+        by_count: dict[int, list[float]] = {}
+        for r in rows:
+            if r["features"] == name:
+                by_count.setdefault(r["n_features"], []).append(r["error"])
+        curve = sorted((n, sum(e) / len(e)) for n, e in by_count.items())
+        gains = [(n, after <= (1 - gain) * e) for (n, e), (_, after) in itertools.pairwise(curve)]
+        if not gains or gains[-1][1]:
+            out[name] = None
+            continue
+        last_gain = max((i for i, (_, gained) in enumerate(gains) if gained), default=-1)
+        out[name] = gains[last_gain + 1][0]
+    return out
+
+
+def main_checkpoint(
+    path: str, data_dir: str | None, blocks: int, seeds: int, counts: tuple[int, ...], out
+) -> dict:
+    from sbtrain import bench
+
+    rows = checkpoint_errors(path, data_dir, blocks, counts, seeds)
+    meta = {
+        "machine": bench.machine(),
+        "settings": {
+            "checkpoint": str(path),
+            "data": data_dir,
+            "blocks": blocks,
+            "seeds": seeds,
+            "counts": list(counts),
+        },
+        "stops_improving": stops_improving(rows),
+    }
+    return bench.report("approx-checkpoint", rows, out, meta)

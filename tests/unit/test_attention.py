@@ -33,6 +33,23 @@ CASES = {
         "scatterbrain",
         dict(sparse="local+lsh", window=6, n_features=8, **LSH, seed=5),
     ),
+    # the other feature maps (features.py), against their own twins
+    "performer-simplex": (
+        "performer",
+        dict(n_features=8, chunk_size=9, seed=7, features="simplex"),
+    ),
+    "performer-favor++": (
+        "performer",
+        dict(n_features=8, chunk_size=9, seed=8, features="favor++"),
+    ),
+    "scatterbrain-local-simplex": (
+        "scatterbrain",
+        dict(sparse="local", window=6, n_features=8, seed=9, features="simplex"),
+    ),
+    "scatterbrain-local+lsh-favor++": (
+        "scatterbrain",
+        dict(sparse="local+lsh", window=6, n_features=8, **LSH, seed=10, features="favor++"),
+    ),
 }
 APPROXIMATE = [name for name in CASES if name not in ("full", "local", "lsh")]
 

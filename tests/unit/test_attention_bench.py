@@ -7,7 +7,14 @@ import os
 import pytest
 
 from sbtrain import bench
-from sbtrain.bench.approx import approx_errors, equal_budget_kinds, format_rows, mean_error
+from sbtrain.bench.approx import (
+    approx_errors,
+    checkpoint_errors,
+    equal_budget_kinds,
+    format_rows,
+    mean_error,
+    stops_improving,
+)
 from sbtrain.bench.attention import SpeedRow, measure, memory_growth
 from sbtrain.errors import UserError
 from tests.conftest import one_error_line
@@ -32,8 +39,10 @@ def test_equal_budgets_count_what_a_query_pays_for():
         "lsh": lambda o: o["n_hashes"] * o["bucket_size"],
         "scatterbrain": lambda o: o["window"] + o["n_features"],
     }
-    for label, (_, options, budget) in equal_budget_kinds(64).items():
-        assert paid[label](options) == budget == 64
+    kinds = equal_budget_kinds(64)
+    assert {"performer-simplex", "scatterbrain-favor++"} <= set(kinds)
+    for kind, options, budget in kinds.values():
+        assert paid[kind](options) == budget == 64
 
 
 def test_speed_and_memory_of_one_case_in_a_fresh_process():
@@ -66,6 +75,8 @@ def test_a_device_that_is_not_here_is_one_error_line(what, capsys):
         (["generate", "--steps", "0"], "--steps: expected an integer >= 1"),
         (["approx", "--budget", "6"], "multiple of 4"),
         (["approx", "--length", "1"], "at least 2 positions"),
+        (["approx", "--from-checkpoint", "missing.pt"], "missing.pt: checkpoint not found"),
+        (["approx", "--from-checkpoint", "missing.pt", "--counts", "15"], "must be even"),
         (["train", "recipes/debug.yaml", "--warmup", "-1"], "--warmup: expected an integer >= 0"),
         (["preprocess", "--megabytes", "0"], "megabytes > 0"),
     ],
@@ -75,3 +86,27 @@ def test_impossible_benchmark_sizes_are_one_error_line(args, says, capsys):
 
     assert main(["bench", *args]) == 2
     assert says in one_error_line(capsys)
+
+
+def test_checkpoint_errors_fall_as_features_grow(trained_debug, token_folder):
+    """q, k, v captured from a trained model: every map's error falls with 64x the features."""
+    rows = checkpoint_errors(
+        str(trained_debug / "checkpoint_best.pt"), str(token_folder), blocks=2,
+        counts=(8, 64, 512), seeds=2,
+    )  # fmt: skip
+    assert len(rows) == 2 * 3 * 3  # layers x maps x counts
+    for layer in (0, 1):
+        for name in ("favor+", "simplex", "favor++"):
+            curve = {r["n_features"]: r["error"] for r in rows
+                     if (r["layer"], r["features"]) == (layer, name)}  # fmt: skip
+            assert 0 < curve[512] < 0.6 * curve[8]
+    stops = stops_improving(rows)
+    assert set(stops) == {"favor+", "simplex", "favor++"}
+
+
+def test_stops_improving_is_where_no_further_doubling_gains_10_percent():
+    curve = [(16, 1.0), (32, 0.95), (64, 0.5), (128, 0.46), (256, 0.45)]
+    rows = [dict(features="m", layer=0, n_features=n, error=e) for n, e in curve]
+    assert stops_improving(rows) == {"m": 64}
+    rows = [dict(features="m", layer=0, n_features=n, error=1 / n) for n in (16, 32, 64)]
+    assert stops_improving(rows) == {"m": None}

@@ -27,6 +27,16 @@ CASES = {
         "scatterbrain",
         dict(sparse="local+lsh", window=5, n_features=8, **LSH, seed=5),
     ),
+    "performer-simplex": ("performer", dict(n_features=8, seed=8, features="simplex")),
+    "performer-favor++": ("performer", dict(n_features=8, seed=9, features="favor++")),
+    "scatterbrain-local-favor++": (
+        "scatterbrain",
+        dict(sparse="local", window=6, n_features=8, seed=10, features="favor++"),
+    ),
+    "scatterbrain-local+lsh-simplex": (
+        "scatterbrain",
+        dict(sparse="local+lsh", window=5, n_features=8, **LSH, seed=11, features="simplex"),
+    ),
 }
 
 
