@@ -93,8 +93,18 @@ def test_exported_model_equals_sbtrain(name, word_corpus, tmp_path):
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     sampled = generate.main(str(ckpt), PROMPT, max_tokens=12, temperature=0, data_dir=str(data))
     with torch.no_grad():
-        greedy = model.generate(ids, max_new_tokens=12, do_sample=False)
-    assert greedy[0, ids.shape[1] :].tolist() == sampled["tokens"]
+        greedy = model.generate(
+            ids,
+            max_new_tokens=12,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    tokens = greedy.sequences[0, ids.shape[1] :].tolist()
+    assert tokens == sampled["tokens"]
+    # and each its log-probability (random weights repeat tokens; these numbers do not)
+    chosen = [float(step[0, t]) for step, t in zip(greedy.scores, tokens)]
+    assert chosen == pytest.approx(sampled["logprobs"], rel=1e-5, abs=1e-5)
 
 
 def test_tokenizer_maps_text_to_sbtrain_ids(word_corpus, tmp_path):
