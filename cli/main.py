@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("cli.train", "train a model (rerunning the same command resumes)"),
     "eval-ppl": ("cli.eval_ppl", "perplexity (copy, classifiers: accuracy) of a checkpoint"),
     "generate": ("cli.generate", "sample text from a checkpoint"),
+    "export": ("cli.export", "write a checkpoint as a Hugging Face transformers folder"),
     "bench": ("cli.bench", "benchmarks: attention approx train preprocess generate kernels gpt"),
 }
 

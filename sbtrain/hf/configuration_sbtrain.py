@@ -1,0 +1,14 @@
+"""The configuration of an sbtrain language model in the Hugging Face transformers format.
+
+Written by `sbtrain export`; `AutoConfig.from_pretrained(FOLDER, trust_remote_code=True)` reads it.
+"""
+
+from transformers import PreTrainedConfig
+
+
+class SbtrainConfig(PreTrainedConfig):
+    model_type = "sbtrain"
+
+    vocab_size: int = 8  # entries of the token embedding (and of the output layer)
+    max_len: int = 64  # positions the model was built for (the training length)
+    sbtrain_model: dict | None = None  # the `model` section of the sbtrain recipe

@@ -1,0 +1,200 @@
+"""`sbtrain export`: the folder transformers loads computes what sbtrain computes.
+
+Checkpoints are debug-size models of every attention kind with random weights (std 0.3, so the
+logits are far from uniform), written in-process; the truth is sbtrain's own model loaded from the
+checkpoint (logits) and `sbtrain generate --temperature 0` (greedy tokens, decoded with sbtrain's
+caches: another code path than the exported full forward).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub at import
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+HINT = "needs the hf extra: pip install -e '.[hf]'"
+transformers = pytest.importorskip("transformers", reason=HINT)
+
+from cli.main import main  # noqa: E402
+from sbtrain import checkpoint, generate  # noqa: E402
+from sbtrain.config import load_recipe  # noqa: E402
+from sbtrain.evaluate import load_model  # noqa: E402
+from sbtrain.model import build_model  # noqa: E402
+from sbtrain.tokenizer import load_tokenizer  # noqa: E402
+from tests.conftest import DEBUG_RECIPE, one_error_line  # noqa: E402
+
+LSH = "n_hashes: 2, bucket_size: 8, n_buckets: 4"
+MODELS = {  # name: recipe overrides (debug size: head_dim 16, 64 positions)
+    "full": ["model.positions=sinusoidal"],
+    "local": ["model.attention={kind: local, window: 16}"],
+    "performer-adaptive": [
+        "model.attention={kind: performer, n_features: 16}",
+        "model.output=adaptive",
+        "model.adaptive_cutoffs=[20, 100]",
+    ],
+    "lsh-rope": [f"model.attention={{kind: lsh, {LSH}}}", "model.positions=rope"],
+    "scatterbrain-local": [
+        "model.attention={kind: scatterbrain, sparse: local, window: 16, n_features: 16}"
+    ],
+    "scatterbrain-local+lsh-rope": [
+        "model.attention={kind: scatterbrain, sparse: local+lsh, window: 8, n_features: 16, "
+        f"{LSH}}}",
+        "model.positions=rope",
+    ],
+}
+PROMPT = "w1 w2 w0 w5 w3 w1 w9 w2"
+
+
+def make_checkpoint(data: Path, path: Path, overrides: list[str]) -> Path:
+    """A checkpoint of the debug recipe with `overrides` and random weights (std 0.3)."""
+    recipe = load_recipe(DEBUG_RECIPE, [f"data.dir={data}", "model.dropout=0.0", *overrides])
+    vocab = load_tokenizer(data).vocab_size
+    model = build_model(recipe, vocab)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    state = {"model": model.state_dict(), "recipe": recipe.to_dict(), "vocab_size": vocab,
+             "model_args": {"vocab_size": vocab}}  # fmt: skip
+    checkpoint.save(state, path)
+    return path
+
+
+def load_exported(folder: Path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_exported_model_equals_sbtrain(name, word_corpus, tmp_path):
+    _, data = word_corpus
+    ckpt = make_checkpoint(data, tmp_path / "ck.pt", MODELS[name])
+    out = tmp_path / "hf"
+    assert main(["export", str(ckpt), str(out)]) == 0
+    model, tokenizer = load_exported(out)
+    ours, _, _ = load_model(ckpt, torch.device("cpu"), attention_impl="pytorch")
+
+    tokens = torch.randint(0, ours.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours.log_probs(ours(tokens))
+        got = model(tokens).logits
+    assert expected.std() > 0.5  # far from uniform: a wrong weight or buffer would show
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+    # greedy generate() == sbtrain generate --temperature 0 (which decodes with its caches)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    sampled = generate.main(str(ckpt), PROMPT, max_tokens=12, temperature=0, data_dir=str(data))
+    with torch.no_grad():
+        greedy = model.generate(
+            ids,
+            max_new_tokens=12,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    tokens = greedy.sequences[0, ids.shape[1] :].tolist()
+    assert tokens == sampled["tokens"]
+    # and each its log-probability (random weights repeat tokens; these numbers do not)
+    chosen = [float(step[0, t]) for step, t in zip(greedy.scores, tokens)]
+    assert chosen == pytest.approx(sampled["logprobs"], rel=1e-5, abs=1e-5)
+
+
+def test_tokenizer_maps_text_to_sbtrain_ids(word_corpus, tmp_path):
+    raw, data = word_corpus
+    ckpt = make_checkpoint(data, tmp_path / "ck.pt", [])
+    assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 0
+    ours = load_tokenizer(data)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    lines = (raw / "wiki.valid.raw").read_text(encoding="utf-8").split("\n")[:-1]
+    text = "\n".join(lines) + "\n"
+    # binarization: every line's ids, then the end-of-line token (valid has unknown words too)
+    stream = [i for line in lines for i in (*ours.encode(line), ours.eol_id)]
+    assert ours.unk_id in stream
+    assert theirs(text, add_special_tokens=False)["input_ids"] == stream
+    # the default (special tokens added) puts an end-of-line first, as sbtrain generate does
+    assert theirs("w1  w2\tw3 nosuchword")["input_ids"] == [
+        ours.eol_id,
+        *ours.encode("w1 w2 w3 nosuchword"),
+    ]
+    assert theirs.decode(stream[:5]).split() == ours.decode(stream[:5]).split()
+
+
+def test_export_refuses_to_overwrite_and_bad_checkpoints(word_corpus, tmp_path, capsys):
+    _, data = word_corpus
+    ckpt = make_checkpoint(data, tmp_path / "ck.pt", [])
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert main(["export", str(ckpt), str(out)]) == 2
+    assert "--force" in one_error_line(capsys)
+    assert (out / "mine.txt").read_text() == "keep"
+    assert main(["export", str(ckpt), str(out), "--force"]) == 0
+    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["export", str(bad), str(tmp_path / "other")]) == 2
+    assert "bad.pt" in one_error_line(capsys)
+    assert not (tmp_path / "other").exists()
+
+
+def test_export_without_safetensors_says_what_to_install(
+    word_corpus, tmp_path, capsys, monkeypatch
+):
+    _, data = word_corpus
+    ckpt = make_checkpoint(data, tmp_path / "ck.pt", [])
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # import fails as if not installed
+    assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 2
+    assert "pip install 'sbtrain[hf]'" in one_error_line(capsys)
+
+
+BLOCKED = """
+import sys, json, torch
+class Block:  # the exported folder must not need sbtrain
+    def find_spec(self, name, path=None, target=None):
+        if name == "sbtrain" or name.startswith("sbtrain."):
+            raise ImportError("sbtrain is blocked")
+sys.meta_path.insert(0, Block())
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = AutoTokenizer.from_pretrained(sys.argv[1])("w1 w2 w3")["input_ids"]
+with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits[0].tolist()
+print("\\nRESULT", json.dumps({"ids": ids, "logits": logits}))
+"""
+
+
+@pytest.mark.slow
+def test_exported_folder_loads_without_sbtrain(word_corpus, tmp_path):
+    _, data = word_corpus
+    overrides = MODELS["scatterbrain-local+lsh-rope"]
+    ckpt = make_checkpoint(data, tmp_path / "ck.pt", overrides)
+    out = tmp_path / "hf"
+    assert main(["export", str(ckpt), str(out)]) == 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")  # a fresh copy of the folder's code
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKED, str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,  # not the repository: sbtrain is not importable from the working dir
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(result.stdout.rpartition("RESULT ")[2])  # after transformers' own output
+    ours, _, _ = load_model(ckpt, torch.device("cpu"), attention_impl="pytorch")
+    tokenizer = load_tokenizer(data)
+    assert got["ids"] == [tokenizer.eol_id, *tokenizer.encode("w1 w2 w3")]
+    with torch.no_grad():
+        expected = ours.log_probs(ours(torch.tensor([got["ids"]])))[0]
+    torch.testing.assert_close(torch.tensor(got["logits"]), expected, rtol=1e-5, atol=1e-5)
