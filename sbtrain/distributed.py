@@ -48,8 +48,11 @@ def keep_freed_cpu_memory(mmap_threshold: int = 4 * 2**20) -> None:
     block lets the heap fragment: a step of the wt103 model (8 layers, scatterbrain, activation
     checkpointing, L=4096) held 1.0-1.9 GiB free in the heap and reached a peak RSS of 6.2 GiB,
     growing with every block, and at L=32768 it outgrew 22 GiB. Blocks of 4 MiB and more are
-    therefore mapped afresh (peak 4.3 GiB, about 0.5 GiB over the live memory), and smaller ones
-    kept (the heap is not trimmed below 1 GiB of free top). Elsewhere (no glibc) this does nothing.
+    therefore mapped afresh (peak 4.3 GiB, about 0.5 GiB over the live memory; the 16-layer model
+    trains at L=32768 in 5.0 GiB), and smaller ones kept (the heap is not trimmed below 1 GiB of
+    free top). The price is the page faults again: a checkpointed attention sublayer took 1.6-2x
+    as long, a feed-forward one 1.2-1.3x, about a fifth of a wt103 step at 2k and at 16k.
+    Elsewhere (no glibc) this does nothing.
     """
     mallopt(M_MMAP_THRESHOLD=mmap_threshold, M_TRIM_THRESHOLD=2**30)
 
