@@ -50,8 +50,8 @@ def keep_freed_cpu_memory(mmap_threshold: int = 4 * 2**20) -> None:
     growing with every block, and at L=32768 it outgrew 22 GiB. Blocks of 4 MiB and more are
     therefore mapped afresh (peak 4.3 GiB, about 0.5 GiB over the live memory; the 16-layer model
     trains at L=32768 in 5.0 GiB), and smaller ones kept (the heap is not trimmed below 1 GiB of
-    free top). A threshold over the (tokens x d_model) size does not help: at 64 MiB the 32 MiB
-    block inputs and outputs of an L=16384 step fragmented the heap as before (8 layers: 4 GiB
+    free top). A threshold over the (tokens x d_model) size does not help: at 64 MiB, blocks up
+    to that size fragmented the heap of an L=16384 step as before (8 layers: 4 GiB
     free in it, peak RSS 8.0 GiB for 3.5 GiB in use). The price is the page faults again: a
     checkpointed attention sublayer took 1.6-2x as long, a feed-forward one 1.2-1.3x, about a
     fifth of a wt103 step at 2k and at 16k.
