@@ -38,16 +38,26 @@ def mallopt(**settings: int) -> None:
         libc.mallopt(globals()[name], value)
 
 
-def keep_freed_cpu_memory() -> None:
-    """Let glibc keep freed blocks for the next step, as PyTorch's CUDA allocator keeps its own.
+def keep_freed_cpu_memory(mmap_threshold: int = 4 * 2**20) -> None:
+    """Let glibc keep freed blocks under `mmap_threshold` bytes for the next step; map larger ones.
 
     By default glibc maps every block over its mmap threshold (at most 32 MiB) afresh and unmaps
-    it when freed, so each training step page-faults its large activations in again: local,
-    performer and scatterbrain forward+backward at length 16384 took 1.9-2.7x as long as with
-    the blocks kept, and their time grew faster than the length. Resident memory stays at its
-    peak instead of dropping between steps. Elsewhere (no glibc) this does nothing.
+    it when freed, so each pass page-faults its large tensors in again: local, performer and
+    scatterbrain forward+backward at length 16384 took 1.9-2.7x as long as with every block kept
+    (the attention benchmark still keeps them all: `mmap_threshold=2**30`). But keeping every
+    block lets the heap fragment: a step of the wt103 model (8 layers, scatterbrain, activation
+    checkpointing, L=4096) held 1.0-1.9 GiB free in the heap and reached a peak RSS of 6.2 GiB,
+    growing with every block, and at L=32768 it outgrew 22 GiB. Blocks of 4 MiB and more are
+    therefore mapped afresh (peak 4.3 GiB, about 0.5 GiB over the live memory; the 16-layer model
+    trains at L=32768 in 5.0 GiB), and smaller ones kept (the heap is not trimmed below 1 GiB of
+    free top). A threshold over the (tokens x d_model) size does not help: at 64 MiB, blocks up
+    to that size fragmented the heap of an L=16384 step as before (8 layers: 4 GiB
+    free in it, peak RSS 8.0 GiB for 3.5 GiB in use). The price is the page faults again: a
+    checkpointed attention sublayer took 1.6-2x as long, a feed-forward one 1.2-1.3x, about a
+    fifth of a wt103 step at 2k and at 16k.
+    Elsewhere (no glibc) this does nothing.
     """
-    mallopt(M_MMAP_THRESHOLD=2**30, M_TRIM_THRESHOLD=2**30)
+    mallopt(M_MMAP_THRESHOLD=mmap_threshold, M_TRIM_THRESHOLD=2**30)
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
