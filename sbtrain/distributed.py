@@ -90,6 +90,12 @@ def setup(device_name: str) -> Layout:
     return Layout(dist.get_rank(), world_size, device)
 
 
+def synchronize() -> None:
+    """Wait until every process of the group gets here (nothing without a group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

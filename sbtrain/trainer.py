@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sbtrain import __version__, checkpoint, distributed
-from sbtrain.config import Recipe
+from sbtrain.config import Recipe, recipe_from_dict
 from sbtrain.datasets import EpochSampler
 from sbtrain.distributed import Layout
 from sbtrain.errors import UserError
@@ -413,7 +413,8 @@ def check_compatible(state: dict, recipe: Recipe, model: nn.Module, path: Path) 
             f"{path} holds a {old_task} model, the recipe is {recipe.task}: "
             "use another train.save_dir"
         )
-    old, new = state["recipe"]["model"], recipe.to_dict()["model"]
+    # the saved recipe read as a Recipe, so keys added since it was written take their defaults
+    old, new = recipe_from_dict(state["recipe"]).to_dict()["model"], recipe.to_dict()["model"]
     for key in get_task(recipe).architecture:
         if old.get(key) != new.get(key):
             raise UserError(
@@ -460,7 +461,9 @@ def main(
     micro_batch_size(recipe, int(os.environ.get("WORLD_SIZE", "1")))  # before joining a group
     layout = distributed.setup(recipe.train.device)
     try:
-        return _train(recipe, layout, restore_file, reset_optimizer, reset_dataloader)
+        result = _train(recipe, layout, restore_file, reset_optimizer, reset_dataloader)
+        distributed.synchronize()  # no process leaves the group while another still uses it
+        return result
     finally:
         distributed.teardown()
 

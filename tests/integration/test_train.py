@@ -35,6 +35,7 @@ TORCHRUN_NODE = [  # one node of two; add --node_rank, --rdzv_endpoint and --rdz
     "--nnodes=2",
     "--nproc_per_node=1",
     "--rdzv_backend=c10d",
+    "--local_addr=127.0.0.1",  # advertise loopback, not the host name's address, to the other node
 ]
 GOLDEN = ROOT / "tests" / "assets" / "losses" / "debug-cpu.json"
 
@@ -256,6 +257,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(endpoint: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until something accepts connections at host:port (or `proc` has ended)."""
+    host, port = endpoint.split(":")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex((host, int(port))) == 0:
+                return
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_two_nodes_with_c10d_rendezvous_match_one_process(token_folder, tmp_path):
     """Two torchrun launchers on this machine, as on two nodes: --nnodes=2, one process each,
@@ -274,29 +286,37 @@ def test_two_nodes_with_c10d_rendezvous_match_one_process(token_folder, tmp_path
                 f"--rdzv_id=sbtrain-test-{endpoint}",
             ]
             args = train_args(token_folder, tmp_path / "two", *common)
+            # output to files, not pipes: a pipe read only after the other launcher ends
+            # could fill up and block its node mid-training (both nodes would then hang)
+            log = (tmp_path / f"node{rank}.out").open("w")
             launchers.append(
                 subprocess.Popen(
                     [*node, "-m", "sbtrain", *args],
                     env=subprocess_env(),
                     text=True,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                     start_new_session=True,  # its own process group: killed with its workers
                 )
             )
-        outputs = [proc.communicate(timeout=240) for proc in launchers]
+            log.close()  # the child holds its own copy
+            if rank == 0:  # node 0 hosts the rendezvous store: node 1 joins once it listens
+                wait_for_port(endpoint, launchers[0])
+        for proc in launchers:
+            proc.wait(timeout=240)
+        outputs = [(tmp_path / f"node{r}.out").read_text() for r in (0, 1)]
     finally:
         for proc in launchers:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    for proc, (_, err) in zip(launchers, outputs):
-        assert proc.returncode == 0, err[-3000:]
+    for proc, out in zip(launchers, outputs):
+        assert proc.returncode == 0, out[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [u for u, _ in a] == [u for u, _ in b] == list(range(1, 13))
     for (_, x), (_, y) in zip(a, b):
         assert abs(x - y) <= 1e-5 * abs(x)
-    assert sum(out.count("| model:") for out, _ in outputs) == 1  # only global rank 0 prints
+    assert sum(out.count("| model:") for out in outputs) == 1  # only global rank 0 prints
 
 
 def test_fp16_overflow_is_skipped_and_counted_and_runs_end_finite(token_folder, tmp_path):
@@ -455,3 +475,20 @@ def test_compiled_model_trains_like_the_eager_one(token_folder, tmp_path):
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert [u for u, _ in eager] == [u for u, _ in compiled] == [1, 2, 3]
     assert [x for _, x in compiled] == pytest.approx([x for _, x in eager], rel=1e-4)
+
+
+def test_a_checkpoint_written_before_a_model_key_existed_still_resumes(token_folder, tmp_path):
+    """A recipe stored by an older sbtrain lacks keys added since (here model.attention.features
+    and model.positions): they take their defaults, so the rerun resumes instead of refusing."""
+    assert (
+        main(train_args(token_folder, tmp_path, "train.max_updates=2", "train.log_interval=1")) == 0
+    )
+    path = tmp_path / "checkpoint_last.pt"
+    state = checkpoint.load(path)
+    del state["recipe"]["model"]["attention"]["features"]
+    del state["recipe"]["model"]["positions"]
+    checkpoint.save(state, path)
+    assert (
+        main(train_args(token_folder, tmp_path, "train.max_updates=4", "train.log_interval=1")) == 0
+    )
+    assert [update for update, _ in losses(tmp_path)][-1] == 4
