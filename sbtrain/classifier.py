@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sbtrain.config import ModelConfig
+from sbtrain.errors import UserError
 from sbtrain.model import IGNORE, Block, TransformerLM, sinusoids
 
 
@@ -58,7 +59,10 @@ class Encoder(nn.Module):
             tokens, lengths = torch.cat([cls, tokens], dim=1), lengths + 1
         t = tokens.shape[1]
         if t > self.max_len:
-            raise ValueError(f"{t} positions exceed the encoder's {self.max_len}")
+            raise UserError(
+                f"a document of {t} positions exceeds the encoder's {self.max_len}: "
+                "evaluate data prepared with the recipe's data.tokens_per_sample"
+            )
         real = torch.arange(t, device=tokens.device) < lengths[:, None]  # (B, T)
         x = self.tok_emb(tokens)
         if self.cfg.positions == "learned":

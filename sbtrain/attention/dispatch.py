@@ -24,6 +24,7 @@ faults such as an illegal address, which poison the CUDA context for any later c
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Callable
@@ -152,6 +153,7 @@ def obstacle(
     return None, False
 
 
+@functools.cache  # versions do not change within a process: checked once, not every call
 def _version_problem() -> str | None:
     try:
         import triton

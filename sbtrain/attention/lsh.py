@@ -99,7 +99,10 @@ def lsh_support(
     length = index.codes.shape[-1]
     query_codes = query_buckets * length + positions
     place = torch.searchsorted(index.codes, query_codes, right=True)  # keys with code <= query's
-    steps = torch.cat([-torch.arange(1, bucket_size + 1), torch.arange(ahead)]).to(place.device)
+    device = place.device
+    steps = torch.cat(
+        [-torch.arange(1, bucket_size + 1, device=device), torch.arange(ahead, device=device)]
+    )
     near = place.unsqueeze(-1) + steps  # sorted places: bucket_size before, `ahead` from place on
     inside = (near >= 0) & (near < length)
     flat = near.clamp(0, length - 1).flatten(-2)  # (R, B, H, T * steps)
@@ -410,7 +413,7 @@ class LSHAttention(nn.Module):
 
     @torch.no_grad()
     def redraw(self, seed: int) -> None:
-        """Draw new rotations from `seed` (never called automatically)."""
+        """Draw new rotations from `seed` (automatically only on train.redraw_interval)."""
         drawn = draw_rotations(self.head_dim, self.n_hashes, self.n_buckets, generator(seed))
         self.rotations.copy_(drawn)
 

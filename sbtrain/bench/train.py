@@ -94,14 +94,19 @@ def bench_train(
     row["peak_kib_per_token"] = 1024 * peak / tokens
     if breakdown:
         shape = (trainer.micro, recipe.context_length)
-        parts = time_parts(trainer.model, shape, vocab_size, device)
+        micro_batches = recipe.train.batch_size // trainer.micro  # one process here
+        parts = time_parts(trainer.model, shape, vocab_size, device, micro_batches)
         row.update({f"{name}_ms": 1000 * s for name, s in parts.items()})
         row["other_ms"] = row["step_ms"] - 1000 * sum(parts.values())
     return {"machine": bench.machine(device), "device": str(device), "row": row}
 
 
 def time_parts(
-    model: TransformerLM, shape: tuple[int, int], vocab_size: int, device: torch.device
+    model: TransformerLM,
+    shape: tuple[int, int],
+    vocab_size: int,
+    device: torch.device,
+    micro_batches: int = 1,
 ) -> dict[str, float]:
     """Seconds one training step of micro-batches of `shape` (B, T) spends in the attention
     sublayers, the feed-forward sublayers and the output layer: each timed alone (forward and
@@ -124,7 +129,8 @@ def time_parts(
         run = part
         if recompute and part is not output:  # the output layer recomputes its chunks anyway
             run = lambda x, part=part: checkpoint(part, x, use_reentrant=False)  # noqa: E731
-        times[name] = count * _seconds(lambda run=run: run(x).sum().backward(), device)
+        seconds = _seconds(lambda run=run: run(x).sum().backward(), device)
+        times[name] = count * micro_batches * seconds
     return times
 
 

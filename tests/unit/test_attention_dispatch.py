@@ -38,6 +38,9 @@ def fresh_process(monkeypatch):
     monkeypatch.setattr(dispatch, "_warned", set())
     monkeypatch.setattr(dispatch, "_failed", set())
     monkeypatch.setattr(dispatch, "INTERPRETER_SERVES_CPU", True)
+    dispatch._version_problem.cache_clear()  # the tests below fake other versions
+    yield
+    dispatch._version_problem.cache_clear()
 
 
 def build(name: str, impl: str = "auto", window: int | None = None, head_dim: int = 16):
