@@ -235,19 +235,8 @@ class ScatterbrainAttention(nn.Module):
             lk_new, vx_new = lk[:, :, seen:], vx[:, :, seen:]
             part, state = causal_feature_sum(lq, lk_new, vx_new, self.chunk_size, state)
         if self.lsh:
-            features = (_weights(lq, QueryFeatures), _weights(lk, KeyFeatures))
             hashed = hashed_context(cache, hash_qk)
-            exact, products = lsh_parts(
-                q * self.tau,
-                all_k,
-                vx,
-                self.rotations,
-                self.bucket_size,
-                self.window,
-                features,
-                hashed=hashed,
-            )
-            part = combine(subtract(part, products), exact)
+            part = self._with_lsh(part, q, all_k, vx, lq, lk, None, hashed)
         if not keep_cache:
             return part, None
         cache = self._next_cache(state, all_k, all_v)
@@ -318,20 +307,35 @@ class ScatterbrainAttention(nn.Module):
         else:
             part = bidirectional_feature_sum(lq, lk, vx, real)
         if self.lsh:
-            features = (_weights(lq, QueryFeatures), _weights(lk, KeyFeatures))
-            exact, products = lsh_parts(
-                q * self.tau,
-                k,
-                vx,
-                self.rotations,
-                self.bucket_size,
-                self.window,
-                features,
-                real=real,
-                hashed=hash_qk,
-            )
-            part = combine(subtract(part, products), exact)
+            part = self._with_lsh(part, q, k, vx, lq, lk, real, hash_qk)
         return part
+
+    def _with_lsh(
+        self,
+        part: Part,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        vx: torch.Tensor,
+        lq: torch.Tensor,
+        lk: torch.Tensor,
+        real: torch.Tensor | None,
+        hashed: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> Part:
+        """`part` with its LSH support outside the window moved from features to exact scores:
+        their feature products subtracted, their exact scores added (causal: real is None)."""
+        features = (_weights(lq, QueryFeatures), _weights(lk, KeyFeatures))
+        exact, products = lsh_parts(
+            q * self.tau,
+            k,
+            vx,
+            self.rotations,
+            self.bucket_size,
+            self.window,
+            features,
+            real=real,
+            hashed=hashed,
+        )
+        return combine(subtract(part, products), exact)
 
     def forward_parts(
         self,
