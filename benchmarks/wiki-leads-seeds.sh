@@ -10,6 +10,7 @@
 #
 #   benchmarks/wiki-leads-seeds.sh [UPDATES [RAW_DIR]]      UPDATES: per run (default 500)
 #   SEEDS="1 2" STUDIES="train budget" ONLY="full|local" OUT=/tmp/x.jsonl benchmarks/wiki-leads-seeds.sh 20
+#   EXTRA="train.validate_interval=50" benchmarks/wiki-leads-seeds.sh     (more overrides for every run)
 #
 # Runs live in checkpoints/wiki-leads-seeds/u$UPDATES/; rerunning the script resumes an unfinished
 # run and reuses a finished one (rerunning `sbtrain train` resumes), so it can be stopped at any time.
@@ -55,8 +56,9 @@ print(json.dumps({
 
 train() {  # label attention seed -> the run folder (trained, or resumed to the end)
   local save=$runs/$1-s$3
+  # shellcheck disable=SC2086  # EXTRA is key=value ...: split on purpose
   $sbtrain train recipes/wiki-leads.yaml "model.attention=$2" train.seed="$3" \
-    train.max_updates="$updates" train.save_dir="$save" >"$save.log" 2>&1 \
+    train.max_updates="$updates" train.save_dir="$save" ${EXTRA:-} >"$save.log" 2>&1 \
     || { echo "training $save failed: see $save.log" >&2; exit 1; }
   echo "$save"
 }
