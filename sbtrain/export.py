@@ -160,8 +160,8 @@ def sentencepiece_fast(tokenizer) -> tuple[object, dict]:
     `tokenizers` model matches every piece: those pieces get names with a space, which the
     normalised text never holds ("<unk>" becomes " ⁇ ", the text sentencepiece decodes it to).
 
-    Two known differences, both rare (none in 10,000 lines of English Wikipedia; ~0.3% of
-    random strings built from odd characters): `tokenizers`' Precompiled normaliser drops a
+    Two known differences, both rare (none in 10,000 lines of Wikipedia text; ~0.3% of random
+    strings built from odd characters): `tokenizers`' Precompiled normaliser drops a
     combining mark that follows a character the map rewrites (U+3000 then U+0301), and a unigram
     tie in exact arithmetic ("III" as II+I or I+II) may be broken the other way, as the two
     libraries round the sums of piece scores differently.

@@ -29,7 +29,12 @@ from sbtrain.errors import UserError  # noqa: E402
 from sbtrain.evaluate import load_model  # noqa: E402
 from sbtrain.model import build_model  # noqa: E402
 from sbtrain.tokenizer import load_tokenizer  # noqa: E402
-from tests.conftest import DEBUG_RECIPE, one_error_line, write_corpus  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    DEBUG_RECIPE,
+    WIKI_LEADS,
+    one_error_line,
+    write_corpus,
+)
 
 LSH = "n_hashes: 2, bucket_size: 8, n_buckets: 4"
 MODELS = {  # name: recipe overrides (debug size: head_dim 16, 64 positions)
@@ -208,6 +213,23 @@ def test_sentencepiece_export_logits_and_generate(sentencepiece_data, tmp_path):
         got = model(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert_greedy_equal(model, tokenizer, ckpt, data, VARIED[2])
+
+
+@pytest.mark.skipif(not WIKI_LEADS.is_dir(), reason=f"wiki-leads corpus not found at {WIKI_LEADS}")
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_sentencepiece_tokenizer_on_wikipedia(model_type):
+    """Real text, a real-size vocabulary: every line of wiki-leads' validation split."""
+    from sbtrain.export import sentencepiece_fast
+    from sbtrain.tokenizer import SentencePieceTokenizer
+
+    train = (WIKI_LEADS / "wiki.train.raw").read_text(encoding="utf-8").split("\n")
+    ours = SentencePieceTokenizer.fit(train[:3000], vocab_size=2000, model_type=model_type)
+    theirs, _ = sentencepiece_fast(ours)
+    text = (WIKI_LEADS / "wiki.valid.raw").read_text(encoding="utf-8")
+    lines = text.split("\n")
+    assert len(lines) > 1000
+    stream = [i for line in lines for i in (ours.eol_id, *ours.encode(line))][1:]
+    assert theirs.encode(text, add_special_tokens=False).ids == stream
 
 
 def test_sentencepiece_options_without_an_exact_conversion_are_refused():

@@ -16,9 +16,7 @@ lm-eval's prefix token, the tokenizer's BOS: the end-of-line token again.
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 
 import pytest
 import torch
@@ -76,7 +74,6 @@ def test_lm_eval_scores_equal_sbtrain(word_corpus, tmp_path):
     tasks.mkdir()
     (tasks / "sbtrain_words.yaml").write_text(TASK.format(docs=docs, cache=tmp_path / "cache"))
 
-    start = time.perf_counter()
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args=f"pretrained={out},trust_remote_code=True,dtype=float32",
@@ -86,7 +83,6 @@ def test_lm_eval_scores_equal_sbtrain(word_corpus, tmp_path):
         batch_size=1,
         log_samples=True,
     )
-    print(f"simple_evaluate: {time.perf_counter() - start:.1f} s")
     samples = sorted(results["samples"]["sbtrain_words"], key=lambda s: s["doc_id"])
     assert len(samples) == len(DOCS)
 
