@@ -158,19 +158,23 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["unigram", "bpe"])
-def sentencepiece_data(request, tmp_path_factory) -> Path:
-    """A folder preprocessed with a sentencepiece model (unigram or BPE) of ~300 pieces."""
-    root = tmp_path_factory.mktemp(f"spm-{request.param}")
+def preprocess_sentencepiece(root: Path, model_type: str) -> Path:
+    """A folder preprocessed with a sentencepiece model (unigram or BPE) of ~300 pieces, fitted on
+    `write_corpus` text and VARIED."""
     raw = write_corpus(root / "raw")
     train = raw / "wiki.train.raw"
     train.write_text(train.read_text(encoding="utf-8") + "\n".join(VARIED * 20) + "\n")
     data = root / "bin"
     args = ["preprocess", str(DEBUG_RECIPE), f"data.raw={raw}", f"data.dir={data}",
             "data.tokenizer=sentencepiece", "data.vocab_size=300",
-            f"data.spm_model_type={request.param}"]  # fmt: skip
+            f"data.spm_model_type={model_type}"]  # fmt: skip
     assert main(args) == 0
     return data
+
+
+@pytest.fixture(scope="module", params=["unigram", "bpe"])
+def sentencepiece_data(request, tmp_path_factory) -> Path:
+    return preprocess_sentencepiece(tmp_path_factory.mktemp(f"spm-{request.param}"), request.param)
 
 
 def test_sentencepiece_tokenizer_maps_text_to_sbtrain_ids(sentencepiece_data, tmp_path):

@@ -8,9 +8,10 @@ stream's start, which the exported tokenizer adds first) and the context's token
 Token boundaries, the same by construction: lm-eval encodes context + continuation and the
 context alone (each with the tokenizer's special tokens, i.e. the end-of-line token first) and
 scores the tokens of the whole beyond the context's. A multiple-choice task's continuation is
-" " + choice, and the word tokenizer splits on whitespace, so the context's tokens are a prefix
-of the whole's and the continuation's tokens are the choice's words. An empty context becomes
-lm-eval's prefix token, the tokenizer's BOS: the end-of-line token again.
+" " + choice, so the context's tokens are a prefix of the whole's and the continuation's tokens
+are the choice's own: the word tokenizer splits on whitespace, and a sentencepiece piece never
+spans a space (a space starts a new piece, "▁..."). An empty context becomes lm-eval's prefix
+token, the tokenizer's BOS: the end-of-line token again.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ lm_eval = pytest.importorskip("lm_eval", reason=HINT)
 from cli.main import main  # noqa: E402
 from sbtrain.evaluate import load_model  # noqa: E402
 from sbtrain.tokenizer import load_tokenizer  # noqa: E402
-from tests.integration.test_export import MODELS, make_checkpoint  # noqa: E402
+from tests.integration.test_export import (  # noqa: E402
+    MODELS,
+    make_checkpoint,
+    preprocess_sentencepiece,
+)
 
 TASK = """task: sbtrain_words
 dataset_path: json
@@ -61,10 +66,14 @@ def sbtrain_loglikelihood(model, tokenizer, context: str, continuation: str) -> 
     return -float(nll[len(context_ids) - 1 :].sum())
 
 
-def test_lm_eval_scores_equal_sbtrain(word_corpus, tmp_path):
+@pytest.mark.parametrize("vocabulary", ["word", "sentencepiece"])
+def test_lm_eval_scores_equal_sbtrain(vocabulary, word_corpus, tmp_path):
     from lm_eval.tasks import TaskManager
 
-    _, data = word_corpus
+    if vocabulary == "word":
+        data = word_corpus[1]
+    else:
+        data = preprocess_sentencepiece(tmp_path / "spm", "unigram")
     ckpt = make_checkpoint(data, tmp_path / "ck.pt", MODELS["scatterbrain-local"])
     out = tmp_path / "hf"
     assert main(["export", str(ckpt), str(out)]) == 0
