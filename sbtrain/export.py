@@ -159,6 +159,7 @@ def sentencepiece_fast(tokenizer) -> tuple[object, dict]:
     newlines. sentencepiece never matches its control and unknown pieces in text, while a
     `tokenizers` model matches every piece: those pieces get names with a space, which the
     normalised text never holds ("<unk>" becomes " ⁇ ", the text sentencepiece decodes it to).
+    Decoding gives sbtrain's text: each line as sentencepiece decodes it, joined by newlines.
 
     Two known differences, both rare (none in 10,000 lines of Wikipedia text; ~0.3% of random
     strings built from odd characters): `tokenizers`' Precompiled normaliser drops a
@@ -201,7 +202,10 @@ def sentencepiece_fast(tokenizer) -> tuple[object, dict]:
     ]
     fast = Tokenizer(model)
     fast.normalizer = normalizers.Sequence(steps)
-    fast.decoder = decoders.Metaspace()
+    fast.decoder = decoders.Sequence([  # sentencepiece's text: no space after a line start
+        decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Replace("\n ", "\n"),
+        decoders.Strip(" ", 1, 0),
+    ])  # fmt: skip
     fast.add_special_tokens([AddedToken("\n", special=True, normalized=False)])
     return fast, {"bos_token": "\n", "eos_token": "\n"}
 
