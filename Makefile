@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(BIN)/python -m pip install -q $(TORCH))
-	$(BIN)/python -m pip install -q -e '.[test,hf]'
+	$(BIN)/python -m pip install -q -e '.[test,hf,eval]'
 	$(if $(TRITON),$(BIN)/python -m pip install -q --only-binary=:all: '$(TRITON)' \
 	  || echo "no $(TRITON) wheel for this platform: the fused kernels' tests will be skipped")
 	touch $(STAMP)

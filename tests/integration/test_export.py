@@ -25,10 +25,16 @@ transformers = pytest.importorskip("transformers", reason=HINT)
 from cli.main import main  # noqa: E402
 from sbtrain import checkpoint, generate  # noqa: E402
 from sbtrain.config import load_recipe  # noqa: E402
+from sbtrain.errors import UserError  # noqa: E402
 from sbtrain.evaluate import load_model  # noqa: E402
 from sbtrain.model import build_model  # noqa: E402
 from sbtrain.tokenizer import load_tokenizer  # noqa: E402
-from tests.conftest import DEBUG_RECIPE, one_error_line  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    DEBUG_RECIPE,
+    WIKI_LEADS,
+    one_error_line,
+    write_corpus,
+)
 
 LSH = "n_hashes: 2, bucket_size: 8, n_buckets: 4"
 MODELS = {  # name: recipe overrides (debug size: head_dim 16, 64 positions)
@@ -73,6 +79,25 @@ def load_exported(folder: Path):
     return model.eval(), tokenizer
 
 
+def assert_greedy_equal(model, tokenizer, ckpt: Path, data: Path, prompt: str) -> None:
+    """greedy generate() == sbtrain generate --temperature 0 (which decodes with its caches):
+    the tokens and each its log-probability (random weights repeat tokens; these numbers do not)."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    sampled = generate.main(str(ckpt), prompt, max_tokens=12, temperature=0, data_dir=str(data))
+    with torch.no_grad():
+        greedy = model.generate(
+            ids,
+            max_new_tokens=12,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    tokens = greedy.sequences[0, ids.shape[1] :].tolist()
+    assert tokens == sampled["tokens"]
+    chosen = [float(step[0, t]) for step, t in zip(greedy.scores, tokens)]
+    assert chosen == pytest.approx(sampled["logprobs"], rel=1e-5, abs=1e-5)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_exported_model_equals_sbtrain(name, word_corpus, tmp_path):
     _, data = word_corpus
@@ -89,22 +114,7 @@ def test_exported_model_equals_sbtrain(name, word_corpus, tmp_path):
     assert expected.std() > 0.5  # far from uniform: a wrong weight or buffer would show
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
-    # greedy generate() == sbtrain generate --temperature 0 (which decodes with its caches)
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    sampled = generate.main(str(ckpt), PROMPT, max_tokens=12, temperature=0, data_dir=str(data))
-    with torch.no_grad():
-        greedy = model.generate(
-            ids,
-            max_new_tokens=12,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    tokens = greedy.sequences[0, ids.shape[1] :].tolist()
-    assert tokens == sampled["tokens"]
-    # and each its log-probability (random weights repeat tokens; these numbers do not)
-    chosen = [float(step[0, t]) for step, t in zip(greedy.scores, tokens)]
-    assert chosen == pytest.approx(sampled["logprobs"], rel=1e-5, abs=1e-5)
+    assert_greedy_equal(model, tokenizer, ckpt, data, PROMPT)
 
 
 def test_tokenizer_maps_text_to_sbtrain_ids(word_corpus, tmp_path):
@@ -125,6 +135,121 @@ def test_tokenizer_maps_text_to_sbtrain_ids(word_corpus, tmp_path):
         *ours.encode("w1 w2 w3 nosuchword"),
     ]
     assert theirs.decode(stream[:5]).split() == ours.decode(stream[:5]).split()
+
+
+# Text for the sentencepiece models to learn (punctuation, digits, accents) ...
+VARIED = [
+    " = Valkyria Chronicles III = ",
+    " The game began development in 2010 , carrying over 1,024 units ( 3.5 % ) .",
+    "Accents : café , Zürich , naïve — and « quotes » ; 'single' and \"double\" !?",
+]
+# ... and text to map with both: whitespace runs and kinds, NFKC rewrites (ligature, fraction,
+# full-width letter), characters never seen (unknown), literal names of special pieces, the
+# whitespace mark "▁" itself, empty and blank lines
+TEXTS = [
+    "",
+    " ",
+    "w1 w2 w3",
+    "  Tabs\tand  double  spaces ,\ta no\u00a0break and a\u2009thin one ; CRLF ends\r",
+    "ﬁnal ½ Ａrticle 2010-2024 : 3.14159 + 42 = 45.14159 ... ?!",
+    "unknown : 中文 🙂 ß Ω ж ; a </s> <unk>b <s> <pad> and ⁇ ",
+    "\u2581 lower block \u2581\u2581 twice",
+    "\n".join(VARIED) + "\n\n \n w5 w6\n",
+]
+
+
+def preprocess_sentencepiece(root: Path, model_type: str) -> Path:
+    """A folder preprocessed with a sentencepiece model (unigram or BPE) of ~300 pieces, fitted on
+    `write_corpus` text and VARIED."""
+    raw = write_corpus(root / "raw")
+    train = raw / "wiki.train.raw"
+    train.write_text(train.read_text(encoding="utf-8") + "\n".join(VARIED * 20) + "\n")
+    data = root / "bin"
+    args = ["preprocess", str(DEBUG_RECIPE), f"data.raw={raw}", f"data.dir={data}",
+            "data.tokenizer=sentencepiece", "data.vocab_size=300",
+            f"data.spm_model_type={model_type}"]  # fmt: skip
+    assert main(args) == 0
+    return data
+
+
+@pytest.fixture(scope="module", params=["unigram", "bpe"])
+def sentencepiece_data(request, tmp_path_factory) -> Path:
+    return preprocess_sentencepiece(tmp_path_factory.mktemp(f"spm-{request.param}"), request.param)
+
+
+def test_sentencepiece_tokenizer_maps_text_to_sbtrain_ids(sentencepiece_data, tmp_path):
+    """The exported tokenizer.json (no sentencepiece behind it) gives sbtrain's ids: each line
+    encoded by sentencepiece, then the end-of-line token, as binarization does."""
+    data = sentencepiece_data
+    ckpt = make_checkpoint(data, tmp_path / "ck.pt", [])
+    assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 0
+    ours = load_tokenizer(data)
+    assert ours.kind == "sentencepiece"
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    assert theirs.eos_token_id == theirs.bos_token_id == ours.eol_id
+    streams = []
+    for text in TEXTS:
+        lines = text.split("\n")
+        stream = [i for line in lines for i in (ours.eol_id, *ours.encode(line))][1:]
+        streams.append(stream)
+        assert theirs(text, add_special_tokens=False)["input_ids"] == stream, text
+        assert theirs(text)["input_ids"] == [ours.eol_id, *stream]
+    assert streams[0] == streams[1] == []
+    every = [i for stream in streams for i in stream]
+    assert ours.unk_id in every and ours.eol_id in every
+    assert every.count(ours.eol_id) == sum(t.count("\n") for t in TEXTS)  # not "</s>" in text
+    assert len(set(every)) > 60  # many pieces, not a few fallbacks
+    for stream in streams:  # decoding: sentencepiece's text of each line, joined by newlines
+        assert theirs.decode(stream) == ours.decode(stream)
+
+
+def test_sentencepiece_export_logits_and_generate(sentencepiece_data, tmp_path):
+    data = sentencepiece_data
+    ckpt = make_checkpoint(data, tmp_path / "ck.pt", MODELS["lsh-rope"])
+    assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 0
+    model, tokenizer = load_exported(tmp_path / "hf")
+    ours, _, _ = load_model(ckpt, torch.device("cpu"), attention_impl="pytorch")
+    ids = tokenizer(VARIED[1], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = ours.log_probs(ours(ids))
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert_greedy_equal(model, tokenizer, ckpt, data, VARIED[2])
+
+
+@pytest.mark.skipif(not WIKI_LEADS.is_dir(), reason=f"wiki-leads corpus not found at {WIKI_LEADS}")
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_sentencepiece_tokenizer_on_wikipedia(model_type):
+    """Real text, a real-size vocabulary: every line of wiki-leads' validation split."""
+    from sbtrain.export import sentencepiece_fast
+    from sbtrain.tokenizer import SentencePieceTokenizer
+
+    train = (WIKI_LEADS / "wiki.train.raw").read_text(encoding="utf-8").split("\n")
+    ours = SentencePieceTokenizer.fit(train[:3000], vocab_size=2000, model_type=model_type)
+    theirs, _ = sentencepiece_fast(ours)
+    text = (WIKI_LEADS / "wiki.valid.raw").read_text(encoding="utf-8")
+    lines = text.split("\n")
+    assert len(lines) > 1000
+    stream = [i for line in lines for i in (ours.eol_id, *ours.encode(line))][1:]
+    assert theirs.encode(text, add_special_tokens=False).ids == stream
+
+
+def test_sentencepiece_options_without_an_exact_conversion_are_refused():
+    import io
+
+    import sentencepiece
+
+    from sbtrain.export import sentencepiece_fast
+    from sbtrain.tokenizer import SentencePieceTokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(VARIED * 20), model_writer=model, vocab_size=400,
+        hard_vocab_limit=False, byte_fallback=True, user_defined_symbols=["<sep>"],
+        minloglevel=2,
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"\(byte fallback, user-defined or byte pieces\);"):
+        sentencepiece_fast(SentencePieceTokenizer(model.getvalue()))
 
 
 def test_export_refuses_to_overwrite_and_bad_checkpoints(word_corpus, tmp_path, capsys):
