@@ -5,7 +5,9 @@
 Each line is one evaluated run: `study` (e.g. train, dropin, budget), `name` (the kind or the
 split of the budget), `seed`, and the `eval-ppl --json` figures (`ppl`, `loss_nats`, ...). Runs are
 grouped by (study, name) in first-seen order; the standard deviation is the sample one (n - 1),
-so a group of one run has none.
+so a group of one run has none. Runs that carry a `valid_curve` ([update, loss, ...] per
+validation) also get `late_drop`: how much lower (in %) the final validation loss is than the
+last one at or before 80% of the updates — a run whose loss has flattened has a late drop near 0.
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1))
 
 
+def late_drop(curve: list[list[float]], fraction: float = 0.8) -> float | None:
+    """% by which the last validation loss is below the last one at or before `fraction` of the
+    final update (None without a point there)."""
+    final_update, final_loss = curve[-1][0], curve[-1][1]
+    earlier = [point[1] for point in curve if point[0] <= fraction * final_update]
+    if not earlier:
+        return None
+    return 100.0 * (earlier[-1] - final_loss) / earlier[-1]
+
+
 def summarise(runs: list[dict], metric: str = "ppl") -> list[dict]:
     """One row per (study, name): n, the seeds, and mean / std of `metric` and of loss_nats."""
     groups: dict[tuple, list[dict]] = {}
@@ -57,17 +69,30 @@ def summarise(runs: list[dict], metric: str = "ppl") -> list[dict]:
         for key in (metric, "loss_nats"):
             mean, std = mean_std([float(m[key]) for m in members])
             row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+        drops = [late_drop(m["valid_curve"]) for m in members if m.get("valid_curve")]
+        drops = [d for d in drops if d is not None]
+        if drops:
+            row["late_drop_mean"] = sum(drops) / len(drops)
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict], metric: str = "ppl") -> str:
-    """The rows as a markdown table: study, name, runs, metric as mean ± std."""
-    lines = [f"| study | name | runs | {metric} (mean ± std) |", "|---|---|---:|---:|"]
+    """The rows as a markdown table: study, name, runs, metric as mean ± std (and the mean late
+    drop of the validation loss when the runs carry their curves)."""
+    curves = any("late_drop_mean" in r for r in rows)
+    lines = [
+        f"| study | name | runs | {metric} (mean ± std) |" + (" late drop |" if curves else ""),
+        "|---|---|---:|---:|" + ("---:|" if curves else ""),
+    ]
     for r in rows:
         mean, std = r[f"{metric}_mean"], r[f"{metric}_std"]
         spread = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
-        lines.append(f"| {r['study']} | {r['name']} | {r['n']} | {spread} |")
+        line = f"| {r['study']} | {r['name']} | {r['n']} | {spread} |"
+        if curves:
+            drop = r.get("late_drop_mean")
+            line += f" {drop:.2f}% |" if drop is not None else " |"
+        lines.append(line)
     return "\n".join(lines)
 
 

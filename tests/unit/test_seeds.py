@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sbtrain.bench.seeds import main, mean_std, summarise
+from sbtrain.bench.seeds import late_drop, main, markdown, mean_std, summarise
 
 RUNS = [  # ppl 10, 12, 14 -> mean 12, sample std 2; loss 1, 2, 6 -> mean 3, std sqrt(7)
     {"study": "train", "name": "full", "seed": 1, "ppl": 10.0, "loss_nats": 1.0},
@@ -64,3 +64,20 @@ def test_bad_input_gets_one_line_and_status_2(tmp_path, capsys):
     bad.write_text('{"name": "full", "loss_nats": 0.0}\n')
     assert main([str(bad)]) == 2
     assert "a run has no 'ppl' field" in capsys.readouterr().err
+
+
+def test_late_drop_compares_the_end_with_the_last_point_before_four_fifths():
+    curve = [[50, 9.0], [400, 5.0], [450, 4.9], [500, 4.0]]  # 400 <= 0.8 * 500 < 450
+    assert late_drop(curve) == pytest.approx(20.0)  # (5 - 4) / 5
+    assert late_drop([[100, 3.0], [500, 3.0]]) == 0.0  # flat
+    assert late_drop([[500, 3.0]]) is None  # nothing before 80%
+    runs = [
+        {"name": "a", "seed": 1, "ppl": 1.0, "loss_nats": 0.0, "valid_curve": curve},
+        {"name": "a", "seed": 2, "ppl": 1.0, "loss_nats": 0.0, "valid_curve": [[1, 2.0], [5, 1.0]]},
+        {"name": "b", "seed": 1, "ppl": 1.0, "loss_nats": 0.0},
+    ]
+    a, b = summarise(runs)
+    assert a["late_drop_mean"] == pytest.approx((20.0 + 50.0) / 2)
+    assert "late_drop_mean" not in b
+    table = markdown(summarise(runs))
+    assert "| a | 2 | 1.00 ± 0.00 | 35.00% |" in table and table.endswith("| b | 1 | 1.00 | |")

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The CPU-sized Long Range Arena comparison (issue 14): ListOps and Pathfinder
+# (recipes/lra/{listops,pathfinder}-cpu*.yaml) with scatterbrain, full, local, performer and lsh at
+# the same per-query budget, trained with each seed, then test accuracy (eval-ppl --json).
+# One JSON line per evaluated run (study = the task, name = the kind, seed, updates, the validation
+# curve, eval-ppl's figures) -> benchmarks/results/lra-cpu.jsonl; then mean and standard deviation
+# of the accuracy per (task, kind) -> lra-cpu.md and .json (python -m sbtrain.bench.seeds).
+#
+#   benchmarks/lra-cpu.sh                      every task and kind, seed 1, the recipes' updates
+#   TASKS=listops KINDS="full lsh" SEEDS="1 2" UPDATES=500 benchmarks/lra-cpu.sh
+#   EXTRA="train.validate_interval=250" benchmarks/lra-cpu.sh    (more overrides for every run)
+#
+# Runs live in checkpoints/lra-cpu/; rerunning resumes an unfinished run and reuses a finished one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sbtrain=${SBTRAIN:-sbtrain}
+python=${PYTHON:-python3}
+tasks=${TASKS:-listops pathfinder}
+kinds=${KINDS:-scatterbrain full local performer lsh}
+seeds=${SEEDS:-1}
+out=${OUT:-benchmarks/results/lra-cpu.jsonl}
+runs=checkpoints/lra-cpu
+mkdir -p "$runs" "$(dirname "$out")"
+: >"$out"
+for task in $tasks; do
+  $sbtrain preprocess "recipes/lra/$task-cpu.yaml" >/dev/null  # quick when the data is there
+  for seed in $seeds; do
+    for kind in $kinds; do
+      recipe=recipes/lra/$task-cpu.yaml
+      [ "$kind" = scatterbrain ] || recipe=recipes/lra/$task-cpu-$kind.yaml
+      save=$runs/$task-$kind${UPDATES:+-u$UPDATES}-s$seed
+      # shellcheck disable=SC2086  # EXTRA is key=value ...: split on purpose
+      $sbtrain train "$recipe" train.seed="$seed" train.save_dir="$save" \
+        ${UPDATES:+train.max_updates=$UPDATES} ${EXTRA:-} >"$save.log" 2>&1 \
+        || { echo "training $save failed: see $save.log" >&2; exit 1; }
+      $sbtrain eval-ppl "$save/checkpoint_best.pt" --json \
+        | TASK=$task KIND=$kind SEED=$seed SAVE=$save $python -c '
+import json, os, sys
+r = json.load(sys.stdin)
+save = os.environ["SAVE"]
+valid = [json.loads(line) for line in open(f"{save}/valid.jsonl")]
+print(json.dumps({
+    "study": os.environ["TASK"], "name": os.environ["KIND"], "seed": int(os.environ["SEED"]),
+    "updates": valid[-1]["update"], "train_seconds": valid[-1]["wall"],
+    "valid_curve": [[v["update"], v["loss"], v.get("accuracy")] for v in valid],
+    **r,
+}))' | tee -a "$out"
+    done
+  done
+done
+$python -m sbtrain.bench.seeds "$out" --metric accuracy --out "${out%.jsonl}.md"
