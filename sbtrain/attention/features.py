@@ -100,10 +100,16 @@ def input_statistic(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tenso
     return (q * q).sum(-1).mean() + (k * k).sum(-1).mean() + 2 * q.mean(0) @ k.mean(0)
 
 
-def optimal_a(statistic: float, head_dim: int) -> float:
+def optimal_a(statistic: float | torch.Tensor, head_dim: int) -> float | torch.Tensor:
     """The A minimising the second moment of favor++'s phi(x).phi(y) given S = |x' + y'|²:
-    the root A >= 0 of 16 D A² + (2 D - 4 S) A - S = 0 (A = 0 when S = 0)."""
-    d, s = float(head_dim), max(float(statistic), 0.0)
+    the root A >= 0 of 16 D A² + (2 D - 4 S) A - S = 0 (A = 0 when S = 0). A tensor S gives a
+    tensor A on its device (no host synchronisation in the forward pass)."""
+    d = float(head_dim)
+    if isinstance(statistic, torch.Tensor):
+        s = statistic.clamp_min(0.0)
+        b = 2 * d - 4 * s
+        return ((b * b + 64 * d * s).sqrt() - b) / (32 * d)
+    s = max(float(statistic), 0.0)
     b = 2 * d - 4 * s
     return (math.sqrt(b * b + 64 * d * s) - b) / (32 * d)
 
@@ -112,25 +118,29 @@ def map_log_features(module, x: torch.Tensor) -> torch.Tensor:
     """log phi(x) of `module`'s map (its `features`, `projection`, `tau` and, for favor++,
     `feature_stat`)."""
     if module.features == "favor++":
-        a = optimal_a(float(module.feature_stat), module.head_dim)
+        a = optimal_a(module.feature_stat, module.head_dim)
         return log_features(x, module.projection, module.tau, a)
     return log_features(x, module.projection, module.tau)
 
 
 def log_features(
-    x: torch.Tensor, projection: torch.Tensor, tau: float, a: float = 0.0
+    x: torch.Tensor, projection: torch.Tensor, tau: float, a: float | torch.Tensor = 0.0
 ) -> torch.Tensor:
     """log phi(x): (B, H, L, D) -> (B, H, L, m), m = 2 * projection rows, in x's dtype.
 
-    a = 0: FAVOR+; a > -1/4: favor++'s generalised map with parameter A = a."""
+    a = 0: FAVOR+; a > -1/4 (a float, or a scalar tensor as favor++'s buffer gives): favor++'s
+    generalised map with parameter A = a."""
     x = x * tau**0.5
     both = torch.cat([projection, -projection]).to(x.dtype)  # (m, D): one matmul for both halves
     offset = 0.5 * (x * x).sum(-1, keepdim=True) + 0.5 * math.log(both.shape[0])
-    if a == 0.0:
+    if not isinstance(a, torch.Tensor) and a == 0.0:
         return (x @ both.T).sub_(offset)  # (B, H, L, m)
+    a = torch.as_tensor(a, dtype=torch.float64, device=x.device)
     # -A|w|² + (D/4) log(1 + 4A) per feature, the projection scaled by (1 + 4A)**0.5
-    per_feature = a * (both * both).sum(-1) - 0.25 * x.shape[-1] * math.log1p(4 * a)
-    return (x @ (both * math.sqrt(1 + 4 * a)).T).sub_(offset).sub_(per_feature)
+    per_feature = a * (both * both).sum(-1) - 0.25 * x.shape[-1] * torch.log1p(4 * a)
+    work = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 scale in fp32, fp64 in fp64
+    scaled = (both.to(work) * (1 + 4 * a).sqrt().to(work)).to(x.dtype)
+    return (x @ scaled.T).sub_(offset).sub_(per_feature.to(x.dtype))
 
 
 def empty_state(lk: torch.Tensor, vx: torch.Tensor) -> FeatureState:

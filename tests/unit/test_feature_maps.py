@@ -18,6 +18,7 @@ from sbtrain.attention.features import (
     draw_projection,
     input_statistic,
     log_features,
+    map_log_features,
     optimal_a,
 )
 from sbtrain.attention.performer import calibrate
@@ -122,6 +123,24 @@ def test_calibrate_sets_the_statistic_of_favor_plus_plus_only():
     plain = build_attention("performer", head_dim=D, n_features=8, seed=0, features="simplex")
     calibrate(plain, q, k)
     assert "feature_stat" not in plain.state_dict()  # favor+ / simplex checkpoints unchanged
+
+
+def test_favor_plus_plus_reads_its_statistic_without_a_host_round_trip(monkeypatch):
+    """The forward pass must not turn the `feature_stat` buffer into a Python number (on a GPU
+    that is a synchronisation per layer per call); the tensor A equals the float formula's."""
+    attn = build_attention("performer", head_dim=D, n_features=8, seed=0, features="favor++")
+    attn.feature_stat.fill_(7.5)
+    x = torch.randn(1, 2, 5, D, dtype=torch.float64)
+    expected = log_features(x, attn.projection, TAU, optimal_a(7.5, D))
+
+    def refuse(*_):
+        raise AssertionError("the statistic was read on the host")
+
+    for name in ("item", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    got = map_log_features(attn, x)
+    monkeypatch.undo()
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["performer", "scatterbrain"])
