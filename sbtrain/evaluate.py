@@ -198,6 +198,7 @@ def main(
 
     `tokens_per_sample` scores blocks of that many tokens (default: the training length);
     `by_position` K adds `by_position`, the loss per bucket of K positions, plotted to `plot`.
+    `path` hf:FOLDER scores a transformers causal LM instead (sbtrain.dropin; `data_dir` needed).
     """
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
@@ -207,6 +208,13 @@ def main(
         if by_position is None:
             raise UserError("--plot draws the --by-position buckets: give --by-position K too")
         plotting()
+    if str(path).startswith("hf:"):
+        from sbtrain import dropin
+
+        return dropin.eval_ppl(
+            str(path), split, data_dir, attention, context_window, tokens_per_sample, batch_size,
+            device, precision, progress, by_position, plot, attention_impl,
+        )  # fmt: skip
     dev = pick_device(device)
     model, recipe, state = load_model(path, dev, attention, attention_impl)
     task = get_task(recipe)
