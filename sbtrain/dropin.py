@@ -45,9 +45,9 @@ from torch import nn
 from sbtrain.attention import KINDS, build_attention, check_attention, dispatch
 from sbtrain.errors import UserError
 from sbtrain.model import IGNORE
+from sbtrain.tokenizer import HF_PREFIX
 
 INSTALL_HINT = "pip install 'sbtrain[hf]'"
-PREFIX = "hf:"  # eval-ppl's marker of a transformers folder
 PREFIX_NAME = "sbtrain_"  # attn_implementation names: sbtrain_full, sbtrain_local, ...
 KERNEL = "sbtrain_kernel"  # the submodule of each attention layer holding its kernel
 RANDOM_KINDS = ("performer", "lsh", "scatterbrain")  # kinds whose kernels hold random draws
@@ -216,11 +216,15 @@ def quiet():
             logging.enable_progress_bar()
 
 
-def _from_pretrained(folder: Path, **kwargs):
-    from transformers import AutoModelForCausalLM
+def _from_pretrained(folder: Path, config_only: bool = False, **kwargs):
+    """transformers' AutoConfig (`config_only`) or AutoModelForCausalLM of `folder`, offline;
+    a UserError in one line for what they cannot load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         with quiet():
+            if config_only:
+                return AutoConfig.from_pretrained(str(folder), local_files_only=True)
             return AutoModelForCausalLM.from_pretrained(
                 str(folder), local_files_only=True, dtype=torch.float32, **kwargs
             )
@@ -237,9 +241,7 @@ def load_standard(folder: Path, attention: dict | None, saved: dict | None) -> n
     if spec is None:
         return _from_pretrained(folder)
     spec = check_spec(spec)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    config = _from_pretrained(folder, config_only=True)
     config.sbtrain_attention = spec
     model = _from_pretrained(folder, config=config, attn_implementation=PREFIX_NAME + spec["kind"])
     attach(model)
@@ -287,7 +289,10 @@ def attach(model: nn.Module) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.use_cache = False
     device = next(model.parameters()).device
-    model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    try:
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    except (ValueError, TypeError) as e:  # options the model's head size refuses, or a refusal
+        raise UserError(f"{type(model).__name__} with sbtrain attention: {e}") from None
     if not any(hasattr(m, KERNEL) for m in model.modules()):
         raise UserError(
             f"{type(model).__name__} does not call transformers' attention interface: "
@@ -456,7 +461,7 @@ def eval_ppl(
     from sbtrain.evaluate import ByPosition, plot_by_position, score
     from sbtrain.tasks import LanguageModelling
 
-    folder = Path(path.removeprefix(PREFIX))
+    folder = Path(path.removeprefix(HF_PREFIX))
     if not folder.is_dir():
         raise UserError(f"{path}: no such folder (hf:PATH names a folder save_pretrained wrote)")
     if data_dir is None:

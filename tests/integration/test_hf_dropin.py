@@ -375,6 +375,13 @@ def test_eval_ppl_hf_bad_input(models, hf_split, word_corpus, tmp_path, capsys):
     ).save_pretrained(bert)
     assert main(["eval-ppl", f"hf:{bert}", "--data", str(hf_split)]) == 2
     assert "not a causal language model" in one_error_line(capsys)
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('{"model_type": "no-such-model"}')
+    assert main(["eval-ppl", f"hf:{tmp_path / 'odd'}", "--data", str(hf_split)]) == 2
+    assert "not a causal language model" in one_error_line(capsys)
+    assert main(["eval-ppl", f"hf:{tmp_path / 'odd'}", "--data", str(hf_split),
+                 "--attention", "local", "window=4"]) == 2  # fmt: skip
+    assert "not a causal language model" in one_error_line(capsys)
     args = ["eval-ppl", f"hf:{models['gpt2']}", "--data", str(hf_split)]
     assert main([*args, "--attention", "performer", "window=8"]) == 2
     assert "does not take window" in one_error_line(capsys)
