@@ -305,10 +305,12 @@ def _obtain_tokenizer(
     kind = data.tokenizer
     if kind == HFTokenizer.kind:
         raise UserError("data.tokenizer: hf names no model; give its folder: hf:PATH")
+    fitted = [k for k in KINDS if k != HFTokenizer.kind]
     if kind not in KINDS:
         if not Path(kind).is_file() and not kind.startswith(HF_PREFIX):
             raise UserError(
-                f"data.tokenizer: {kind!r} is none of {' | '.join(KINDS)} nor a model file"
+                f"data.tokenizer: {kind!r} is none of {' | '.join(fitted)} nor a model file "
+                "nor hf:PATH (a transformers model folder)"
             )
         tokenizer = tokenizer_from_file(kind)
         log(f"| {tokenizer.kind} tokenizer from {kind}: {tokenizer.vocab_size} types")
