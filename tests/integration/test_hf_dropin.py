@@ -269,6 +269,7 @@ def hf_split(models, word_corpus, tmp_path_factory) -> Path:
         f"data.raw={raw}",
         f"data.dir={data}",
         f"data.tokenizer=hf:{models['gpt2']}",
+        "data.workers=2",  # worker processes load the tokenizer from the data folder
     ]
     assert main(args) == 0
     return data
