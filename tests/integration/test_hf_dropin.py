@@ -308,8 +308,13 @@ def test_eval_ppl_of_a_hf_model(family, models, hf_split, word_corpus, capsys):
     assert own["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert own["tokens_per_sample"] == CONTEXT and own["checkpoint"] == f"hf:{folder}"
     assert own["positions"] == ("learned" if family == "gpt2" else "rope")
-    context = eval_json(capsys, f"hf:{folder}", "--data", str(hf_split), "--context-window", "16")
+    context = eval_json(
+        capsys, f"hf:{folder}", "--data", str(hf_split), "--context-window", "16",
+        "--by-position", "16",
+    )  # fmt: skip
     assert context["tokens"] == count  # context tokens are seen, not scored again
+    assert sum(b["tokens"] for b in context["by_position"]) == count
+    assert context["by_position"][0]["start"] == 0 and context["by_position"][-1]["end"] == CONTEXT
     assert context["ppl"] != own["ppl"]
 
     wide = eval_json(
