@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -269,7 +270,6 @@ def hf_split(models, word_corpus, tmp_path_factory) -> Path:
         f"data.raw={raw}",
         f"data.dir={data}",
         f"data.tokenizer=hf:{models['gpt2']}",
-        "data.workers=2",  # worker processes load the tokenizer from the data folder
     ]
     assert main(args) == 0
     return data
@@ -395,6 +395,15 @@ def test_eval_ppl_hf_bad_input(models, hf_split, word_corpus, tmp_path, capsys):
     assert "learned positions" in one_error_line(capsys)
     assert main(["eval-ppl", f"hf:{models['gpt2']}", "--data", str(words)]) == 2  # word ids
     assert "vocabulary" in one_error_line(capsys)
+    other = tmp_path / "other-bin"  # the same ids, said to come from another tokenizer
+    shutil.copytree(hf_split, other)
+    lines = ["a b c", "d e f g"] * 50
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=BpeTokenizer.fit(lines, vocab_size=270).tokenizer, eos_token="</s>"
+    )
+    tokenizer.save_pretrained(other / "hf-tokenizer")
+    assert main(["eval-ppl", f"hf:{models['gpt2']}", "--data", str(other)]) == 2
+    assert "another tokenizer" in one_error_line(capsys)
 
 
 def test_transformers_missing_says_what_to_install(models, hf_split, monkeypatch, capsys):
@@ -407,9 +416,12 @@ def test_hf_tokenizer_ends_lines_with_newline_or_end_of_sequence(models, tmp_pat
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
 
-    from sbtrain.tokenizer import HFTokenizer
+    from sbtrain.tokenizer import HFTokenizer, tokenizer_from_file
 
     bpe = HFTokenizer.from_file(models["gpt2"])  # byte level: a newline is one token
+    # what binarization's worker processes load: the copy saved in the data folder
+    copy = tokenizer_from_file(bpe.save(tmp_path / "data"))
+    assert isinstance(copy, HFTokenizer) and copy.vocabulary() == bpe.vocabulary()
     assert bpe.encode("\n") == [bpe.eol_id] and bpe.eol_id != bpe.tokenizer.eos_token_id
     words = Tokenizer(WordLevel({"<unk>": 0, "</s>": 1, "a": 2, "b": 3}, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # a newline is no token at all
