@@ -345,12 +345,7 @@ def load_export(folder: Path, attention: dict | None) -> nn.Module:
         "data": {"tokens_per_sample": config.max_len},
         "train": {"seed": getattr(config, "sbtrain_seed", 1)},
     }
-    try:
-        recipe = recipe_from_dict(tree, source=f"{folder} (--attention)")
-    except UserError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise UserError(f"--attention: {e}") from None
+    recipe = recipe_from_dict(tree, source=f"{folder} (--attention)")  # ConfigError: one line
     native = prepare_model(
         recipe, lambda: TransformerLM(recipe.model, config.vocab_size, config.max_len)
     )
