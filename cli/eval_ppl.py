@@ -9,6 +9,8 @@ examples:
   sbtrain eval-ppl checkpoints/wiki-leads-rope/checkpoint_best.pt \
       --tokens-per-sample 2048 --by-position 128 --plot ppl-by-position.png
   sbtrain eval-ppl checkpoints/lra/listops-cpu/checkpoint_best.pt --json   # a classifier
+  sbtrain eval-ppl hf:models/gpt2 --data data/wiki-gpt2-bin \
+      --attention scatterbrain window=128 n_features=128   # a transformers causal LM
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from sbtrain import evaluate
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
-        "checkpoint", help="an sbtrain checkpoint, e.g. checkpoints/wt103/checkpoint_best.pt"
+        "checkpoint",
+        help="an sbtrain checkpoint, e.g. checkpoints/wt103/checkpoint_best.pt, or hf:FOLDER, a "
+        "transformers causal LM (with --data: a split prepared with data.tokenizer: hf:FOLDER)",
     )
     parser.add_argument("--split", default="test", help="split to score (default: test)")
     parser.add_argument(

@@ -47,10 +47,12 @@ from sbtrain.config import DataConfig, apply_overrides, load_recipe, recipe_from
 from sbtrain.errors import UserError
 from sbtrain.tokenizer import (
     EOS_ID,
+    HF_PREFIX,
     KINDS,
     SPECIALS,
     UNK_ID,
     BpeTokenizer,
+    HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     WordTokenizer,
@@ -301,10 +303,14 @@ def _obtain_tokenizer(
     Returns the tokenizer and the stats of splits already binarized into `staging` (train,
     when a word vocabulary was fitted)."""
     kind = data.tokenizer
+    if kind == HFTokenizer.kind:
+        raise UserError("data.tokenizer: hf names no model; give its folder: hf:PATH")
+    fitted = [k for k in KINDS if k != HFTokenizer.kind]
     if kind not in KINDS:
-        if not Path(kind).is_file():
+        if not Path(kind).is_file() and not kind.startswith(HF_PREFIX):
             raise UserError(
-                f"data.tokenizer: {kind!r} is none of {' | '.join(KINDS)} nor a model file"
+                f"data.tokenizer: {kind!r} is none of {' | '.join(fitted)} nor a model file "
+                "nor hf:PATH (a transformers model folder)"
             )
         tokenizer = tokenizer_from_file(kind)
         log(f"| {tokenizer.kind} tokenizer from {kind}: {tokenizer.vocab_size} types")

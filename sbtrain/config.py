@@ -76,7 +76,11 @@ class DataConfig:
         "aclImdb; image: cifar-10-batches-py; retrieval: the folder of new_aan_pairs.*.tsv",
     )
     dir: str = opt("data/bin", "preprocess output and training input (binarized splits)")
-    tokenizer: str = opt("word", "word | sentencepiece | bpe, or a path to a tokenizer model file")
+    tokenizer: str = opt(
+        "word",
+        "word | sentencepiece | bpe, a path to a tokenizer model file, or hf:PATH (the "
+        "tokenizer of a transformers model folder)",
+    )
     vocab_size: int | None = opt(None, "word: vocabulary cap; subword: target vocabulary size")
     min_count: int = opt(1, "word: keep words seen at least this often in train")
     spm_model_type: Literal["unigram", "bpe"] = opt("unigram", "sentencepiece model type")

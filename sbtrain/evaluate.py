@@ -19,6 +19,7 @@ from sbtrain.distributed import pick_device
 from sbtrain.errors import UserError
 from sbtrain.model import IGNORE, prepare_model
 from sbtrain.tasks import Task, get_task
+from sbtrain.tokenizer import HF_PREFIX
 
 
 def autocast(device: torch.device, precision: str):
@@ -198,6 +199,7 @@ def main(
 
     `tokens_per_sample` scores blocks of that many tokens (default: the training length);
     `by_position` K adds `by_position`, the loss per bucket of K positions, plotted to `plot`.
+    `path` hf:FOLDER scores a transformers causal LM instead (sbtrain.dropin; `data_dir` needed).
     """
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
@@ -207,6 +209,15 @@ def main(
         if by_position is None:
             raise UserError("--plot draws the --by-position buckets: give --by-position K too")
         plotting()
+    if str(path).startswith(HF_PREFIX):  # a transformers folder: sbtrain.dropin scores it
+        from sbtrain import dropin
+
+        return dropin.eval_ppl(
+            str(path), split=split, data_dir=data_dir, attention=attention,
+            context_window=context_window, tokens_per_sample=tokens_per_sample,
+            batch_size=batch_size, device=device, precision=precision, progress=progress,
+            by_position=by_position, plot=plot, attention_impl=attention_impl,
+        )  # fmt: skip
     dev = pick_device(device)
     model, recipe, state = load_model(path, dev, attention, attention_impl)
     task = get_task(recipe)

@@ -78,10 +78,17 @@ def relative_source(text: str) -> str:
     return text
 
 
+def exported_sources() -> dict[str, str]:
+    """File name in an exported folder -> the text `sbtrain export` writes there."""
+    return {
+        name: relative_source((PACKAGE / source).read_text(encoding="utf-8"))
+        for name, source in SOURCES.items()
+    }
+
+
 def write_code(folder: Path) -> None:
-    for name, source in SOURCES.items():
-        text = (PACKAGE / source).read_text(encoding="utf-8")
-        (folder / name).write_text(relative_source(text), encoding="utf-8")
+    for name, text in exported_sources().items():
+        (folder / name).write_text(text, encoding="utf-8")
 
 
 def write_config(folder: Path, recipe_tree: dict, vocab_size: int, max_len: int) -> None:
@@ -102,6 +109,7 @@ def write_config(folder: Path, recipe_tree: dict, vocab_size: int, max_len: int)
         "vocab_size": vocab_size,
         "max_len": max_len,
         "sbtrain_model": section,
+        "sbtrain_seed": recipe_tree["train"]["seed"],
         "tie_word_embeddings": False,  # the output layer reads tok_emb itself: nothing to tie
         "dtype": "float32",
         "sbtrain_version": sbtrain.__version__,

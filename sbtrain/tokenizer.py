@@ -5,6 +5,7 @@
 | `word`          | `dict.txt`       | whitespace split + fairseq's dictionary format          |
 | `sentencepiece` | `spm.model`      | SentencePiece unigram or BPE model                      |
 | `bpe`           | `tokenizer.json` | Hugging Face `tokenizers` byte-level BPE (exact round trip) |
+| `hf`            | `hf-tokenizer/`  | a transformers model's tokenizer (data.tokenizer: hf:PATH) |
 
 Tokenizers fitted here share fairseq's special ids: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3.
 A line's ids never include the end-of-line token; binarization appends `eol_id` after every line.
@@ -353,16 +354,92 @@ class BpeTokenizer(Tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
+# hf: a Hugging Face model's own tokenizer
+
+HF_PREFIX = "hf:"  # data.tokenizer: hf:PATH loads the tokenizer of the model folder PATH
+
+
+class HFTokenizer(Tokenizer):
+    """The tokenizer of a transformers model folder (AutoTokenizer, offline): the ids a Hugging
+    Face model reads, for scoring it with `sbtrain eval-ppl hf:PATH`. Lines end with the newline's
+    token when a newline is one token (GPT-2), else with the end-of-sequence token (Llama). Stored
+    in the data folder as the tokenizer's own `save_pretrained` files.
+    """
+
+    kind = "hf"
+    file_name = "hf-tokenizer"  # a folder
+
+    def __init__(self, tokenizer: object, source: str = "<tokenizer>"):
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        if len(newline) == 1:
+            self.eol_id = newline[0]
+        elif tokenizer.eos_token_id is not None:
+            self.eol_id = tokenizer.eos_token_id
+        else:
+            raise UserError(
+                f"{source}: a newline is not one token and there is no end-of-sequence token "
+                "to end lines with"
+            )
+        pad, unk = tokenizer.pad_token_id, tokenizer.unk_token_id
+        self.pad_id = self.eol_id if pad is None else pad
+        self.unk_id = -1 if unk is None else unk  # -1: an id never emitted
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> HFTokenizer:
+        """Load the tokenizer files of folder `path` (a model folder, or one `save` wrote)."""
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise UserError("hf tokenizers need transformers: pip install 'sbtrain[hf]'") from None
+        if not Path(path).is_dir():
+            raise UserError(f"{path}: no such folder (hf:PATH names a model or tokenizer folder)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(
+                f"{path}: no tokenizer transformers can load ({_one_line(e)})"
+            ) from None
+        return cls(tokenizer, source=str(path))
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / self.file_name
+        self.tokenizer.save_pretrained(str(path))
+        return path
+
+    def vocabulary(self) -> dict[str, int]:
+        """Token -> id, added tokens included (two tokenizers with equal ones encode alike)."""
+        return self.tokenizer.get_vocab()
+
+    def encode(self, line: str) -> list[int]:
+        return self.tokenizer(line, add_special_tokens=False)["input_ids"]
+
+    def decode_line(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def encode_block(self, text: str) -> Block:
+        lines = text.split("\n")[:-1]
+        pieces = self.tokenizer(lines, add_special_tokens=False)["input_ids"] if lines else []
+        ids = _join_lines(pieces, self.eol_id)
+        unk = int(np.count_nonzero(ids == self.unk_id)) if self.unk_id >= 0 else 0
+        return Block(ids, count_words(text), unk)
+
+
+# ---------------------------------------------------------------------------------------------
 # loading
 
 KINDS: dict[str, type[Tokenizer]] = {
-    cls.kind: cls for cls in (WordTokenizer, SentencePieceTokenizer, BpeTokenizer)
+    cls.kind: cls for cls in (WordTokenizer, SentencePieceTokenizer, BpeTokenizer, HFTokenizer)
 }
 
 
 def tokenizer_from_file(path: str | Path) -> Tokenizer:
     """Load a model file by its name: `*.model` sentencepiece, `*.json` tokenizers, else a
-    fairseq `dict.txt`."""
+    fairseq `dict.txt`; `hf:FOLDER` (or a folder) a transformers tokenizer."""
+    text = str(path)
+    if text.startswith(HF_PREFIX) or Path(text).is_dir():
+        return HFTokenizer.from_file(text.removeprefix(HF_PREFIX))
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: tokenizer file not found")

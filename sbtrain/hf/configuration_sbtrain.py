@@ -12,3 +12,4 @@ class SbtrainConfig(PreTrainedConfig):
     vocab_size: int = 8  # entries of the token embedding (and of the output layer)
     max_len: int = 64  # positions the model was built for (the training length)
     sbtrain_model: dict | None = None  # the `model` section of the sbtrain recipe
+    sbtrain_seed: int = 1  # the recipe's train.seed: a swap's kernels draw from it, as in sbtrain
