@@ -43,6 +43,17 @@ from sbtrain.attention.common import (
 # every block, which measured several times slower on CPU.
 BLOCK_ELEMENTS = 2**22
 
+# The path: None chooses by `dense_is_cheaper`; True / False force dense / gathered (tests).
+DENSE: bool | None = None
+DENSE_FACTOR = 8  # placeholder, measured below
+# Score elements per query block of the dense path.
+DENSE_BLOCK_ELEMENTS = 2**19
+
+
+def dense_is_cheaper(length: int, support_size: int) -> bool:
+    """Whether dense masked scores beat gathering (see the measurements in the module doc)."""
+    return length <= DENSE_FACTOR * support_size
+
 
 def draw_rotations(
     head_dim: int, n_hashes: int, n_buckets: int, gen: torch.Generator
@@ -298,6 +309,124 @@ def _blocks(table: torch.Tensor, support: _Support, count: int, block: int):
         yield span, flat_table.index_select(0, rows_index).view(*keys.shape, -1), rows_index, keep
 
 
+class _DenseSums(torch.autograd.Function):
+    """The same sums as `_SupportSums`, with dense matmuls instead of gathered rows.
+
+    Per query block: the scores q @ k^T (B, H, T, L); the support's K scores are picked from
+    them, weighed exactly as `_block_sums` weighs them, and spread back (zero off the support)
+    into a (B, H, T, L) matrix for `weights @ vx`. Matmuls cover L keys per query, masks and
+    exponentials only the K support entries. The supports (B, H, T, K) computed in forward are
+    kept for backward, which recomputes each block's weights and adds its key gradients into
+    (B, H, L, .) buffers. Memory O(L (X + K)) plus one block.
+    """
+
+    @staticmethod
+    def forward(ctx, q, qf, k, vx, kf, key_top, support: _Support, block: int):
+        """q: (B, H, T, D); k: (B, H, L, D); vx: (B, H, L, E); qf (B, H, T, m), kf (B, H, L, m)
+        and key_top (B, H, L) for the feature products, or all three None. Returns what
+        `_SupportSums.forward` does."""
+        nd = q.new_empty(*q.shape[:-1], vx.shape[-1])
+        top = q.new_empty(q.shape[:-1])
+        feature_nd = torch.empty_like(nd) if qf is not None else q.new_empty(0)
+        feature_top = torch.empty_like(top) if qf is not None else q.new_empty(0)
+        supports = []
+        for span, reach in _dense_spans(support, q.shape[2], k.shape[2], block):
+            keys, keep = support.block(span)
+            supports.append((keys, ~keep))
+            qf_block = None if qf is None else qf[:, :, span]
+            sums = _dense_weights(q[:, :, span], qf_block, k, kf, key_top, *supports[-1], reach)
+            nd[:, :, span] = _spread(sums.weights, keys, reach) @ vx[:, :, :reach]
+            top[:, :, span] = sums.top
+            if qf is not None:
+                spread = _spread(sums.feature_weights, keys, reach)
+                feature_nd[:, :, span] = spread @ vx[:, :, :reach]
+                feature_top[:, :, span] = sums.feature_top
+        ctx.save_for_backward(q, qf, k, vx, kf, key_top)
+        ctx.support, ctx.supports, ctx.block = support, supports, block
+        ctx.mark_non_differentiable(top, feature_top)
+        return nd, top, feature_nd, feature_top
+
+    @staticmethod
+    def backward(ctx, grad_nd, _grad_top, grad_feature_nd, _grad_feature_top):
+        q, qf, k, vx, kf, key_top = ctx.saved_tensors
+        # contiguous, whatever the inputs' strides: `_add_product` views them (B * H, L, X)
+        grad_q, grad_k, grad_vx = (x.new_zeros(x.shape) for x in (q, k, vx))
+        grad_qf = qf.new_zeros(qf.shape) if qf is not None else None
+        grad_kf = kf.new_zeros(kf.shape) if qf is not None else None
+        spans = _dense_spans(ctx.support, q.shape[2], k.shape[2], ctx.block)
+        for (span, reach), (keys, dropped) in zip(spans, ctx.supports):
+            q_block, qf_block = q[:, :, span], None if qf is None else qf[:, :, span]
+            sums = _dense_weights(q_block, qf_block, k, kf, key_top, keys, dropped, reach)
+            near = slice(0, reach)
+            vx_t = vx[:, :, near].transpose(-1, -2)
+            gradient = grad_nd[:, :, span]  # (B, H, T, E)
+            _add_product(grad_vx[:, :, near], _spread(sums.weights, keys, reach), gradient)
+            grad_scores = (gradient @ vx_t).gather(-1, keys).mul_(sums.weights)  # (B, H, T, K)
+            grad_scores = _spread(grad_scores, keys, reach)
+            grad_q[:, :, span] = grad_scores @ k[:, :, near]
+            _add_product(grad_k[:, :, near], grad_scores, q_block)
+            if qf is not None:
+                gradient = grad_feature_nd[:, :, span]
+                spread = _spread(sums.feature_weights, keys, reach)
+                _add_product(grad_vx[:, :, near], spread, gradient)
+                grad_products = (gradient @ vx_t).gather(-1, keys).mul_(sums.decay)
+                grad_products = _spread(grad_products, keys, reach)
+                grad_qf[:, :, span] = grad_products @ kf[:, :, near]
+                _add_product(grad_kf[:, :, near], grad_products, qf_block)
+        # the key feature top, like every log-scale, has no gradient
+        return grad_q, grad_qf, grad_k, grad_vx, grad_kf, None, None, None
+
+
+def _add_product(buffer: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> None:
+    """buffer (B, H, L, X) += weights (B, H, T, L)^T @ rows (B, H, T, X), in one BLAS call
+    (`buffer` may be a slice of keys of a contiguous (B, H, ., X) tensor)."""
+    batch, heads, length, width = buffer.shape
+    flat = buffer.view(batch * heads, length, width)
+    flat.baddbmm_(weights.transpose(-1, -2).flatten(0, 1), rows.flatten(0, 1))
+
+
+def _dense_spans(support: _Support, count: int, length: int, block: int):
+    """Per query block: (span, reach): its support holds keys j < reach only (causal: up to its
+    last query; non-causal: all L)."""
+    for start in range(0, count, block):
+        stop = min(start + block, count)
+        yield slice(start, stop), length if support.real is not None else length - count + stop
+
+
+def _spread(values: torch.Tensor, keys: torch.Tensor, reach: int) -> torch.Tensor:
+    """(B, H, T, K) values at key positions `keys` -> (B, H, T, reach), zero elsewhere. Added, so
+    a repeated key (value 0: not kept) leaves its first copy's value alone."""
+    spread = values.new_zeros(*values.shape[:-1], reach)
+    return spread.scatter_add_(-1, keys, values)
+
+
+def _dense_weights(
+    q: torch.Tensor,
+    qf: torch.Tensor | None,
+    k: torch.Tensor,
+    kf: torch.Tensor | None,
+    key_top: torch.Tensor | None,
+    keys: torch.Tensor,
+    dropped: torch.Tensor,
+    reach: int,
+) -> _BlockSums:
+    """`_block_sums`' weights (B, H, T, K) of one query block, its scores picked from q @ k^T
+    over the keys j < reach; `dropped` = ~keep (nd and feature_nd are left None)."""
+    near = slice(0, reach)
+    scores = (q @ k[:, :, near].transpose(-1, -2)).gather(-1, keys)
+    scores.masked_fill_(dropped, -math.inf)
+    top = scores.amax(-1).clamp_min(EMPTY)
+    weights = scores.sub_(top.unsqueeze(-1)).exp_()
+    if qf is None:
+        return _BlockSums(weights, None, top, None, None, None, None)
+    near_top = key_top[:, :, None, near].expand(*keys.shape[:-1], reach).gather(-1, keys)
+    near_top.masked_fill_(dropped, -math.inf)
+    feature_top = near_top.amax(-1).clamp_min(EMPTY)
+    decay = near_top.sub_(feature_top.unsqueeze(-1)).exp_()
+    products = (qf @ kf[:, :, near].transpose(-1, -2)).gather(-1, keys)
+    return _BlockSums(weights, None, top, decay, products.mul_(decay), None, feature_top)
+
+
 def lsh_parts(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -335,11 +464,16 @@ def lsh_parts(
     if features is not None:
         columns += [features[1].weights, features[1].top.unsqueeze(-1)]
         qf = features[0].weights
-    table = torch.cat(columns, dim=-1)  # (B, H, L, X)
-    per_query = batch * heads * (1 + rotations.shape[0] * (behind + ahead)) * table.shape[-1]
-    block = max(1, BLOCK_ELEMENTS // per_query)
-    width = vx.shape[-1]
-    nd, top, feature_nd, feature_top = _SupportSums.apply(q, qf, table, support, dim, width, block)
+    support_size = 1 + rotations.shape[0] * (behind + ahead)
+    if dense_is_cheaper(length, support_size) if DENSE is None else DENSE:
+        block = max(1, DENSE_BLOCK_ELEMENTS // (batch * heads * length))
+        kf, key_top = (None, None) if features is None else features[1]
+        sums = _DenseSums.apply(q, qf, k, vx, kf, key_top, support, block)
+    else:
+        table = torch.cat(columns, dim=-1)  # (B, H, L, X)
+        block = max(1, BLOCK_ELEMENTS // (batch * heads * support_size * table.shape[-1]))
+        sums = _SupportSums.apply(q, qf, table, support, dim, vx.shape[-1], block)
+    nd, top, feature_nd, feature_top = sums
     if features is None:
         return Part(nd, top), None
     return Part(nd, top), Part(feature_nd, features[0].top + feature_top)
