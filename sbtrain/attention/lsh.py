@@ -11,6 +11,13 @@ Non-causal (with a key padding mask): per round, the `bucket_size - bucket_size 
 same-bucket *real* keys j <= i and the `bucket_size // 2` nearest j > i, in position order. Padded
 keys are sorted after every real key, so neither the padding of the query's own sequence nor that
 of any other sequence changes which keys a real query sees.
+
+Two ways to the exact sums over those supports (`lsh_parts`), by query blocks, both recomputing
+in backward: gathering each query's K support rows [k, v, 1, (features)] (memory O(L) whatever
+L: long contexts), or, for short sequences, dense scores q @ k^T (B, H, T, L) of which only the
+support entries are kept. Gathering K x X floats per query moves more memory than L dense scores
+when L is short: at the CPU LRA shapes (L = 256 / 400, K = 33 / 49) the dense path is ~2-3x
+faster; `dense_is_cheaper` chooses (measurements there).
 """
 
 from __future__ import annotations
@@ -43,16 +50,29 @@ from sbtrain.attention.common import (
 # every block, which measured several times slower on CPU.
 BLOCK_ELEMENTS = 2**22
 
-# The path: None chooses by `dense_is_cheaper`; True / False force dense / gathered (tests).
+# The path of the exact sums: None chooses by `dense_is_cheaper`; True / False force the dense /
+# gathered one (tests).
 DENSE: bool | None = None
-DENSE_FACTOR = 8  # placeholder, measured below
-# Score elements per query block of the dense path.
-DENSE_BLOCK_ELEMENTS = 2**19
+DENSE_FACTOR = 10
+DENSE_MAX_LENGTH = 1024
 
 
 def dense_is_cheaper(length: int, support_size: int) -> bool:
-    """Whether dense masked scores beat gathering (see the measurements in the module doc)."""
-    return length <= DENSE_FACTOR * support_size
+    """Whether dense masked scores beat gathering support rows, for L keys and supports of
+    K = `support_size`.
+
+    Per query, the dense path computes L scores and L weights x [v, 1] (and feature products) in
+    BLAS matmuls and touches only its K support entries otherwise; the gathered path copies K
+    rows of X = D + E (+ m + 1) columns in, and in backward adds K such rows of gradients back
+    (index_add), with the small batched matmuls of K rows. Both are O(K X) or O(L X) per query,
+    so the choice is L <= c K. Measured (fwd + bwd, fp32, 2-core CPU under load, one run each,
+    both paths side by side): at L / K ~ 8 the dense path was faster at every shape tried
+    (B=32, H=4, D=16, 2 x 16 at L=256: 730 -> 270 ms with one thread; 2 x 24 at L=400, with
+    scatterbrain: 1692 -> 789 ms; B=1, H=8, D=64, 2 x 128 at L=2048: 39.6 -> 3.7 s), so c = 10.
+    Lengths over DENSE_MAX_LENGTH keep the gathered path regardless: the long-context runs were
+    measured with it, and the dense path's time grows as L^2 per head when K grows with L.
+    """
+    return length <= DENSE_MAX_LENGTH and length <= DENSE_FACTOR * support_size
 
 
 def draw_rotations(
@@ -315,9 +335,10 @@ class _DenseSums(torch.autograd.Function):
     Per query block: the scores q @ k^T (B, H, T, L); the support's K scores are picked from
     them, weighed exactly as `_block_sums` weighs them, and spread back (zero off the support)
     into a (B, H, T, L) matrix for `weights @ vx`. Matmuls cover L keys per query, masks and
-    exponentials only the K support entries. The supports (B, H, T, K) computed in forward are
-    kept for backward, which recomputes each block's weights and adds its key gradients into
-    (B, H, L, .) buffers. Memory O(L (X + K)) plus one block.
+    exponentials only the K support entries (an exponential of a masked -inf score is ~30x
+    slower than of a finite one on CPU). Like `_SupportSums`, backward recomputes each block's
+    support and weights and adds its key gradients into (B, H, L, .) buffers: memory O(L X)
+    plus one block.
     """
 
     @staticmethod
@@ -329,12 +350,10 @@ class _DenseSums(torch.autograd.Function):
         top = q.new_empty(q.shape[:-1])
         feature_nd = torch.empty_like(nd) if qf is not None else q.new_empty(0)
         feature_top = torch.empty_like(top) if qf is not None else q.new_empty(0)
-        supports = []
         for span, reach in _dense_spans(support, q.shape[2], k.shape[2], block):
             keys, keep = support.block(span)
-            supports.append((keys, ~keep))
             qf_block = None if qf is None else qf[:, :, span]
-            sums = _dense_weights(q[:, :, span], qf_block, k, kf, key_top, *supports[-1], reach)
+            sums = _dense_weights(q[:, :, span], qf_block, k, kf, key_top, keys, ~keep, reach)
             nd[:, :, span] = _spread(sums.weights, keys, reach) @ vx[:, :, :reach]
             top[:, :, span] = sums.top
             if qf is not None:
@@ -342,7 +361,7 @@ class _DenseSums(torch.autograd.Function):
                 feature_nd[:, :, span] = spread @ vx[:, :, :reach]
                 feature_top[:, :, span] = sums.feature_top
         ctx.save_for_backward(q, qf, k, vx, kf, key_top)
-        ctx.support, ctx.supports, ctx.block = support, supports, block
+        ctx.support, ctx.block = support, block
         ctx.mark_non_differentiable(top, feature_top)
         return nd, top, feature_nd, feature_top
 
@@ -353,10 +372,10 @@ class _DenseSums(torch.autograd.Function):
         grad_q, grad_k, grad_vx = (x.new_zeros(x.shape) for x in (q, k, vx))
         grad_qf = qf.new_zeros(qf.shape) if qf is not None else None
         grad_kf = kf.new_zeros(kf.shape) if qf is not None else None
-        spans = _dense_spans(ctx.support, q.shape[2], k.shape[2], ctx.block)
-        for (span, reach), (keys, dropped) in zip(spans, ctx.supports):
+        for span, reach in _dense_spans(ctx.support, q.shape[2], k.shape[2], ctx.block):
+            keys, keep = ctx.support.block(span)
             q_block, qf_block = q[:, :, span], None if qf is None else qf[:, :, span]
-            sums = _dense_weights(q_block, qf_block, k, kf, key_top, keys, dropped, reach)
+            sums = _dense_weights(q_block, qf_block, k, kf, key_top, keys, ~keep, reach)
             near = slice(0, reach)
             vx_t = vx[:, :, near].transpose(-1, -2)
             gradient = grad_nd[:, :, span]  # (B, H, T, E)
@@ -445,10 +464,11 @@ def lsh_parts(
     (scatterbrain: they are exact already): causal, j > i - window; non-causal, the centred
     window. `real` (B, L) bool makes it non-causal (T = L): `split_bucket(bucket_size)` keys per
     round before and after, padded keys never found. A query with an empty support (only a padded
-    one can have it) gets the EMPTY log-scale and zero sums. Queries are
-    processed in blocks whose gathered (T, K, X) rows are recomputed in backward: memory
-    O(L (X + R)) plus one block. Returns the exact part (B, H, T, E) and, with `features`, the
-    part Σ phi(q).phi(k) [v, 1] over the same entries (for the low-rank part to subtract).
+    one can have it) gets the EMPTY log-scale and zero sums. Queries are processed in blocks
+    whose gathered (T, K, X) rows, or dense (T, L) scores when `dense_is_cheaper` (or `DENSE`
+    forces it), are recomputed in backward: memory O(L (X + R)) plus one block. Returns the
+    exact part (B, H, T, E) and, with `features`, the part Σ phi(q).phi(k) [v, 1] over the same
+    entries (for the low-rank part to subtract).
     `hashed` = (queries (B, H, T, D), keys (B, H, L, D)) are what buckets are drawn from when
     q and k carry rotary positions: their unrotated content (default: q and k themselves).
     """
@@ -466,7 +486,7 @@ def lsh_parts(
         qf = features[0].weights
     support_size = 1 + rotations.shape[0] * (behind + ahead)
     if dense_is_cheaper(length, support_size) if DENSE is None else DENSE:
-        block = max(1, DENSE_BLOCK_ELEMENTS // (batch * heads * length))
+        block = max(1, BLOCK_ELEMENTS // (batch * heads * length))
         kf, key_top = (None, None) if features is None else features[1]
         sums = _DenseSums.apply(q, qf, k, vx, kf, key_top, support, block)
     else:
