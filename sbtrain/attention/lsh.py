@@ -16,8 +16,8 @@ Two ways to the exact sums over those supports (`lsh_parts`), by query blocks, b
 in backward: gathering each query's K support rows [k, v, 1, (features)] (memory O(L) whatever
 L: long contexts), or, for short sequences, dense scores q @ k^T (B, H, T, L) of which only the
 support entries are kept. Gathering K x X floats per query moves more memory than L dense scores
-when L is short: at the CPU LRA shapes (L = 256 / 400, K = 33 / 49) the dense path is ~2-3x
-faster; `dense_is_cheaper` chooses (measurements there).
+when L is short: at the CPU LRA shapes (L = 256 / 400, K = 33 / 49) the dense path is 2.4x
+faster under load (1.1-1.7x with one thread); `dense_is_cheaper` chooses (measurements there).
 """
 
 from __future__ import annotations
@@ -65,12 +65,17 @@ def dense_is_cheaper(length: int, support_size: int) -> bool:
     BLAS matmuls and touches only its K support entries otherwise; the gathered path copies K
     rows of X = D + E (+ m + 1) columns in, and in backward adds K such rows of gradients back
     (index_add), with the small batched matmuls of K rows. Both are O(K X) or O(L X) per query,
-    so the choice is L <= c K. Measured (fwd + bwd, fp32, 2-core CPU under load, one run each,
-    both paths side by side): at L / K ~ 8 the dense path was faster at every shape tried
-    (B=32, H=4, D=16, 2 x 16 at L=256: 730 -> 270 ms with one thread; 2 x 24 at L=400, with
-    scatterbrain: 1692 -> 789 ms; B=1, H=8, D=64, 2 x 128 at L=2048: 39.6 -> 3.7 s), so c = 10.
+    so the choice is L <= c K. Measured (fwd + bwd, fp32, non-causal with padding, B=32, H=4,
+    D=16, 2-core CPU under a load of ~7, both paths side by side, one run each; gathered ->
+    dense): lsh L=256, 2 x 16 (L / K = 7.8): 8.2 -> 3.5 s (one thread: 0.69 -> 0.61 s);
+    L=400, 2 x 24 (L / K = 8.2): 17.3 -> 7.2 s (1.68 -> 1.44 s); scatterbrain (sparse=lsh,
+    16 features) L=256: 13.0 -> 5.5 s (1.04 -> 0.63 s); L=400 (one thread): 4.2 -> 2.6 s.
+    B=1, H=8, D=64, 2 x 128 at L=2048 (L / K = 8.0, one thread, an earlier version of the
+    dense path): 39.6 -> 3.7 s. Faster wherever L / K ~ 8 was tried, hence c = 10 (not
+    measured beyond). Under load the time is mostly a fixed cost per parallel op (threads
+    waiting for each other), so fewer ops (the dense path has no index_add) matter most.
     Lengths over DENSE_MAX_LENGTH keep the gathered path regardless: the long-context runs were
-    measured with it, and the dense path's time grows as L^2 per head when K grows with L.
+    measured with it, and the dense path's work per query grows with L, not with K.
     """
     return length <= DENSE_MAX_LENGTH and length <= DENSE_FACTOR * support_size
 
