@@ -177,3 +177,20 @@ def word_corpus(tmp_path_factory) -> tuple[Path, Path]:
     raw, data = write_corpus(root / "raw"), root / "bin"
     assert main(["preprocess", str(DEBUG_RECIPE), f"data.raw={raw}", f"data.dir={data}"]) == 0
     return raw, data
+
+
+@pytest.fixture
+def lsh_path(request, monkeypatch):
+    """Parametrised `indirect`: "dense" or "gathered" forces that path of LSH's exact sums
+    (`sbtrain.attention.lsh.DENSE`); None leaves the automatic choice."""
+    import sbtrain.attention.lsh
+
+    path = getattr(request, "param", None)
+    if path is not None:
+        monkeypatch.setattr(sbtrain.attention.lsh, "DENSE", path == "dense")
+    return path
+
+
+def with_lsh_paths(names) -> list[tuple[str, str | None]]:
+    """(name, path) pairs for `lsh_path`: both paths for every case with LSH, one run for others."""
+    return [(n, p) for n in names for p in (("dense", "gathered") if "lsh" in n else (None,))]

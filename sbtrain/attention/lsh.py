@@ -11,6 +11,13 @@ Non-causal (with a key padding mask): per round, the `bucket_size - bucket_size 
 same-bucket *real* keys j <= i and the `bucket_size // 2` nearest j > i, in position order. Padded
 keys are sorted after every real key, so neither the padding of the query's own sequence nor that
 of any other sequence changes which keys a real query sees.
+
+Two ways to the exact sums over those supports (`lsh_parts`), by query blocks, both recomputing
+in backward: gathering each query's K support rows [k, v, 1, (features)] (memory O(L) whatever
+L: long contexts), or, for short sequences, dense scores q @ k^T (B, H, T, L) of which only the
+support entries are kept. Gathering K x X floats per query moves more memory than L dense scores
+when L is short: at the CPU LRA shapes (L = 256 / 400, K = 33 / 49) the dense path is 2.4x
+faster under load (1.1-1.7x with one thread); `dense_is_cheaper` chooses (measurements there).
 """
 
 from __future__ import annotations
@@ -42,6 +49,36 @@ from sbtrain.attention.common import (
 # threshold (32 MiB), so their buffers are reused from the heap instead of faulting in fresh pages
 # every block, which measured several times slower on CPU.
 BLOCK_ELEMENTS = 2**22
+
+# The path of the exact sums: None chooses by `dense_is_cheaper`; True / False force the dense /
+# gathered one (tests).
+DENSE: bool | None = None
+DENSE_FACTOR = 10
+DENSE_MAX_LENGTH = 1024
+
+
+def dense_is_cheaper(length: int, support_size: int) -> bool:
+    """Whether dense masked scores beat gathering support rows, for L keys and supports of
+    K = `support_size`.
+
+    Per query, the dense path computes L scores and L weights x [v, 1] (and feature products) in
+    BLAS matmuls and touches only its K support entries otherwise; the gathered path copies K
+    rows of X = D + E (+ m + 1) columns in, and in backward adds K such rows of gradients back
+    (index_add), with the small batched matmuls of K rows. Both are O(K X) or O(L X) per query,
+    so the choice is L <= c K. Measured (fwd + bwd, fp32, non-causal with padding, B=32, H=4,
+    D=16, 2-core CPU under a load of ~7, both paths side by side, one run each; gathered ->
+    dense): lsh L=256, 2 x 16 (L / K = 7.8): 8.2 -> 3.5 s (one thread: 0.69 -> 0.61 s);
+    L=400, 2 x 24 (L / K = 8.2): 17.3 -> 7.2 s (1.68 -> 1.44 s); scatterbrain (sparse=lsh,
+    16 features) L=256: 13.0 -> 5.5 s (1.04 -> 0.63 s); L=400 (one thread): 4.2 -> 2.6 s.
+    B=1, H=8, D=64, 2 x 128 at L=2048 (L / K = 8.0, one thread, an earlier version of the
+    dense path): 39.6 -> 3.7 s. Faster wherever L / K ~ 8 was tried, hence c = 10 (not
+    measured beyond). Under load the time is mostly a fixed cost per parallel op (threads
+    waiting for each other), so fewer ops (the dense path has no index_add) matter most.
+    Training recipes/lra/listops-cpu-lsh.yaml (same load, updates 2-4): 14.2 -> 6.0 s/update.
+    Lengths over DENSE_MAX_LENGTH keep the gathered path regardless: the long-context runs were
+    measured with it, and the dense path's work per query grows with L, not with K.
+    """
+    return length <= DENSE_MAX_LENGTH and length <= DENSE_FACTOR * support_size
 
 
 def draw_rotations(
@@ -298,6 +335,123 @@ def _blocks(table: torch.Tensor, support: _Support, count: int, block: int):
         yield span, flat_table.index_select(0, rows_index).view(*keys.shape, -1), rows_index, keep
 
 
+class _DenseSums(torch.autograd.Function):
+    """The same sums as `_SupportSums`, with dense matmuls instead of gathered rows.
+
+    Per query block: the scores q @ k^T (B, H, T, L); the support's K scores are picked from
+    them, weighed exactly as `_block_sums` weighs them, and spread back (zero off the support)
+    into a (B, H, T, L) matrix for `weights @ vx`. Matmuls cover L keys per query, masks and
+    exponentials only the K support entries (an exponential of a masked -inf score is ~30x
+    slower than of a finite one on CPU). Like `_SupportSums`, backward recomputes each block's
+    support and weights and adds its key gradients into (B, H, L, .) buffers: memory O(L X)
+    plus one block.
+    """
+
+    @staticmethod
+    def forward(ctx, q, qf, k, vx, kf, key_top, support: _Support, block: int):
+        """q: (B, H, T, D); k: (B, H, L, D); vx: (B, H, L, E); qf (B, H, T, m), kf (B, H, L, m)
+        and key_top (B, H, L) for the feature products, or all three None. Returns what
+        `_SupportSums.forward` does."""
+        nd = q.new_empty(*q.shape[:-1], vx.shape[-1])
+        top = q.new_empty(q.shape[:-1])
+        feature_nd = torch.empty_like(nd) if qf is not None else q.new_empty(0)
+        feature_top = torch.empty_like(top) if qf is not None else q.new_empty(0)
+        for span, reach in _dense_spans(support, q.shape[2], k.shape[2], block):
+            keys, keep = support.block(span)
+            qf_block = None if qf is None else qf[:, :, span]
+            sums = _dense_weights(q[:, :, span], qf_block, k, kf, key_top, keys, ~keep, reach)
+            nd[:, :, span] = _spread(sums.weights, keys, reach) @ vx[:, :, :reach]
+            top[:, :, span] = sums.top
+            if qf is not None:
+                spread = _spread(sums.feature_weights, keys, reach)
+                feature_nd[:, :, span] = spread @ vx[:, :, :reach]
+                feature_top[:, :, span] = sums.feature_top
+        ctx.save_for_backward(q, qf, k, vx, kf, key_top)
+        ctx.support, ctx.block = support, block
+        ctx.mark_non_differentiable(top, feature_top)
+        return nd, top, feature_nd, feature_top
+
+    @staticmethod
+    def backward(ctx, grad_nd, _grad_top, grad_feature_nd, _grad_feature_top):
+        q, qf, k, vx, kf, key_top = ctx.saved_tensors
+        # contiguous, whatever the inputs' strides: `_add_product` views them (B * H, L, X)
+        grad_q, grad_k, grad_vx = (x.new_zeros(x.shape) for x in (q, k, vx))
+        grad_qf = qf.new_zeros(qf.shape) if qf is not None else None
+        grad_kf = kf.new_zeros(kf.shape) if qf is not None else None
+        for span, reach in _dense_spans(ctx.support, q.shape[2], k.shape[2], ctx.block):
+            keys, keep = ctx.support.block(span)
+            q_block, qf_block = q[:, :, span], None if qf is None else qf[:, :, span]
+            sums = _dense_weights(q_block, qf_block, k, kf, key_top, keys, ~keep, reach)
+            near = slice(0, reach)
+            vx_t = vx[:, :, near].transpose(-1, -2)
+            gradient = grad_nd[:, :, span]  # (B, H, T, E)
+            _add_product(grad_vx[:, :, near], _spread(sums.weights, keys, reach), gradient)
+            grad_scores = (gradient @ vx_t).gather(-1, keys).mul_(sums.weights)  # (B, H, T, K)
+            grad_scores = _spread(grad_scores, keys, reach)
+            grad_q[:, :, span] = grad_scores @ k[:, :, near]
+            _add_product(grad_k[:, :, near], grad_scores, q_block)
+            if qf is not None:
+                gradient = grad_feature_nd[:, :, span]
+                spread = _spread(sums.feature_weights, keys, reach)
+                _add_product(grad_vx[:, :, near], spread, gradient)
+                grad_products = (gradient @ vx_t).gather(-1, keys).mul_(sums.decay)
+                grad_products = _spread(grad_products, keys, reach)
+                grad_qf[:, :, span] = grad_products @ kf[:, :, near]
+                _add_product(grad_kf[:, :, near], grad_products, qf_block)
+        # the key feature top, like every log-scale, has no gradient
+        return grad_q, grad_qf, grad_k, grad_vx, grad_kf, None, None, None
+
+
+def _add_product(buffer: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> None:
+    """buffer (B, H, L, X) += weights (B, H, T, L)^T @ rows (B, H, T, X), in one BLAS call
+    (`buffer` may be a slice of keys of a contiguous (B, H, ., X) tensor)."""
+    batch, heads, length, width = buffer.shape
+    flat = buffer.view(batch * heads, length, width)
+    flat.baddbmm_(weights.transpose(-1, -2).flatten(0, 1), rows.flatten(0, 1))
+
+
+def _dense_spans(support: _Support, count: int, length: int, block: int):
+    """Per query block: (span, reach): its support holds keys j < reach only (causal: up to its
+    last query; non-causal: all L)."""
+    for start in range(0, count, block):
+        stop = min(start + block, count)
+        yield slice(start, stop), length if support.real is not None else length - count + stop
+
+
+def _spread(values: torch.Tensor, keys: torch.Tensor, reach: int) -> torch.Tensor:
+    """(B, H, T, K) values at key positions `keys` -> (B, H, T, reach), zero elsewhere. Added, so
+    a repeated key (value 0: not kept) leaves its first copy's value alone."""
+    spread = values.new_zeros(*values.shape[:-1], reach)
+    return spread.scatter_add_(-1, keys, values)
+
+
+def _dense_weights(
+    q: torch.Tensor,
+    qf: torch.Tensor | None,
+    k: torch.Tensor,
+    kf: torch.Tensor | None,
+    key_top: torch.Tensor | None,
+    keys: torch.Tensor,
+    dropped: torch.Tensor,
+    reach: int,
+) -> _BlockSums:
+    """`_block_sums`' weights (B, H, T, K) of one query block, its scores picked from q @ k^T
+    over the keys j < reach; `dropped` = ~keep (nd and feature_nd are left None)."""
+    near = slice(0, reach)
+    scores = (q @ k[:, :, near].transpose(-1, -2)).gather(-1, keys)
+    scores.masked_fill_(dropped, -math.inf)
+    top = scores.amax(-1).clamp_min(EMPTY)
+    weights = scores.sub_(top.unsqueeze(-1)).exp_()
+    if qf is None:
+        return _BlockSums(weights, None, top, None, None, None, None)
+    near_top = key_top[:, :, None, near].expand(*keys.shape[:-1], reach).gather(-1, keys)
+    near_top.masked_fill_(dropped, -math.inf)
+    feature_top = near_top.amax(-1).clamp_min(EMPTY)
+    decay = near_top.sub_(feature_top.unsqueeze(-1)).exp_()
+    products = (qf @ kf[:, :, near].transpose(-1, -2)).gather(-1, keys)
+    return _BlockSums(weights, None, top, decay, products.mul_(decay), None, feature_top)
+
+
 def lsh_parts(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -316,10 +470,11 @@ def lsh_parts(
     (scatterbrain: they are exact already): causal, j > i - window; non-causal, the centred
     window. `real` (B, L) bool makes it non-causal (T = L): `split_bucket(bucket_size)` keys per
     round before and after, padded keys never found. A query with an empty support (only a padded
-    one can have it) gets the EMPTY log-scale and zero sums. Queries are
-    processed in blocks whose gathered (T, K, X) rows are recomputed in backward: memory
-    O(L (X + R)) plus one block. Returns the exact part (B, H, T, E) and, with `features`, the
-    part Σ phi(q).phi(k) [v, 1] over the same entries (for the low-rank part to subtract).
+    one can have it) gets the EMPTY log-scale and zero sums. Queries are processed in blocks
+    whose gathered (T, K, X) rows, or dense (T, L) scores when `dense_is_cheaper` (or `DENSE`
+    forces it), are recomputed in backward: memory O(L (X + R)) plus one block. Returns the
+    exact part (B, H, T, E) and, with `features`, the part Σ phi(q).phi(k) [v, 1] over the same
+    entries (for the low-rank part to subtract).
     `hashed` = (queries (B, H, T, D), keys (B, H, L, D)) are what buckets are drawn from when
     q and k carry rotary positions: their unrotated content (default: q and k themselves).
     """
@@ -335,11 +490,16 @@ def lsh_parts(
     if features is not None:
         columns += [features[1].weights, features[1].top.unsqueeze(-1)]
         qf = features[0].weights
-    table = torch.cat(columns, dim=-1)  # (B, H, L, X)
-    per_query = batch * heads * (1 + rotations.shape[0] * (behind + ahead)) * table.shape[-1]
-    block = max(1, BLOCK_ELEMENTS // per_query)
-    width = vx.shape[-1]
-    nd, top, feature_nd, feature_top = _SupportSums.apply(q, qf, table, support, dim, width, block)
+    support_size = 1 + rotations.shape[0] * (behind + ahead)
+    if dense_is_cheaper(length, support_size) if DENSE is None else DENSE:
+        block = max(1, BLOCK_ELEMENTS // (batch * heads * length))
+        kf, key_top = (None, None) if features is None else features[1]
+        sums = _DenseSums.apply(q, qf, k, vx, kf, key_top, support, block)
+    else:
+        table = torch.cat(columns, dim=-1)  # (B, H, L, X)
+        block = max(1, BLOCK_ELEMENTS // (batch * heads * support_size * table.shape[-1]))
+        sums = _SupportSums.apply(q, qf, table, support, dim, vx.shape[-1], block)
+    nd, top, feature_nd, feature_top = sums
     if features is None:
         return Part(nd, top), None
     return Part(nd, top), Part(feature_nd, features[0].top + feature_top)

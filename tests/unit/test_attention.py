@@ -12,6 +12,7 @@ import torch
 from sbtrain.attention import build_attention
 from sbtrain.attention.features import _ExclusiveScan
 from sbtrain.attention.reference import reference_attention, reference_matrix
+from tests.conftest import with_lsh_paths
 
 D = 8
 LSH = dict(n_hashes=2, bucket_size=3, n_buckets=4)
@@ -70,8 +71,8 @@ def relative(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
 
 
 @pytest.mark.parametrize("length", [1, 7, 130, 1000])
-@pytest.mark.parametrize("name", CASES)
-def test_matches_dense_reference_outputs_and_gradients(name, length):
+@pytest.mark.parametrize("name, lsh_path", with_lsh_paths(CASES), indirect=["lsh_path"])
+def test_matches_dense_reference_outputs_and_gradients(name, lsh_path, length):
     attn = build(name)
     inputs = [x.requires_grad_() for x in qkv(length)]
     grad = torch.randn(2, 2, length, D, dtype=torch.float64)
@@ -94,8 +95,8 @@ def test_reference_rows_are_causal_distributions(name):
     assert (matrix.triu(1) == 0).all() and (matrix >= 0).all()
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_future_inputs_do_not_change_the_past(name):
+@pytest.mark.parametrize("name, lsh_path", with_lsh_paths(CASES), indirect=["lsh_path"])
+def test_future_inputs_do_not_change_the_past(name, lsh_path):
     """Outputs at positions <= t ignore q, k, v after t, even a future key 20x larger."""
     t, length = 16, 40  # t sits inside a window chunk and inside a feature chunk
     attn = build(name)
@@ -108,8 +109,8 @@ def test_future_inputs_do_not_change_the_past(name):
     assert relative(after, before) < 1e-6
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_gradient_of_an_output_ignores_later_inputs(name):
+@pytest.mark.parametrize("name, lsh_path", with_lsh_paths(CASES), indirect=["lsh_path"])
+def test_gradient_of_an_output_ignores_later_inputs(name, lsh_path):
     t, length = 16, 40
     attn = build(name)
     inputs = [x.requires_grad_() for x in qkv(length)]
@@ -118,8 +119,10 @@ def test_gradient_of_an_output_ignores_later_inputs(name):
         assert (grad[:, :, t + 1 :] == 0).all()
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n != "full"])
-def test_stabilisers_do_not_look_ahead(name):
+@pytest.mark.parametrize(
+    "name, lsh_path", with_lsh_paths(n for n in CASES if n != "full"), indirect=["lsh_path"]
+)
+def test_stabilisers_do_not_look_ahead(name, lsh_path):
     """fp32: future keys aligned with the projection rows (x' = ±W_f) have the largest possible
     feature in every feature, past keys tiny ones (large norms). A log-scale taken over the
     future would move and flush past features to zero; ours are computed from positions <= i
@@ -215,8 +218,8 @@ def decode_in_pieces(attn, q, k, v, bounds):
     return torch.cat(outs, dim=2), cache
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_decoding_matches_forward(name):
+@pytest.mark.parametrize("name, lsh_path", with_lsh_paths(CASES), indirect=["lsh_path"])
+def test_decoding_matches_forward(name, lsh_path):
     attn = build(name)
     q, k, v = qkv(301, batch=1, dtype=torch.float32)
     full = attn(q, k, v)

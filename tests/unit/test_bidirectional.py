@@ -10,6 +10,7 @@ import torch
 
 from sbtrain.attention import build_attention, check_attention
 from sbtrain.attention.reference import reference_attention, reference_matrix
+from tests.conftest import with_lsh_paths
 
 D = 8
 LSH = dict(n_hashes=2, bucket_size=3, n_buckets=4)
@@ -71,8 +72,8 @@ def at_real(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("length", [1, 7, 47, 130])
-@pytest.mark.parametrize("name", CASES)
-def test_matches_dense_twin_with_ragged_padding(name, length):
+@pytest.mark.parametrize("name, lsh_path", with_lsh_paths(CASES), indirect=["lsh_path"])
+def test_matches_dense_twin_with_ragged_padding(name, lsh_path, length):
     """fp64 to 1e-5 like the causal tests, outputs and the gradients of q, k, v."""
     attn = build(name)
     mask = padding_mask(ragged(length), length)
@@ -89,8 +90,8 @@ def test_matches_dense_twin_with_ragged_padding(name, length):
         assert relative(g, w, floor=1.0) < 1e-5
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_fp32_matches_the_float64_twin(name):
+@pytest.mark.parametrize("name, lsh_path", with_lsh_paths(CASES), indirect=["lsh_path"])
+def test_fp32_matches_the_float64_twin(name, lsh_path):
     attn = build(name)
     mask = padding_mask(ragged(130), 130)
     inputs = [x.requires_grad_() for x in qkv(130, dtype=torch.float32)]
@@ -175,8 +176,8 @@ def test_scatterbrain_without_a_sparse_part_is_performer():
     assert relative(got, performer(q, k, v, key_padding_mask=mask)) < 1e-12
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_inputs_under_padding_change_nothing(name):
+@pytest.mark.parametrize("name, lsh_path", with_lsh_paths(CASES), indirect=["lsh_path"])
+def test_inputs_under_padding_change_nothing(name, lsh_path):
     """q, k, v at padded positions replaced by large random values: the outputs at real positions
     and their gradients are unchanged, and the padded inputs get zero gradient."""
     attn = build(name)
@@ -301,8 +302,10 @@ def test_impossible_combinations_are_value_errors(kind, options, message):
         check_attention(kind, D, **options)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n != "full"])
-def test_padded_keys_do_not_move_the_stabilisers(name):
+@pytest.mark.parametrize(
+    "name, lsh_path", with_lsh_paths(n for n in CASES if n != "full"), indirect=["lsh_path"]
+)
+def test_padded_keys_do_not_move_the_stabilisers(name, lsh_path):
     """fp32: padded keys aligned with the projection rows (x' = ±W_f, the largest feature every
     feature can have), real keys with tiny features (large norms). A key max that counted padded
     keys would move and flush real features to zero; ours ignores them, so the parts (scales
@@ -322,8 +325,8 @@ def test_padded_keys_do_not_move_the_stabilisers(name):
     assert relative(at_real(after.nd, mask), at_real(before.nd, mask)) < 1e-6
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_matches_dense_twin_with_padding_between_real_tokens(name):
+@pytest.mark.parametrize("name, lsh_path", with_lsh_paths(CASES), indirect=["lsh_path"])
+def test_matches_dense_twin_with_padding_between_real_tokens(name, lsh_path):
     """A mask with holes (not only trailing padding): padded keys between real ones are skipped,
     so e.g. lsh takes its nearest *real* same-bucket keys on both sides."""
     attn = build(name)
@@ -334,8 +337,10 @@ def test_matches_dense_twin_with_padding_between_real_tokens(name):
     assert relative(out, reference_attention(attn, q, k, v, key_padding_mask=mask)) < 1e-10
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n != "full"])
-def test_padded_keys_get_no_weight_in_any_part(name):
+@pytest.mark.parametrize(
+    "name, lsh_path", with_lsh_paths(n for n in CASES if n != "full"), indirect=["lsh_path"]
+)
+def test_padded_keys_get_no_weight_in_any_part(name, lsh_path):
     """Keys and values under padding replaced: the unnormalised parts of *every* query, padded
     ones included, are unchanged: no sum, exact or through features, counts a padded key."""
     attn = build(name)

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sbtrain.config import AttentionConfig, ModelConfig
 from sbtrain.model import IGNORE, TransformerLM
+from tests.conftest import with_lsh_paths
 
 KINDS = {
     "full": AttentionConfig(kind="full"),
@@ -69,8 +70,8 @@ def batch(vocab=60, batch=2, length=48, seed=0):
     return x, y
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_checkpointed_blocks_give_the_same_gradients_with_dropout(kind):
+@pytest.mark.parametrize("kind, lsh_path", with_lsh_paths(KINDS), indirect=["lsh_path"])
+def test_checkpointed_blocks_give_the_same_gradients_with_dropout(kind, lsh_path):
     model = small_model(KINDS[kind])
     x, y = batch()
     plain_loss, plain = loss_and_grads(model, x, y)

@@ -10,6 +10,7 @@ import torch
 from sbtrain.attention.reference import reference_attention
 from sbtrain.config import AttentionConfig, ModelConfig
 from sbtrain.model import ROPE_BASE, TransformerLM, rope
+from tests.conftest import with_lsh_paths
 from tests.unit.test_attention import CASES, D, build, qkv, relative
 
 
@@ -57,8 +58,8 @@ def test_rotated_scores_depend_only_on_the_offset():
     assert abs(score(10, 0) - score(11, 0)) > 1e-3
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_kinds_on_rotated_inputs_match_the_dense_reference(name):
+@pytest.mark.parametrize("name, lsh_path", with_lsh_paths(CASES), indirect=["lsh_path"])
+def test_kinds_on_rotated_inputs_match_the_dense_reference(name, lsh_path):
     """The module on rope(q), rope(k) with the content as hash_qk equals the float64 twin of
     rope followed by the kind's dense twin (buckets from the content): outputs and gradients."""
     attn = build(name)
@@ -73,8 +74,10 @@ def test_kinds_on_rotated_inputs_match_the_dense_reference(name):
         assert relative(g, w) < 1e-9
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if "lsh" in n])
-def test_non_causal_lsh_kinds_hash_the_content_too(name):
+@pytest.mark.parametrize(
+    "name, lsh_path", with_lsh_paths(n for n in CASES if "lsh" in n), indirect=["lsh_path"]
+)
+def test_non_causal_lsh_kinds_hash_the_content_too(name, lsh_path):
     """Non-causal, with ragged padding: the module on rope(q), rope(k) with the content as
     hash_qk equals the float64 twin whose buckets come from the content; hashing the rotated
     vectors instead gives another output."""
