@@ -26,6 +26,7 @@ swaps=(
 : >"$out.tmp"
 for swap in "${swaps[@]}"; do
   attention=()
+  # shellcheck disable=SC2206  # swap is KIND key=value ...: split on purpose
   [ -n "$swap" ] && attention=(--attention $swap)
   common=(--data "$data" --split test --attention-impl pytorch --json "${attention[@]}")
   native=$($sbtrain eval-ppl "$ckpt" "${common[@]}")

@@ -23,7 +23,7 @@ runs=checkpoints/lra-cpu
 mkdir -p "$runs" "$(dirname "$out")"
 : >"$out"
 for task in $tasks; do
-  $sbtrain preprocess "recipes/lra/$task-cpu.yaml" >/dev/null  # quick when the data is there
+  [ -f "data/lra/$task-cpu-bin/meta.json" ] || $sbtrain preprocess "recipes/lra/$task-cpu.yaml"
   for seed in $seeds; do
     for kind in $kinds; do
       recipe=recipes/lra/$task-cpu.yaml
@@ -41,7 +41,8 @@ save = os.environ["SAVE"]
 valid = [json.loads(line) for line in open(f"{save}/valid.jsonl")]
 print(json.dumps({
     "study": os.environ["TASK"], "name": os.environ["KIND"], "seed": int(os.environ["SEED"]),
-    "updates": valid[-1]["update"], "train_seconds": valid[-1]["wall"],
+    "updates": valid[-1]["update"] if valid else None,
+    "train_seconds": valid[-1]["wall"] if valid else None,
     "valid_curve": [[v["update"], v["loss"], v.get("accuracy")] for v in valid],
     **r,
 }))' | tee -a "$out"

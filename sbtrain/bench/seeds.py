@@ -49,10 +49,10 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 def late_drop(curve: list[list[float]], fraction: float = 0.8) -> float | None:
     """% by which the last validation loss is below the last one at or before `fraction` of the
-    final update (None without a point there)."""
+    final update (None without a point there, or when that loss is 0)."""
     final_update, final_loss = curve[-1][0], curve[-1][1]
     earlier = [point[1] for point in curve if point[0] <= fraction * final_update]
-    if not earlier:
+    if not earlier or earlier[-1] == 0:
         return None
     return 100.0 * (earlier[-1] - final_loss) / earlier[-1]
 

@@ -71,6 +71,7 @@ def test_late_drop_compares_the_end_with_the_last_point_before_four_fifths():
     assert late_drop(curve) == pytest.approx(20.0)  # (5 - 4) / 5
     assert late_drop([[100, 3.0], [500, 3.0]]) == 0.0  # flat
     assert late_drop([[500, 3.0]]) is None  # nothing before 80%
+    assert late_drop([[100, 0.0], [500, 0.0]]) is None  # no relative change from a zero loss
     runs = [
         {"name": "a", "seed": 1, "ppl": 1.0, "loss_nats": 0.0, "valid_curve": curve},
         {"name": "a", "seed": 2, "ppl": 1.0, "loss_nats": 0.0, "valid_curve": [[1, 2.0], [5, 1.0]]},
