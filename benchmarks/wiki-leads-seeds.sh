@@ -3,7 +3,9 @@
 #  train   every kind trained with seeds 1 2 3, test perplexity;
 #  dropin  each seed's full model evaluated with every other kind swapped in (no retraining);
 #  budget  scatterbrain's split of the same 64: window/features 0/64, 16/48, 32/32, 48/16, 64/0
-#          (64/0 is local attention with a window of 64; 32/32 is the train study's run).
+#          (64/0 is local attention with a window of 64; 32/32 is the train study's run);
+#  redraw  scatterbrain (window 32 + 32 features) trained with its features redrawn every 100
+#          updates (train.redraw_interval=100).
 # One JSON line per evaluated run (study, name, seed, updates, the validation curve, eval-ppl's
 # figures) -> benchmarks/results/wiki-leads-seeds-cpu.jsonl; then mean and standard deviation per
 # (study, name) -> wiki-leads-seeds-cpu.md and .json (python -m sbtrain.bench.seeds).
@@ -21,7 +23,7 @@ python=${PYTHON:-python3}
 updates=${1:-500}
 raw=${2:-data/wiki-leads}
 seeds=${SEEDS:-1 2 3}
-studies=${STUDIES:-train dropin budget}
+studies=${STUDIES:-train dropin budget redraw}
 only=${ONLY:-.}
 out=${OUT:-benchmarks/results/wiki-leads-seeds-cpu.jsonl}
 runs=checkpoints/wiki-leads-seeds/u$updates
@@ -38,6 +40,7 @@ budget='0/64|scatterbrain-w0-f64|{kind: scatterbrain, sparse: local, window: 0, 
 32/32|scatterbrain-w32-f32|{kind: scatterbrain, sparse: local, window: 32, n_features: 32}
 48/16|scatterbrain-w48-f16|{kind: scatterbrain, sparse: local, window: 48, n_features: 16}
 64/0|local-w64|{kind: local, window: 64}'
+redraw='scatterbrain redraw 100|scatterbrain-w32-f32-redraw100|{kind: scatterbrain, sparse: local, window: 32, n_features: 32}|train.redraw_interval=100'
 
 record() {  # study name seed attention save_dir: eval-ppl's JSON on stdin -> one line on stdout
   STUDY=$1 NAME=$2 SEED=$3 SPEC=$4 SAVE=$5 UPDATES=$updates $python -c '
@@ -54,11 +57,11 @@ print(json.dumps({
 }))'
 }
 
-train() {  # label attention seed -> the run folder (trained, or resumed to the end)
+train() {  # label attention seed [overrides] -> the run folder (trained, or resumed to the end)
   local save=$runs/$1-s$3
-  # shellcheck disable=SC2086  # EXTRA is key=value ...: split on purpose
+  # shellcheck disable=SC2086  # EXTRA and the overrides are key=value ...: split on purpose
   $sbtrain train recipes/wiki-leads.yaml "model.attention=$2" train.seed="$3" \
-    train.max_updates="$updates" train.save_dir="$save" ${EXTRA:-} >"$save.log" 2>&1 \
+    train.max_updates="$updates" train.save_dir="$save" ${4:-} ${EXTRA:-} >"$save.log" 2>&1 \
     || { echo "training $save failed: see $save.log" >&2; exit 1; }
   echo "$save"
 }
@@ -71,15 +74,20 @@ for seed in $seeds; do
       train) lines=$kinds ;;
       budget) lines=$budget ;;
       dropin) lines=$kinds ;;
-      *) echo "unknown study $study (train, dropin, budget)" >&2; exit 2 ;;
+      redraw) lines=$redraw ;;
+      *) echo "unknown study $study (train, dropin, budget, redraw)" >&2; exit 2 ;;
     esac
-    while IFS='|' read -r name label attention swap; do
+    while IFS='|' read -r name label attention swap; do  # swap: the overrides for redraw
       [[ $name =~ $only ]] || continue
       if [ "$study" = dropin ]; then
         save=$(train full "{kind: full}" "$seed")
         # shellcheck disable=SC2086  # swap is KIND key=value ...: split on purpose
         $sbtrain eval-ppl "$save/checkpoint_best.pt" --attention $swap --json \
           | record dropin "$name" "$seed" "$attention" "$save" | tee -a "$out"
+      elif [ "$study" = redraw ]; then
+        save=$(train "$label" "$attention" "$seed" "$swap")
+        $sbtrain eval-ppl "$save/checkpoint_best.pt" --json \
+          | record "$study" "$name" "$seed" "$attention" "$save" | tee -a "$out"
       else
         save=$(train "$label" "$attention" "$seed")
         $sbtrain eval-ppl "$save/checkpoint_best.pt" --json \
