@@ -490,7 +490,7 @@ def test_default_blocks_of_a_rotary_model_are_capped(models, hf_split, tmp_path,
     config = json.loads((long / "config.json").read_text())
     (long / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 131072}))
     result = eval_json(capsys, f"hf:{long}", "--data", str(hf_split))
-    assert result["tokens_per_sample"] == dropin.DEFAULT_LENGTH == 2048
+    assert result["tokens_per_sample"] == 2048 == dropin.DEFAULT_LENGTH
     assert result["trained_tokens_per_sample"] == 131072
     given = eval_json(capsys, f"hf:{long}", "--data", str(hf_split), "--tokens-per-sample", "4096")
     assert given["tokens_per_sample"] == 4096  # past the default, asked for: allowed
