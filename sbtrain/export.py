@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import sbtrain
@@ -330,7 +330,8 @@ def export(
             )
         fast, tokenizer_config = build_tokenizer(tokenizer, model.max_len)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.part")
+    staging.mkdir()  # the usual permissions (a tempfile folder would be private)
     try:
         write_code(staging)
         kind = tokenizer.kind if tokenizer is not None else None
@@ -357,6 +358,11 @@ def replace(out: Path, staging: Path) -> None:
     if out.exists():
         old = out.with_name(f"{staging.name}.old")
         out.rename(old)
-    staging.rename(out)
+    try:
+        staging.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)
+        raise
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -308,6 +308,8 @@ def test_a_refused_tokenizer_leaves_an_existing_folder_intact(tmp_path, capsys, 
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["hf"]
     assert (out / "model.safetensors").is_file() and not (out / "mine.txt").exists()
     assert not (out / "tokenizer.json").exists()
+    (tmp_path / "plain").mkdir()  # the permissions of any new folder (not a private one)
+    assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
 def test_a_checkpoint_of_an_hf_tokenizer_split_exports_without_it(word_corpus, tmp_path, capsys):
