@@ -39,8 +39,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--tokens-per-sample",
         type=int,
         metavar="N",
-        help="score blocks of N tokens (default: the training length; learned positions: at most"
-        " their table)",
+        help="score blocks of N tokens (default: the training length; hf:FOLDER: the model's "
+        "context, at most 2048 without a position table; learned positions: at most their table)",
     )
     parser.add_argument(
         "--by-position",

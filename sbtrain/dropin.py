@@ -33,9 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -44,14 +41,14 @@ from torch import nn
 
 from sbtrain.attention import KINDS, build_attention, check_attention, dispatch
 from sbtrain.errors import UserError
+from sbtrain.export import RANDOM_KINDS
 from sbtrain.model import IGNORE
-from sbtrain.tokenizer import HF_PREFIX
+from sbtrain.tokenizer import HF_INSTALL, HF_PREFIX, HFTokenizer, load_tokenizer
 
-INSTALL_HINT = "pip install 'sbtrain[hf]'"
 PREFIX_NAME = "sbtrain_"  # attn_implementation names: sbtrain_full, sbtrain_local, ...
 KERNEL = "sbtrain_kernel"  # the submodule of each attention layer holding its kernel
-RANDOM_KINDS = ("performer", "lsh", "scatterbrain")  # kinds whose kernels hold random draws
 DEFAULT_SEED = 0  # root seed of the per-layer draws when none is given
+DEFAULT_LENGTH = 2048  # eval-ppl hf: blocks of a model without a position table, by default
 
 
 def require_transformers(what: str = "this command"):
@@ -59,7 +56,7 @@ def require_transformers(what: str = "this command"):
     try:
         import transformers
     except ImportError:
-        raise UserError(f"{what} needs transformers: {INSTALL_HINT}") from None
+        raise UserError(f"{what} needs transformers: {HF_INSTALL}") from None
     return transformers
 
 
@@ -151,7 +148,8 @@ def check_right_padding(mask: torch.Tensor, name: str) -> None:
 
 def layer_kernel(module: nn.Module, kind: str, head_dim: int, device) -> nn.Module:
     """The kernel of `module` (an attention layer), built on first use from the model's
-    `sbtrain_attention` options and a seed drawn from the root seed and the layer index."""
+    `sbtrain_attention` options and a seed drawn from the root seed and the layer index; always
+    causal, whatever the options say (they may come from a config no check_spec has seen)."""
     kernel = getattr(module, KERNEL, None)
     if type(kernel) is KINDS[kind]:
         return kernel
@@ -159,12 +157,13 @@ def layer_kernel(module: nn.Module, kind: str, head_dim: int, device) -> nn.Modu
     if spec.pop("kind", kind) != kind:
         spec = {}  # options of another kind: this one runs with its defaults
     root = spec.pop("seed", None)
+    spec.pop("causal", None)
     layer = getattr(module, "layer_idx", None)
     if kind in RANDOM_KINDS:
         if layer is None:
             raise ValueError(f"{type(module).__name__} has no layer_idx to seed its draws from")
         spec["seed"] = layer_seed(DEFAULT_SEED if root is None else root, layer)
-    kernel = build_attention(kind, head_dim=head_dim, **spec).to(device)
+    kernel = build_attention(kind, head_dim=head_dim, causal=True, **spec).to(device)
     setattr(module, KERNEL, kernel)
     return kernel
 
@@ -216,19 +215,21 @@ def quiet():
             logging.enable_progress_bar()
 
 
-def _from_pretrained(folder: Path, config_only: bool = False, **kwargs):
-    """transformers' AutoConfig (`config_only`) or AutoModelForCausalLM of `folder`, offline;
-    a UserError in one line for what they cannot load."""
+def _from_pretrained(folder: Path, config_only: bool = False, model_class=None, **kwargs):
+    """transformers' AutoConfig (`config_only`) or AutoModelForCausalLM (or `model_class`) of
+    `folder`, offline, running no code of the folder; a UserError in one line for what they
+    cannot load (weights of other shapes, a corrupt weights file included)."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         with quiet():
             if config_only:
                 return AutoConfig.from_pretrained(str(folder), local_files_only=True)
-            return AutoModelForCausalLM.from_pretrained(
+            return (model_class or AutoModelForCausalLM).from_pretrained(
                 str(folder), local_files_only=True, dtype=torch.float32, **kwargs
             )
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as e:
         why = " ".join(str(e).split())[:200]
         raise UserError(
             f"{folder}: not a causal language model transformers can load ({why})"
@@ -240,6 +241,8 @@ def load_standard(folder: Path, attention: dict | None, saved: dict | None) -> n
     spec = attention if attention is not None else saved
     if spec is None:
         return _from_pretrained(folder)
+    if attention is None and spec.get("kind") not in RANDOM_KINDS:
+        spec = {k: v for k, v in spec.items() if k != "seed"}  # saved with one by older sbtrain
     spec = check_spec(spec)
     config = _from_pretrained(folder, config_only=True)
     config.sbtrain_attention = spec
@@ -251,16 +254,23 @@ def load_standard(folder: Path, attention: dict | None, saved: dict | None) -> n
 
 
 def check_spec(spec: dict) -> dict:
-    """`spec` with its root seed filled in; a UserError for an unknown kind or option."""
+    """`spec` with its root seed filled in (kinds with random draws); a UserError for an unknown
+    kind or option, for `causal` (a causal LM's attention is causal) and for a seed of a kind
+    without random draws."""
     spec = dict(spec)
     kind = spec.get("kind")
+    if "causal" in spec:
+        raise UserError("--attention: causal is not an option here (a causal LM's attention is)")
     options = {k: v for k, v in spec.items() if k not in ("kind", "seed")}
     try:
         check_attention(kind, head_dim=64, **options)  # head_dim-independent checks
     except (ValueError, TypeError) as e:
         raise UserError(f"--attention: {e}") from None
     seed = spec.get("seed")
-    if seed is None:
+    if kind not in RANDOM_KINDS:
+        if seed is not None:
+            raise UserError(f"--attention: {kind} has no random draws to seed; leave seed out")
+    elif seed is None:
         spec["seed"] = DEFAULT_SEED
     elif not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise UserError(f"--attention: seed must be a non-negative integer, got {seed!r}")
@@ -315,27 +325,15 @@ def restore_kernels(model: nn.Module, folder: Path) -> None:
             raise UserError(f"{folder}: saved kernel draws fit no layer ({unexpected[0]})")
 
 
-def export_sources_match(folder: Path) -> None:
-    """Refuse an `sbtrain export` folder whose code is not this sbtrain's (it would run it)."""
-    from sbtrain.export import exported_sources
-
-    for name, text in exported_sources().items():
-        file = folder / name
-        if not file.is_file() or file.read_text(encoding="utf-8") != text:
-            raise UserError(
-                f"{folder}: {name} is not the code this sbtrain exports; re-export the "
-                "checkpoint with `sbtrain export` (sbtrain runs only its own model code)"
-            )
-
-
 def load_export(folder: Path, attention: dict | None) -> nn.Module:
-    """A folder of `sbtrain export`, its kernels swapped as `sbtrain eval-ppl --attention` swaps
-    them: drawn while building the native model under the recipe's train.seed."""
+    """A folder of `sbtrain export`, loaded with this sbtrain's classes (sbtrain.hf), never with
+    the folder's code; its kernels swapped as `sbtrain eval-ppl --attention` swaps them: drawn
+    while building the native model under the recipe's train.seed."""
     from sbtrain.config import recipe_from_dict
+    from sbtrain.hf.modeling_sbtrain import SbtrainForCausalLM
     from sbtrain.model import TransformerLM, prepare_model
 
-    export_sources_match(folder)
-    model = _from_pretrained(folder, trust_remote_code=True)
+    model = _from_pretrained(folder, model_class=SbtrainForCausalLM)
     if attention is None:
         return model
     config = model.config
@@ -384,7 +382,11 @@ class CausalLMScorer(nn.Module):
 
 
 def model_facts(lm: nn.Module) -> dict:
-    """Context length (None: unbounded), position kind and attention of a loaded model."""
+    """Context length (None: the config names none), whether it bounds the block length
+    (a learned position table), the default block length, position kind and attention of a
+    loaded model. The default is the context, but at most DEFAULT_LENGTH for a model without
+    a position table (rotary models name contexts of 100 K tokens and more); an sbtrain export's
+    is its training length."""
     config = lm.config
     if config.model_type == "sbtrain":
         section = config.sbtrain_model
@@ -393,34 +395,48 @@ def model_facts(lm: nn.Module) -> dict:
         return {
             "context": config.max_len,
             "bounded": bounded,
+            "length": config.max_len,
             "positions": positions,
             "attention": section["attention"]["kind"],
-            "vocab_size": config.vocab_size,
         }
-    context = getattr(config, "n_positions", None) or config.max_position_embeddings
+    context = getattr(config, "n_positions", None) or getattr(
+        config, "max_position_embeddings", None
+    )  # None: the config names no context length
     rotary = getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
     implementation = config._attn_implementation
+    bounded = not rotary and context is not None
     return {
         "context": context,
-        "bounded": not rotary,
+        "bounded": bounded,
+        "length": context if bounded or context is None else min(context, DEFAULT_LENGTH),
         "positions": "rope" if rotary else "learned",
         "attention": implementation.removeprefix(PREFIX_NAME),
-        "vocab_size": config.vocab_size,
     }
 
 
-def check_data(folder: Path, data_dir: str, meta: dict, vocab_size: int) -> None:
-    """The split's vocabulary must be the model's: ids below its embedding rows, and, for a
-    split made with `data.tokenizer: hf:...`, the very tokenizer in the model's folder."""
-    if int(meta["vocab_size"]) > vocab_size:
-        raise UserError(
-            f"{data_dir} has a vocabulary of {meta['vocab_size']}, the model {vocab_size}: "
-            f"prepare the split with the model's tokenizer (data.tokenizer: hf:{folder})"
-        )
-    if meta.get("tokenizer") != "hf":
+def check_data(folder: Path, data_dir: str, meta: dict, config) -> None:
+    """The split must hold the ids the model reads. An `sbtrain export`: a split of the
+    exported tokenizer's kind (when the export recorded one) and of its vocabulary size, as
+    `eval-ppl CKPT` asks. Another model: a split made with `data.tokenizer: hf:...`, ids below
+    its embedding rows, with the very tokenizer in the model's folder (when it has one)."""
+    kind, size = meta.get("tokenizer"), int(meta["vocab_size"])
+    if config.model_type == "sbtrain":
+        exported = getattr(config, "sbtrain_tokenizer", None)
+        if size != config.vocab_size or exported not in (None, kind):
+            trained = f"a {exported} vocabulary" if exported else "a vocabulary"
+            raise UserError(
+                f"{data_dir} holds {kind} ids of a vocabulary of {size}, the model was trained on "
+                f"{trained} of {config.vocab_size}: give the data folder of the exported "
+                "checkpoint with --data"
+            )
         return
-    from sbtrain.tokenizer import HFTokenizer, load_tokenizer
-
+    prepare = f"preprocess it with the model's tokenizer (data.tokenizer: hf:{folder})"
+    if kind != HFTokenizer.kind:
+        raise UserError(f"{data_dir} was prepared with sbtrain's {kind} tokenizer; {prepare}")
+    if size > config.vocab_size:
+        raise UserError(
+            f"{data_dir} has a vocabulary of {size}, the model {config.vocab_size}: {prepare}"
+        )
     mine = load_tokenizer(data_dir)
     try:
         theirs = HFTokenizer.from_file(folder)
@@ -428,8 +444,7 @@ def check_data(folder: Path, data_dir: str, meta: dict, vocab_size: int) -> None
         return  # the model folder has no tokenizer: the size check is all there is
     if mine.vocabulary() != theirs.vocabulary():
         raise UserError(
-            f"{data_dir} was prepared with another tokenizer than {folder}'s; "
-            f"preprocess it with data.tokenizer: hf:{folder}"
+            f"{data_dir} was prepared with another tokenizer than {folder}'s; {prepare}"
         )
 
 
@@ -449,11 +464,9 @@ def eval_ppl(
     attention_impl: str | None = None,
 ) -> dict:
     """`sbtrain eval-ppl hf:PATH`: the record of evaluate.main for a transformers causal LM."""
-    from tqdm import tqdm
-
     from sbtrain.datasets import LMBlocks, open_split
     from sbtrain.distributed import pick_device
-    from sbtrain.evaluate import ByPosition, plot_by_position, score
+    from sbtrain.evaluate import ByPosition, lm_record, timed_score
     from sbtrain.tasks import LanguageModelling
 
     folder = Path(path.removeprefix(HF_PREFIX))
@@ -469,7 +482,12 @@ def eval_ppl(
     if attention_impl is not None:
         dispatch.set_impl(lm, attention_impl)
     facts = model_facts(lm)
-    length = tokens_per_sample if tokens_per_sample is not None else facts["context"]
+    length = tokens_per_sample if tokens_per_sample is not None else facts["length"]
+    if length is None:
+        raise UserError(
+            f"{path}: its config names no context length (n_positions or "
+            "max_position_embeddings); give --tokens-per-sample N"
+        )
     if length < 1:
         raise UserError(f"--tokens-per-sample {length}: must be at least 1")
     if facts["bounded"] and length > facts["context"]:
@@ -480,7 +498,7 @@ def eval_ppl(
     if not 0 <= context_window < length:
         raise UserError(f"--context-window {context_window}: must be in [0, {length})")
     tokens, meta = open_split(data_dir, split)
-    check_data(folder, data_dir, meta, facts["vocab_size"])
+    check_data(folder, data_dir, meta, lm.config)
     dataset = LMBlocks(
         tokens,
         int(meta["eol_id"]),
@@ -490,31 +508,11 @@ def eval_ppl(
     )
     task = LanguageModelling(None)
     buckets = ByPosition(by_position, length) if by_position is not None else None
-    interactive = progress and sys.stderr.isatty()
-    with tqdm(
-        total=len(dataset), desc=f"eval {split}", unit="seq", disable=not interactive, leave=False
-    ) as bar:
-        start = time.perf_counter()
-        s = score(
-            CausalLMScorer(lm),
-            task,
-            dataset,
-            list(range(len(dataset))),
-            batch_size,
-            dev,
-            precision,
-            progress=bar,
-            by_position=buckets,
-        )
-        seconds = time.perf_counter() - start
-    result = {
-        "checkpoint": path,
-        "split": split,
-        "tokens": s.tokens,
-        "loss_nats": s.loss_nats,
-        "loss_bits": s.loss_bits,
-        "ppl": s.ppl,
-        "tokens_per_s": s.tokens / max(seconds, 1e-9),
+    scorer = CausalLMScorer(lm)
+    s, seconds = timed_score(
+        scorer, task, dataset, split, batch_size, dev, precision, progress, buckets
+    )
+    about = {
         "context_window": context_window,
         "tokens_per_sample": length,
         "trained_tokens_per_sample": facts["context"],
@@ -522,15 +520,9 @@ def eval_ppl(
         "attention": facts["attention"],
     }
     if attention is not None:
-        result["attention_options"] = {k: v for k, v in attention.items() if k != "kind"}
-    if buckets is not None:
-        result["by_position"] = buckets.rows()
-        if plot is not None:
-            plot_by_position(result["by_position"], plot, f"{path} ({facts['attention']}), {split}")
-            result["plot"] = str(plot)
+        about["attention_options"] = {k: v for k, v in attention.items() if k != "kind"}
     stats_path = Path(data_dir) / f"{split}.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    if meta.get("tokenizer") != "word" and "words" in stats:
-        words = stats["words"] + stats["lines"]  # each end-of-line counts as a word
-        result["word_ppl"] = math.exp(min(s.nll / max(words, 1), 700.0))
-    return result
+    stats["tokenizer"] = meta.get("tokenizer")
+    title = f"{path} ({facts['attention']}), {split}"
+    return lm_record(s, seconds, path, split, about, buckets, plot, title, task, stats)

@@ -225,23 +225,9 @@ def main(
     length = task.block_length(model, tokens_per_sample)
     dataset, stats = task.eval_set(split, state, data_dir, context_window, length)
     buckets = ByPosition(by_position, length) if by_position is not None else None
-    interactive = progress and sys.stderr.isatty()
-    with tqdm(
-        total=len(dataset), desc=f"eval {split}", unit="seq", disable=not interactive, leave=False
-    ) as bar:
-        start = time.perf_counter()
-        s = score(
-            model,
-            task,
-            dataset,
-            list(range(len(dataset))),
-            batch_size,
-            dev,
-            precision,
-            progress=bar,
-            by_position=buckets,
-        )
-        seconds = time.perf_counter() - start
+    s, seconds = timed_score(
+        model, task, dataset, split, batch_size, dev, precision, progress, buckets
+    )
     if task.unit == "examples":
         return {
             "checkpoint": str(path),
@@ -254,24 +240,69 @@ def main(
             "positions": recipe.model.positions,
             "attention": recipe.model.attention.kind,
         }
-    result = {
-        "checkpoint": str(path),
-        "split": split,
-        "tokens": s.tokens,
-        "loss_nats": s.loss_nats,
-        "loss_bits": s.loss_bits,
-        "ppl": s.ppl,
-        "tokens_per_s": s.tokens / max(seconds, 1e-9),
+    about = {
         "context_window": context_window,
         "tokens_per_sample": length,
         "trained_tokens_per_sample": recipe.context_length,
         "positions": recipe.model.positions,
         "attention": recipe.model.attention.kind,
     }
+    title = f"{path} ({recipe.model.attention.kind}, {recipe.model.positions}), {split}"
+    return lm_record(s, seconds, str(path), split, about, buckets, plot, title, task, stats)
+
+
+def timed_score(
+    model: torch.nn.Module,
+    task: Task,
+    dataset,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    progress: bool,
+    buckets: ByPosition | None,
+) -> tuple[Score, float]:
+    """`score` of every item of `dataset` (a progress bar when `progress` and stderr is a
+    terminal); returns the score and the seconds it took."""
+    interactive = progress and sys.stderr.isatty()
+    with tqdm(
+        total=len(dataset), desc=f"eval {split}", unit="seq", disable=not interactive, leave=False
+    ) as bar:
+        start = time.perf_counter()
+        indices = list(range(len(dataset)))
+        s = score(model, task, dataset, indices, batch_size, device, precision, bar, buckets)
+        return s, time.perf_counter() - start
+
+
+def lm_record(
+    s: Score,
+    seconds: float,
+    checkpoint: str,
+    split: str,
+    about: dict,
+    buckets: ByPosition | None,
+    plot: str | None,
+    title: str,
+    task: Task,
+    stats: dict | None,
+) -> dict:
+    """eval-ppl's record of a language model: the scores, then `about` (context_window,
+    tokens_per_sample, ..., attention), the `buckets` rows (plotted to `plot` under `title`),
+    accuracy where the task counts it, and word perplexity where `stats` (the split's statistics
+    and its "tokenizer" kind) count words of a subword split."""
+    result = {
+        "checkpoint": checkpoint,
+        "split": split,
+        "tokens": s.tokens,
+        "loss_nats": s.loss_nats,
+        "loss_bits": s.loss_bits,
+        "ppl": s.ppl,
+        "tokens_per_s": s.tokens / max(seconds, 1e-9),
+        **about,
+    }
     if buckets is not None:
         result["by_position"] = buckets.rows()
         if plot is not None:
-            title = f"{path} ({recipe.model.attention.kind}, {recipe.model.positions}), {split}"
             plot_by_position(result["by_position"], plot, title)
             result["plot"] = str(plot)
     if task.counts_correct:

@@ -23,10 +23,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import sbtrain
 from sbtrain.errors import UserError
+from sbtrain.tokenizer import HF_INSTALL
 
 PACKAGE = Path(sbtrain.__file__).parent
 # file in the exported folder -> sbtrain source it is copied from
@@ -45,7 +47,7 @@ SOURCES = {
 }
 ATTENTION_MODULES = ("dispatch", "triton_kernels", "triton_jit")  # imported as modules
 RANDOM_KINDS = ("performer", "lsh", "scatterbrain")  # kinds with random projections (buffers)
-INSTALL_HINT = "sbtrain export needs safetensors: pip install 'sbtrain[hf]'"
+INSTALL_HINT = f"sbtrain export needs safetensors: {HF_INSTALL}"
 
 
 def relative_source(text: str) -> str:
@@ -56,7 +58,10 @@ def relative_source(text: str) -> str:
     """
     text = re.sub(r"^from sbtrain\.config import [^\n]*\n", "", text, flags=re.M)
     text = re.sub(
-        r"^(\s*)from sbtrain\.attention\.(\w+) import", r"\1from .\2 import", text, flags=re.M
+        r"^(\s*)from sbtrain\.(?:attention|hf)\.(\w+) import",
+        r"\1from .\2 import",
+        text,
+        flags=re.M,
     )
     text = re.sub(
         r"^(\s*)from sbtrain\.(?!attention\b)(\w+) import", r"\1from .\2 import", text, flags=re.M
@@ -91,8 +96,11 @@ def write_code(folder: Path) -> None:
         (folder / name).write_text(text, encoding="utf-8")
 
 
-def write_config(folder: Path, recipe_tree: dict, vocab_size: int, max_len: int) -> None:
-    """config.json. Kinds with random buffers get a fixed seed when the recipe has none:
+def write_config(
+    folder: Path, recipe_tree: dict, vocab_size: int, max_len: int, tokenizer: str | None = None
+) -> None:
+    """config.json (`tokenizer`: the kind of the exported tokenizer, which `eval-ppl hf:` asks
+    of a split). Kinds with random buffers get a fixed seed when the recipe has none:
     transformers builds the model on the meta device, where drawing a seed from the global RNG
     fails; the buffers drawn from it are replaced by the saved ones anyway."""
     section = json.loads(json.dumps(recipe_tree["model"]))
@@ -110,6 +118,7 @@ def write_config(folder: Path, recipe_tree: dict, vocab_size: int, max_len: int)
         "max_len": max_len,
         "sbtrain_model": section,
         "sbtrain_seed": recipe_tree["train"]["seed"],
+        "sbtrain_tokenizer": tokenizer,
         "tie_word_embeddings": False,  # the output layer reads tok_emb itself: nothing to tie
         "dtype": "float32",
         "sbtrain_version": sbtrain.__version__,
@@ -252,19 +261,31 @@ def sentencepiece_proto(tokenizer):
 FAST_TOKENIZERS = {"word": word_fast, "bpe": bpe_fast, "sentencepiece": sentencepiece_fast}
 
 
-def write_tokenizer(folder: Path, tokenizer, max_len: int) -> None:
-    """tokenizer.json (a `tokenizers` fast tokenizer) and tokenizer_config.json. By default
-    (`add_special_tokens`) an end-of-line token comes first, as sbtrain feeds every stream."""
+def build_tokenizer(tokenizer, max_len: int) -> tuple[object, dict]:
+    """The `tokenizers` fast tokenizer of `tokenizer` and its tokenizer_config.json, or a
+    UserError in one line for what does not convert. By default (`add_special_tokens`) an
+    end-of-line token comes first, as sbtrain feeds every stream."""
     from tokenizers import processors
 
+    if tokenizer.kind not in FAST_TOKENIZERS:  # hf: a transformers tokenizer of another folder
+        raise UserError(
+            f"exporting a {tokenizer.kind!r} tokenizer is not supported (an hf: tokenizer is "
+            "the model folder's own, with its own special tokens); export the model alone "
+            "with --no-tokenizer"
+        )
     fast, specials = FAST_TOKENIZERS[tokenizer.kind](tokenizer)
     eol = specials["eos_token"]
     fast.post_processor = processors.TemplateProcessing(
         single=[eol, "$A"], pair=[eol, "$A", "$B"], special_tokens=[(eol, tokenizer.eol_id)]
     )
-    fast.save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
               "clean_up_tokenization_spaces": False, **specials}  # fmt: skip
+    return fast, config
+
+
+def write_tokenizer(folder: Path, fast, config: dict) -> None:
+    """tokenizer.json and tokenizer_config.json of `build_tokenizer`."""
+    fast.save(str(folder / "tokenizer.json"))
     text = json.dumps(config, indent=2) + "\n"
     (folder / "tokenizer_config.json").write_text(text, encoding="utf-8")
 
@@ -279,7 +300,9 @@ def export(
     """Write checkpoint `path` as a transformers folder `out_dir`; returns a summary record.
 
     The tokenizer comes from `data_dir` (default: the recipe's data.dir). An existing `out_dir`
-    is refused unless `force` (then it is replaced).
+    is refused unless `force`. Everything is checked before anything is written, and the folder
+    is written beside `out_dir` and renamed into place last: a refusal or a failure leaves an
+    existing `out_dir` as it was.
     """
     from sbtrain.evaluate import load_model
 
@@ -295,7 +318,7 @@ def export(
     model, recipe, _ = load_model(path, torch.device("cpu"), attention_impl="pytorch")
     if not hasattr(model, "decode"):
         raise UserError(f"{path} holds a {recipe.task} classifier: only language models export")
-    tokenizer = None
+    tokenizer = fast = None
     if with_tokenizer and recipe.task == "lm":
         from sbtrain.tokenizer import load_tokenizer
 
@@ -305,18 +328,41 @@ def export(
                 f"the tokenizer in {data_dir or recipe.data.dir} has {tokenizer.vocab_size} "
                 f"tokens, the model {model.vocab_size}: give its data folder with --data"
             )
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True)
-    write_code(out)
-    write_config(out, recipe.to_dict(), model.vocab_size, model.max_len)
-    write_weights(out, model.state_dict())
-    if tokenizer is not None:
-        write_tokenizer(out, tokenizer, model.max_len)
+        fast, tokenizer_config = build_tokenizer(tokenizer, model.max_len)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.part")
+    staging.mkdir()  # the usual permissions (a tempfile folder would be private)
+    try:
+        write_code(staging)
+        kind = tokenizer.kind if tokenizer is not None else None
+        write_config(staging, recipe.to_dict(), model.vocab_size, model.max_len, kind)
+        write_weights(staging, model.state_dict())
+        if fast is not None:
+            write_tokenizer(staging, fast, tokenizer_config)
+        replace(out, staging)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return {
         "checkpoint": str(path),
         "out_dir": str(out),
         "attention": recipe.model.attention.kind,
-        "tokenizer": tokenizer.kind if tokenizer is not None else None,
+        "tokenizer": kind,
         "files": sorted(p.name for p in out.iterdir()),
     }
+
+
+def replace(out: Path, staging: Path) -> None:
+    """Rename the written folder `staging` to `out`, the old `out` (if any) removed after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f"{staging.name}.old")
+        out.rename(old)
+    try:
+        staging.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

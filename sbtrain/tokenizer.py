@@ -357,6 +357,7 @@ class BpeTokenizer(Tokenizer):
 # hf: a Hugging Face model's own tokenizer
 
 HF_PREFIX = "hf:"  # data.tokenizer: hf:PATH loads the tokenizer of the model folder PATH
+HF_INSTALL = "pip install 'sbtrain[hf]'"  # the extra with transformers and safetensors
 
 
 class HFTokenizer(Tokenizer):
@@ -392,7 +393,7 @@ class HFTokenizer(Tokenizer):
         try:
             from transformers import AutoTokenizer
         except ImportError:
-            raise UserError("hf tokenizers need transformers: pip install 'sbtrain[hf]'") from None
+            raise UserError(f"hf tokenizers need transformers: {HF_INSTALL}") from None
         if not Path(path).is_dir():
             raise UserError(f"{path}: no such folder (hf:PATH names a model or tokenizer folder)")
         try:

@@ -1,8 +1,8 @@
 """An sbtrain language model as a transformers causal LM (the folder `sbtrain export` writes).
 
-The files beside this one are sbtrain's own model and attention sources with their imports made
-relative, so this folder computes what sbtrain computes without sbtrain installed. The attention
-runs on sbtrain's PyTorch path (its fused Triton kernels are not exported).
+In an exported folder, the files beside this one are sbtrain's own model and attention sources
+with their imports made relative, so the folder computes what sbtrain computes without sbtrain
+installed. The attention runs on sbtrain's PyTorch path (its fused Triton kernels are not exported).
 
 `logits` are log-probabilities (the tied softmax's, or the adaptive softmax's, which has no other
 logits); their softmax is the model's distribution. `generate()` re-runs the whole sequence at
@@ -15,13 +15,14 @@ import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from .configuration_sbtrain import SbtrainConfig
-
-# transformers copies into its module cache only the files named by `from .NAME import` lines;
-# the sources reach these two by `from . import NAME`, which it does not see.
-from .dispatch import set_impl
-from .model import TransformerLM, sinusoids
-from .triton_kernels import interpreting  # noqa: F401
+# Absolute here, so that sbtrain loads exported folders with this class (no remote code);
+# `sbtrain export` makes them relative (`from .model import ...`) in the folder, where
+# transformers copies into its module cache only the files named by `from .NAME import` lines:
+# the sources reach dispatch and triton_kernels by `from . import NAME`, which it does not see.
+from sbtrain.attention.dispatch import set_impl
+from sbtrain.attention.triton_kernels import interpreting  # noqa: F401
+from sbtrain.hf.configuration_sbtrain import SbtrainConfig
+from sbtrain.model import TransformerLM, sinusoids
 
 
 class AttentionSpec:

@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers", reason=HINT)
 
 from cli.main import main  # noqa: E402
 from sbtrain import checkpoint, generate  # noqa: E402
+from sbtrain import export as export_module  # noqa: E402
 from sbtrain.config import load_recipe  # noqa: E402
 from sbtrain.errors import UserError  # noqa: E402
 from sbtrain.evaluate import load_model  # noqa: E402
@@ -269,6 +270,65 @@ def test_export_refuses_to_overwrite_and_bad_checkpoints(word_corpus, tmp_path, 
     assert main(["export", str(bad), str(tmp_path / "other")]) == 2
     assert "bad.pt" in one_error_line(capsys)
     assert not (tmp_path / "other").exists()
+
+
+def test_a_refused_tokenizer_leaves_an_existing_folder_intact(tmp_path, capsys, monkeypatch):
+    import sentencepiece
+
+    raw = write_corpus(tmp_path / "raw")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(raw / "wiki.train.raw"), model_prefix=str(tmp_path / "fallback"),
+        vocab_size=300, hard_vocab_limit=False, byte_fallback=True, minloglevel=2,
+    )  # fmt: skip
+    data = tmp_path / "bin"
+    args = ["preprocess", str(DEBUG_RECIPE), f"data.raw={raw}", f"data.dir={data}",
+            f"data.tokenizer={tmp_path / 'fallback.model'}"]  # fmt: skip
+    assert main(args) == 0
+    ckpt = make_checkpoint(data, tmp_path / "ck.pt", [])
+    out = tmp_path / "out" / "hf"
+    out.mkdir(parents=True)
+    (out / "mine.txt").write_text("keep")
+    assert main(["export", str(ckpt), str(out), "--force"]) == 2
+    assert "--no-tokenizer" in one_error_line(capsys)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["hf"]  # nothing left beside it
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert (out / "mine.txt").read_text() == "keep"
+
+    def full_disk(folder, weights):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise UserError("no space left on the device")
+
+    with monkeypatch.context() as patch:  # a failure while writing: the same
+        patch.setattr(export_module, "write_weights", full_disk)
+        assert main(["export", str(ckpt), str(out), "--force", "--no-tokenizer"]) == 2
+    assert "no space left" in one_error_line(capsys)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["hf"]
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert main(["export", str(ckpt), str(out), "--force", "--no-tokenizer"]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["hf"]
+    assert (out / "model.safetensors").is_file() and not (out / "mine.txt").exists()
+    assert not (out / "tokenizer.json").exists()
+    (tmp_path / "plain").mkdir()  # the permissions of any new folder (not a private one)
+    assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_a_checkpoint_of_an_hf_tokenizer_split_exports_without_it(word_corpus, tmp_path, capsys):
+    from sbtrain.tokenizer import BpeTokenizer
+
+    raw, _ = word_corpus
+    lines = (raw / "wiki.train.raw").read_text(encoding="utf-8").split("\n")
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=BpeTokenizer.fit(lines, vocab_size=280).tokenizer, eos_token="</s>"
+    ).save_pretrained(tmp_path / "model-folder")
+    data = tmp_path / "bin"
+    args = ["preprocess", str(DEBUG_RECIPE), f"data.raw={raw}", f"data.dir={data}",
+            f"data.tokenizer=hf:{tmp_path / 'model-folder'}"]  # fmt: skip
+    assert main(args) == 0
+    ckpt = make_checkpoint(data, tmp_path / "ck.pt", [])
+    assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 2
+    assert "--no-tokenizer" in one_error_line(capsys)
+    assert not (tmp_path / "hf").exists()
+    assert main(["export", str(ckpt), str(tmp_path / "hf"), "--no-tokenizer"]) == 0
 
 
 def test_export_without_safetensors_says_what_to_install(

@@ -205,6 +205,21 @@ def test_draws_are_per_layer_stable_and_saved(family, name, models, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_kernels_are_causal_whatever_the_config_says(family, models):
+    dropin.register()
+    config = transformers.AutoConfig.from_pretrained(models[family])
+    config.sbtrain_attention = {"window": 8, "causal": False}  # not through check_spec
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        models[family], config=config, attn_implementation="sbtrain_local"
+    ).eval()
+    x = tokens(batch=1)
+    changed = x.clone()
+    changed[:, 40:] = (changed[:, 40:] + 7) % VOCAB
+    assert_close(logits(model, changed)[:, :40], logits(model, x)[:, :40])
+    assert all(kernel.causal for kernel in kernels(model))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_transformers_loader_picks_the_registered_kinds(family, models):
     dropin.register()
     spec = SPECS["scatterbrain"]
@@ -275,6 +290,17 @@ def hf_split(models, word_corpus, tmp_path_factory) -> Path:
     return data
 
 
+@pytest.fixture(scope="module")
+def bpe_split(word_corpus, tmp_path_factory) -> Path:
+    """The test corpus preprocessed with sbtrain's own BPE, of fewer ids than the models read."""
+    raw, _ = word_corpus
+    data = tmp_path_factory.mktemp("bpe-bin") / "bin"
+    args = ["preprocess", str(DEBUG_RECIPE), f"data.raw={raw}", f"data.dir={data}",
+            "data.tokenizer=bpe", "data.vocab_size=260"]  # fmt: skip
+    assert main(args) == 0
+    return data
+
+
 def direct_nll(model, folder: Path, text: str) -> tuple[float, int]:
     """Summed NLL and tokens of `text` computed from the model's logits: each line's tokens and
     the newline's token, after one newline token; blocks of CONTEXT inputs."""
@@ -338,13 +364,33 @@ def test_eval_ppl_of_a_hf_model(family, models, hf_split, word_corpus, capsys):
     assert abs(swapped["ppl"] / own["ppl"] - 1) > 1e-3  # the swap does change the model
 
 
-def test_eval_ppl_of_an_exported_sbtrain_model_equals_native(word_corpus, tmp_path, capsys):
+def test_eval_ppl_of_an_exported_sbtrain_model_equals_native(
+    word_corpus, bpe_split, tmp_path, capsys
+):
     from tests.integration.test_export import make_checkpoint
 
     _, data = word_corpus
     ckpt = make_checkpoint(data, tmp_path / "ck.pt", [])
     out = tmp_path / "exported"
     assert main(["export", str(ckpt), str(out)]) == 0
+    # sbtrain loads the folder with its own classes: no code of the folder runs, not even a
+    # module its config.json maps the model to (checked first: transformers keeps a class it
+    # loaded once for the process)
+    tampered = shutil.copytree(out, tmp_path / "tampered")
+    marker = tmp_path / "ran"
+    (tampered / "other.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise SystemExit('the folder code ran')\n"
+    )
+    config = json.loads((tampered / "config.json").read_text())
+    config["auto_map"]["AutoModelForCausalLM"] = "other.Model"
+    (tampered / "config.json").write_text(json.dumps(config))
+    with open(tampered / "modeling_sbtrain.py", "a", encoding="utf-8") as f:
+        f.write(f"\nopen({str(marker)!r}, 'w').close()\n")
+    common = ["--data", str(data), "--attention-impl", "pytorch"]
+    hf = eval_json(capsys, f"hf:{tampered}", *common)
+    assert hf["ppl"] == pytest.approx(eval_json(capsys, str(ckpt), *common)["ppl"], rel=1e-6)
+    assert not marker.exists()
+
     for attention in (
         [],
         ["--attention", "performer", "n_features=16"],
@@ -357,14 +403,19 @@ def test_eval_ppl_of_an_exported_sbtrain_model_equals_native(word_corpus, tmp_pa
         assert hf["tokens"] == native["tokens"]
         assert hf["ppl"] == pytest.approx(native["ppl"], rel=1e-6)  # the same draws
         assert hf["attention"] == native["attention"]
-    # an exported folder whose code is not sbtrain's is refused, not run
-    with open(out / "modeling_sbtrain.py", "a", encoding="utf-8") as f:
-        f.write("\n# changed\n")
-    assert main(["eval-ppl", f"hf:{out}", "--data", str(data)]) == 2
-    assert "re-export" in one_error_line(capsys)
+
+    # a split of another tokenizer is refused, though its ids fit the model's vocabulary
+    assert json.loads((data / "meta.json").read_text())["vocab_size"] > 260
+    assert main(["eval-ppl", f"hf:{out}", "--data", str(bpe_split)]) == 2
+    assert "bpe ids of a vocabulary of 260" in one_error_line(capsys)
+    config = json.loads((out / "config.json").read_text())
+    assert config["sbtrain_tokenizer"] == "word"
+    (out / "config.json").write_text(json.dumps({**config, "sbtrain_tokenizer": "sentencepiece"}))
+    assert main(["eval-ppl", f"hf:{out}", "--data", str(data)]) == 2  # of the same size
+    assert "a sentencepiece vocabulary" in one_error_line(capsys)
 
 
-def test_eval_ppl_hf_bad_input(models, hf_split, word_corpus, tmp_path, capsys):
+def test_eval_ppl_hf_bad_input(models, hf_split, bpe_split, word_corpus, tmp_path, capsys):
     _, words = word_corpus
     missing = tmp_path / "nothing"
     assert main(["eval-ppl", f"hf:{missing}", "--data", str(hf_split)]) == 2
@@ -391,10 +442,17 @@ def test_eval_ppl_hf_bad_input(models, hf_split, word_corpus, tmp_path, capsys):
     args = ["eval-ppl", f"hf:{models['gpt2']}", "--data", str(hf_split)]
     assert main([*args, "--attention", "performer", "window=8"]) == 2
     assert "does not take window" in one_error_line(capsys)
+    assert main([*args, "--attention", "local", "window=8", "causal=false"]) == 2
+    assert "causal is not an option" in one_error_line(capsys)
+    assert main([*args, "--attention", "local", "window=8", "seed=3"]) == 2  # nothing to seed
+    assert "no random draws" in one_error_line(capsys)
     assert main([*args, "--tokens-per-sample", str(CONTEXT + 1)]) == 2
     assert "learned positions" in one_error_line(capsys)
     assert main(["eval-ppl", f"hf:{models['gpt2']}", "--data", str(words)]) == 2  # word ids
-    assert "vocabulary" in one_error_line(capsys)
+    assert "sbtrain's word tokenizer" in one_error_line(capsys)
+    assert json.loads((bpe_split / "meta.json").read_text())["vocab_size"] <= VOCAB
+    assert main(["eval-ppl", f"hf:{models['gpt2']}", "--data", str(bpe_split)]) == 2  # fits
+    assert "sbtrain's bpe tokenizer" in one_error_line(capsys)
     other = tmp_path / "other-bin"  # the same ids, said to come from another tokenizer
     shutil.copytree(hf_split, other)
     lines = ["a b c", "d e f g"] * 50
@@ -404,6 +462,38 @@ def test_eval_ppl_hf_bad_input(models, hf_split, word_corpus, tmp_path, capsys):
     tokenizer.save_pretrained(other / "hf-tokenizer")
     assert main(["eval-ppl", f"hf:{models['gpt2']}", "--data", str(other)]) == 2
     assert "another tokenizer" in one_error_line(capsys)
+
+
+def test_unloadable_weights_and_unknown_context_are_one_line(
+    models, hf_split, tmp_path, capsys, monkeypatch
+):
+    args = ["--data", str(hf_split)]
+    wider = shutil.copytree(models["gpt2"], tmp_path / "wider")  # weights of other shapes
+    config = json.loads((wider / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps({**config, "n_embd": 48}))
+    assert main(["eval-ppl", f"hf:{wider}", *args]) == 2
+    assert "not a causal language model" in one_error_line(capsys)
+    corrupt = shutil.copytree(models["gpt2"], tmp_path / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"not safetensors" * 8)
+    assert main(["eval-ppl", f"hf:{corrupt}", *args]) == 2
+    assert "not a causal language model" in one_error_line(capsys)
+
+    # a config naming no context length (neither n_positions nor max_position_embeddings)
+    config = type("Config", (), {"model_type": "mystery", "_attn_implementation": "sdpa"})
+    monkeypatch.setattr(dropin, "load", lambda *a: type("LM", (), {"config": config})())
+    assert main(["eval-ppl", f"hf:{models['gpt2']}", *args]) == 2
+    assert "give --tokens-per-sample" in one_error_line(capsys)
+
+
+def test_default_blocks_of_a_rotary_model_are_capped(models, hf_split, tmp_path, capsys):
+    long = shutil.copytree(models["llama"], tmp_path / "long")  # Llama-3's context length
+    config = json.loads((long / "config.json").read_text())
+    (long / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 131072}))
+    result = eval_json(capsys, f"hf:{long}", "--data", str(hf_split))
+    assert result["tokens_per_sample"] == 2048 == dropin.DEFAULT_LENGTH
+    assert result["trained_tokens_per_sample"] == 131072
+    given = eval_json(capsys, f"hf:{long}", "--data", str(hf_split), "--tokens-per-sample", "4096")
+    assert given["tokens_per_sample"] == 4096  # past the default, asked for: allowed
 
 
 def test_transformers_missing_says_what_to_install(models, hf_split, monkeypatch, capsys):
