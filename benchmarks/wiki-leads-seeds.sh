@@ -84,12 +84,10 @@ for seed in $seeds; do
         # shellcheck disable=SC2086  # swap is KIND key=value ...: split on purpose
         $sbtrain eval-ppl "$save/checkpoint_best.pt" --attention $swap --json \
           | record dropin "$name" "$seed" "$attention" "$save" | tee -a "$out"
-      elif [ "$study" = redraw ]; then
-        save=$(train "$label" "$attention" "$seed" "$swap")
-        $sbtrain eval-ppl "$save/checkpoint_best.pt" --json \
-          | record "$study" "$name" "$seed" "$attention" "$save" | tee -a "$out"
       else
-        save=$(train "$label" "$attention" "$seed")
+        overrides=""
+        [ "$study" = redraw ] && overrides=$swap
+        save=$(train "$label" "$attention" "$seed" "$overrides")
         $sbtrain eval-ppl "$save/checkpoint_best.pt" --json \
           | record "$study" "$name" "$seed" "$attention" "$save" | tee -a "$out"
       fi

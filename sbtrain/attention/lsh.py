@@ -230,6 +230,14 @@ class _BlockSums(NamedTuple):
     feature_top: torch.Tensor | None
 
 
+def _exp_below_top(x: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp(x - top), top) over the last axis of a fresh `x` (B, H, T, K), changed in place:
+    entries `dropped` weigh 0 and `top` is their max over the others (EMPTY with none)."""
+    x.masked_fill_(dropped, -math.inf)
+    top = x.amax(-1).clamp_min(EMPTY)
+    return x.sub_(top.unsqueeze(-1)).exp_(), top
+
+
 def _block_sums(
     q: torch.Tensor,
     qf: torch.Tensor | None,
@@ -245,16 +253,13 @@ def _block_sums(
     A query with nothing kept gets the EMPTY log-scale.
     """
     k, vx = rows[..., :dim], rows[..., dim : dim + width]
-    scores = (k @ q.unsqueeze(-1)).squeeze(-1).masked_fill_(~keep, -math.inf)  # (B, H, T, K)
-    top = scores.amax(-1).clamp_min(EMPTY)
-    weights = scores.sub_(top.unsqueeze(-1)).exp_()
+    dropped = ~keep
+    weights, top = _exp_below_top((k @ q.unsqueeze(-1)).squeeze(-1), dropped)  # (B, H, T, K)
     nd = _weigh(weights, vx)
     if qf is None:
         return _BlockSums(weights, nd, top, None, None, None, None)
     kf = rows[..., dim + width : -1]  # (B, H, T, K, m)
-    key_top = rows[..., -1].masked_fill(~keep, -math.inf)
-    feature_top = key_top.amax(-1).clamp_min(EMPTY)
-    decay = key_top.sub_(feature_top.unsqueeze(-1)).exp_()
+    decay, feature_top = _exp_below_top(rows[..., -1].clone(), dropped)
     feature_weights = (kf @ qf.unsqueeze(-1)).squeeze(-1) * decay
     return _BlockSums(
         weights, nd, top, decay, feature_weights, _weigh(feature_weights, vx), feature_top
@@ -439,15 +444,11 @@ def _dense_weights(
     over the keys j < reach; `dropped` = ~keep (nd and feature_nd are left None)."""
     near = slice(0, reach)
     scores = (q @ k[:, :, near].transpose(-1, -2)).gather(-1, keys)
-    scores.masked_fill_(dropped, -math.inf)
-    top = scores.amax(-1).clamp_min(EMPTY)
-    weights = scores.sub_(top.unsqueeze(-1)).exp_()
+    weights, top = _exp_below_top(scores, dropped)
     if qf is None:
         return _BlockSums(weights, None, top, None, None, None, None)
     near_top = key_top[:, :, None, near].expand(*keys.shape[:-1], reach).gather(-1, keys)
-    near_top.masked_fill_(dropped, -math.inf)
-    feature_top = near_top.amax(-1).clamp_min(EMPTY)
-    decay = near_top.sub_(feature_top.unsqueeze(-1)).exp_()
+    decay, feature_top = _exp_below_top(near_top, dropped)
     products = (qf @ kf[:, :, near].transpose(-1, -2)).gather(-1, keys)
     return _BlockSums(weights, None, top, decay, products.mul_(decay), None, feature_top)
 
