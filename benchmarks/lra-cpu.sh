@@ -34,18 +34,8 @@ for task in $tasks; do
         ${UPDATES:+train.max_updates=$UPDATES} ${EXTRA:-} >"$save.log" 2>&1 \
         || { echo "training $save failed: see $save.log" >&2; exit 1; }
       $sbtrain eval-ppl "$save/checkpoint_best.pt" --json \
-        | TASK=$task KIND=$kind SEED=$seed SAVE=$save $python -c '
-import json, os, sys
-r = json.load(sys.stdin)
-save = os.environ["SAVE"]
-valid = [json.loads(line) for line in open(f"{save}/valid.jsonl")]
-print(json.dumps({
-    "study": os.environ["TASK"], "name": os.environ["KIND"], "seed": int(os.environ["SEED"]),
-    "updates": valid[-1]["update"] if valid else None,
-    "train_seconds": valid[-1]["wall"] if valid else None,
-    "valid_curve": [[v["update"], v["loss"], v.get("accuracy")] for v in valid],
-    **r,
-}))' | tee -a "$out"
+        | $python -m sbtrain.bench.seeds record "$save" study="$task" name="$kind" seed="$seed" \
+        | tee -a "$out"
     done
   done
 done

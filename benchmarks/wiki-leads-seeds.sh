@@ -43,18 +43,7 @@ budget='0/64|scatterbrain-w0-f64|{kind: scatterbrain, sparse: local, window: 0, 
 redraw='scatterbrain redraw 100|scatterbrain-w32-f32-redraw100|{kind: scatterbrain, sparse: local, window: 32, n_features: 32}|train.redraw_interval=100'
 
 record() {  # study name seed attention save_dir: eval-ppl's JSON on stdin -> one line on stdout
-  STUDY=$1 NAME=$2 SEED=$3 SPEC=$4 SAVE=$5 UPDATES=$updates $python -c '
-import json, os, sys
-r = json.load(sys.stdin)
-save = os.environ["SAVE"]
-valid = [json.loads(line) for line in open(f"{save}/valid.jsonl")]  # the last: at the end
-print(json.dumps({
-    "study": os.environ["STUDY"], "name": os.environ["NAME"], "seed": int(os.environ["SEED"]),
-    "updates": int(os.environ["UPDATES"]), "attention_spec": os.environ["SPEC"],
-    "train_seconds": valid[-1]["wall"],
-    "valid_curve": [[v["update"], v["loss"]] for v in valid],  # bits: has it flattened?
-    **r,
-}))'
+  $python -m sbtrain.bench.seeds record "$5" study="$1" name="$2" seed="$3" attention_spec="$4"
 }
 
 train() {  # label attention seed [overrides] -> the run folder (trained, or resumed to the end)

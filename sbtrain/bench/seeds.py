@@ -1,6 +1,8 @@
 """Mean and standard deviation over seeds of the JSON lines a multi-seed study writes.
 
     python -m sbtrain.bench.seeds benchmarks/results/wiki-leads-seeds-cpu.jsonl [--out T.md]
+    sbtrain eval-ppl RUN/checkpoint_best.pt --json \
+      | python -m sbtrain.bench.seeds record RUN study=train name=full seed=1 >> S.jsonl
 
 Each line is one evaluated run: `study` (e.g. train, dropin, budget), `name` (the kind or the
 split of the budget), `seed`, and the `eval-ppl --json` figures (`ppl`, `loss_nats`, ...). Runs are
@@ -8,6 +10,12 @@ grouped by (study, name) in first-seen order; the standard deviation is the samp
 so a group of one run has none. Runs that carry a `valid_curve` ([update, loss, ...] per
 validation) also get `late_drop`: how much lower (in %) the final validation loss is than the
 last one at or before 80% of the updates — a run whose loss has flattened has a late drop near 0.
+Accuracy (`--metric accuracy`) is shown in percent.
+
+`record` writes one such line (what the benchmark scripts append): the key=value fields given
+(text, except `seed`: an integer), then from the run folder
+`updates` and `train_seconds` (its last validation) and `valid_curve` ([update, loss in bits]
+per validation, plus accuracy where the run logged it), then eval-ppl's JSON read from stdin.
 """
 
 from __future__ import annotations
@@ -57,6 +65,56 @@ def late_drop(curve: list[list[float]], fraction: float = 0.8) -> float | None:
     return 100.0 * (earlier[-1] - final_loss) / earlier[-1]
 
 
+def record(evaluation: dict, run: str | Path, fields: dict) -> dict:
+    """One study line: `fields`, the run's updates, training seconds and validation curve (from
+    `run`/valid.jsonl), then `evaluation` (eval-ppl's figures)."""
+    valid = read_runs([Path(run) / "valid.jsonl"])
+    if not valid:
+        raise UserError(f"{run}/valid.jsonl: no validation was logged")
+    curve = [[v["update"], v["loss"]] + ([v["accuracy"]] if "accuracy" in v else []) for v in valid]
+    return {
+        **fields,
+        "updates": valid[-1]["update"],
+        "train_seconds": valid[-1]["wall"],
+        "valid_curve": curve,
+        **evaluation,
+    }
+
+
+def _field(text: str) -> tuple[str, str | int]:
+    key, equals, value = text.partition("=")
+    if not key or not equals:
+        raise UserError(f"{text!r}: fields are key=value")
+    if key != "seed":
+        return key, value
+    try:
+        return key, int(value)
+    except ValueError:
+        raise UserError(f"seed={value!r}: not an integer") from None
+
+
+def record_main(argv: list[str]) -> int:
+    prog = "python -m sbtrain.bench.seeds record"
+    if not argv:
+        print(f"usage: {prog} RUN key=value ... < eval-ppl.json", file=sys.stderr)
+        return 2
+    try:
+        fields = dict(_field(text) for text in argv[1:])
+        try:
+            evaluation = json.loads(sys.stdin.read())
+        except json.JSONDecodeError:
+            raise UserError("stdin: not eval-ppl's JSON") from None
+        line = record(evaluation, argv[0], fields)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"{prog}: error: a validation record has no {e.args[0]!r} field", file=sys.stderr)
+        return 2
+    print(json.dumps(line))
+    return 0
+
+
 def summarise(runs: list[dict], metric: str = "ppl") -> list[dict]:
     """One row per (study, name): n, the seeds, and mean / std of `metric` and of loss_nats."""
     groups: dict[tuple, list[dict]] = {}
@@ -81,13 +139,14 @@ def markdown(rows: list[dict], metric: str = "ppl") -> str:
     """The rows as a markdown table: study, name, runs, metric as mean ± std (and the mean late
     drop of the validation loss when the runs carry their curves)."""
     curves = any("late_drop_mean" in r for r in rows)
+    scale, label = (100.0, "accuracy %") if metric == "accuracy" else (1.0, metric)
     lines = [
-        f"| study | name | runs | {metric} (mean ± std) |" + (" late drop |" if curves else ""),
+        f"| study | name | runs | {label} (mean ± std) |" + (" late drop |" if curves else ""),
         "|---|---|---:|---:|" + ("---:|" if curves else ""),
     ]
     for r in rows:
-        mean, std = r[f"{metric}_mean"], r[f"{metric}_std"]
-        spread = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+        mean, std = r[f"{metric}_mean"] * scale, r[f"{metric}_std"]
+        spread = f"{mean:.2f} ± {std * scale:.2f}" if std is not None else f"{mean:.2f}"
         line = f"| {r['study']} | {r['name']} | {r['n']} | {spread} |"
         if curves:
             drop = r.get("late_drop_mean")
@@ -97,6 +156,9 @@ def markdown(rows: list[dict], metric: str = "ppl") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["record"]:
+        return record_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m sbtrain.bench.seeds", description=__doc__)
     parser.add_argument("jsonl", nargs="+", help="JSON lines of evaluated runs")
     parser.add_argument("--metric", default="ppl", help="the figure to summarise (default: ppl)")

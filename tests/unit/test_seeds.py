@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -82,3 +83,72 @@ def test_late_drop_compares_the_end_with_the_last_point_before_four_fifths():
     assert "late_drop_mean" not in b
     table = markdown(summarise(runs))
     assert "| a | 2 | 1.00 ± 0.00 | 35.00% |" in table and table.endswith("| b | 1 | 1.00 | |")
+
+
+def test_accuracy_is_shown_in_percent():
+    runs = [
+        {"study": "listops", "name": "full", "seed": 1, "accuracy": 0.36, "loss_nats": 1.0},
+        {"study": "listops", "name": "full", "seed": 2, "accuracy": 0.38, "loss_nats": 1.0},
+    ]
+    table = markdown(summarise(runs, "accuracy"), "accuracy")
+    assert "accuracy % (mean ± std)" in table
+    assert "| listops | full | 2 | 37.00 ± 1.41 |" in table  # std 0.02 / sqrt(2) * 100
+
+
+def _record(monkeypatch, capsys, argv, stdin):
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    status = main(["record", *argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_record_joins_fields_the_run_s_curve_and_the_evaluation(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    valid = [
+        {"update": 100, "loss": 3.0, "accuracy": 0.2, "wall": 10.0},
+        {"update": 200, "loss": 2.5, "accuracy": 0.3, "wall": 21.5},
+    ]
+    (run / "valid.jsonl").write_text("".join(json.dumps(v) + "\n" for v in valid))
+    evaluation = {"split": "test", "accuracy": 0.31, "loss_nats": 1.7}
+    argv = [str(run), "study=listops", "name=full", "seed=2", "attention_spec=local window=8"]
+    status, out, err = _record(monkeypatch, capsys, argv, json.dumps(evaluation))
+    assert status == 0 and err == ""
+    assert json.loads(out) == {
+        "study": "listops",
+        "name": "full",
+        "seed": 2,
+        "attention_spec": "local window=8",
+        "updates": 200,
+        "train_seconds": 21.5,
+        "valid_curve": [[100, 3.0, 0.2], [200, 2.5, 0.3]],
+        **evaluation,
+    }
+    # a language model's validations have no accuracy: [update, loss] only
+    (run / "valid.jsonl").write_text(json.dumps({"update": 5, "loss": 4.0, "wall": 1.0}) + "\n")
+    status, out, _ = _record(monkeypatch, capsys, [str(run), "name=x"], "{}")
+    assert status == 0 and json.loads(out)["valid_curve"] == [[5, 4.0]]
+
+
+@pytest.mark.parametrize(
+    "argv, stdin, message",
+    [
+        (["{run}", "seed=one"], "{}", "seed='one': not an integer"),
+        (["{run}", "name"], "{}", "'name': fields are key=value"),
+        (["{run}", "name=x"], "not json", "stdin: not eval-ppl's JSON"),
+        (["{run}/absent", "name=x"], "{}", "valid.jsonl: cannot read it"),
+        (["{empty}", "name=x"], "{}", "valid.jsonl: no validation was logged"),
+        (["{nowall}", "name=x"], "{}", "a validation record has no 'wall' field"),
+    ],
+)
+def test_record_refuses_bad_input_in_one_line(tmp_path, monkeypatch, capsys, argv, stdin, message):
+    folders = {name: tmp_path / name for name in ("run", "empty", "nowall")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["run"] / "valid.jsonl").write_text('{"update": 1, "loss": 1.0, "wall": 1.0}\n')
+    (folders["empty"] / "valid.jsonl").write_text("")
+    (folders["nowall"] / "valid.jsonl").write_text('{"update": 1, "loss": 1.0}\n')
+    argv = [a.format(**folders) for a in argv]
+    status, out, err = _record(monkeypatch, capsys, argv, stdin)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and message in err
