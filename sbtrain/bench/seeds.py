@@ -13,9 +13,9 @@ last one at or before 80% of the updates — a run whose loss has flattened has 
 Accuracy (`--metric accuracy`) is shown in percent.
 
 `record` writes one such line (what the benchmark scripts append): the key=value fields given
-(text, except `seed`: an integer), then from the run folder
-`updates` and `train_seconds` (its last validation) and `valid_curve` ([update, loss in bits]
-per validation, plus accuracy where the run logged it), then eval-ppl's JSON read from stdin.
+(text, except `seed`: an integer); then, from the run folder, `updates` and `train_seconds` (at
+its last validation) and `valid_curve` ([update, loss in bits] per validation, plus accuracy
+where the run logged it); then eval-ppl's JSON, read from stdin.
 """
 
 from __future__ import annotations
