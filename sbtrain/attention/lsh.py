@@ -477,9 +477,10 @@ def lsh_parts(
     (scatterbrain: they are exact already): causal, j > i - window; non-causal, the centred
     window. `real` (B, L) bool makes it non-causal (T = L): `split_bucket(bucket_size)` keys per
     round before and after, padded keys never found. A query with an empty support (only a padded
-    one can have it) gets the EMPTY log-scale and zero sums. Queries are processed in blocks
-    whose gathered (T, K, X) rows, or dense (T, L) scores when `dense_is_cheaper` (or `DENSE`
-    forces it), are recomputed in backward: memory O(L (X + R)) plus one block. Returns the
+    one can have it) gets the EMPTY log-scale and zero sums. Queries are processed in blocks:
+    gathered (T, K, X) rows recomputed in backward, memory O(L (X + R)) plus one block; or, when
+    `dense_is_cheaper` (or `DENSE` forces it), dense (T, L) scores whose K supported weights are
+    kept for backward, memory O(L (X + R + K)) plus one block. Returns the
     exact part (B, H, T, E) and, with `features`, the part Σ phi(q).phi(k) [v, 1] over the same
     entries (for the low-rank part to subtract).
     `hashed` = (queries (B, H, T, D), keys (B, H, L, D)) are what buckets are drawn from when
@@ -493,16 +494,13 @@ def lsh_parts(
         query_buckets = hash_buckets(hash_q, rotations)  # argmax ignores a positive scale
         index = index_keys(hash_buckets(hash_k, rotations), real)
     support = _Support(query_buckets, positions, index, behind, ahead, window, real)
-    columns, qf = [k, vx], None
-    if features is not None:
-        columns += [features[1].weights, features[1].top.unsqueeze(-1)]
-        qf = features[0].weights
+    qf, kf, key_top = (None,) * 3 if features is None else (features[0].weights, *features[1])
     support_size = 1 + rotations.shape[0] * (behind + ahead)
     if dense_is_cheaper(length, support_size) if DENSE is None else DENSE:
         block = max(1, BLOCK_ELEMENTS // (batch * heads * length))
-        kf, key_top = (None, None) if features is None else features[1]
         sums = _DenseSums.apply(q, qf, k, vx, kf, key_top, support, block)
     else:
+        columns = [k, vx] if features is None else [k, vx, kf, key_top.unsqueeze(-1)]
         table = torch.cat(columns, dim=-1)  # (B, H, L, X)
         block = max(1, BLOCK_ELEMENTS // (batch * heads * support_size * table.shape[-1]))
         sums = _SupportSums.apply(q, qf, table, support, dim, vx.shape[-1], block)

@@ -71,11 +71,18 @@ def record(evaluation: dict, run: str | Path, fields: dict) -> dict:
     valid = read_runs([Path(run) / "valid.jsonl"])
     if not valid:
         raise UserError(f"{run}/valid.jsonl: no validation was logged")
-    curve = [[v["update"], v["loss"]] + ([v["accuracy"]] if "accuracy" in v else []) for v in valid]
+    try:
+        curve = [
+            [v["update"], v["loss"]] + ([v["accuracy"]] if "accuracy" in v else []) for v in valid
+        ]
+        updates, seconds = valid[-1]["update"], valid[-1]["wall"]
+    except KeyError as e:
+        what = f"a validation record has no {e.args[0]!r} field"
+        raise UserError(f"{run}/valid.jsonl: {what}") from None
     return {
         **fields,
-        "updates": valid[-1]["update"],
-        "train_seconds": valid[-1]["wall"],
+        "updates": updates,
+        "train_seconds": seconds,
         "valid_curve": curve,
         **evaluation,
     }
@@ -108,9 +115,6 @@ def record_main(argv: list[str]) -> int:
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyError as e:
-        print(f"{prog}: error: a validation record has no {e.args[0]!r} field", file=sys.stderr)
-        return 2
     print(json.dumps(line))
     return 0
 
@@ -119,12 +123,16 @@ def summarise(runs: list[dict], metric: str = "ppl") -> list[dict]:
     """One row per (study, name): n, the seeds, and mean / std of `metric` and of loss_nats."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
+        if "name" not in run:
+            raise UserError("a run has no 'name' field")
         groups.setdefault((run.get("study", ""), run["name"]), []).append(run)
     rows = []
     for (study, name), members in groups.items():
         row = {"study": study, "name": name, "n": len(members)}
         row["seeds"] = ",".join(str(m.get("seed", "?")) for m in members)
         for key in (metric, "loss_nats"):
+            if any(key not in m for m in members):
+                raise UserError(f"a run has no {key!r} field")
             mean, std = mean_std([float(m[key]) for m in members])
             row[f"{key}_mean"], row[f"{key}_std"] = mean, std
         drops = [late_drop(m["valid_curve"]) for m in members if m.get("valid_curve")]
@@ -168,9 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         rows = summarise(read_runs(args.jsonl), args.metric)
     except UserError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyError as e:
-        print(f"{parser.prog}: error: a run has no {e.args[0]!r} field", file=sys.stderr)
         return 2
     text = markdown(rows, args.metric)
     print(text)
