@@ -1,4 +1,5 @@
-# make demo: train + evaluate the Copy-task demo (no data needed); make test: the test suite.
+# make demo: train + evaluate the Copy-task demo (no data needed); make test: the test suite;
+# make lint: ruff, and the import layering of pyproject.toml (lint-imports).
 # Both create .venv and install sbtrain with the CPU build of torch 2.13.0 when .venv is missing,
 # plus triton where a wheel exists for the platform (its interpreter runs the fused kernels'
 # tests on the CPU; without it those tests are skipped, and the summary says so).
@@ -30,7 +31,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

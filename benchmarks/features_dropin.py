@@ -25,7 +25,8 @@ from sbtrain.attention.features import FEATURES
 from sbtrain.attention.performer import calibrate
 from sbtrain.bench import machine
 from sbtrain.bench.approx import capture_attention_inputs, split_blocks
-from sbtrain.evaluate import eval_dataset, load_model, score
+from sbtrain.checkpoint import load_model
+from sbtrain.scoring import score
 
 BUDGET = 64
 
@@ -47,14 +48,14 @@ def test_ppl(path: str, attention: dict | None, seed: int | None) -> float:
     spec = None if attention["kind"] == "full" else {**attention}
     if spec is not None and seed is not None and spec["kind"] != "local":
         spec["seed"] = seed
-    model, recipe, state = load_model(path, torch.device("cpu"), spec)
+    model, recipe, task, state = load_model(path, torch.device("cpu"), spec)
+    length, vocab = task.context_length, int(state["vocab_size"])
     if spec is not None and spec.get("features") == "favor++":
-        length, vocab = recipe.data.tokens_per_sample, int(state["vocab_size"])
         blocks = split_blocks(recipe.data.dir, "train", length, 4, vocab)
         for block, (q, k, _) in zip(model.blocks, capture_attention_inputs(model, blocks)):
             calibrate(block.attn.kernel, q, k)
-    dataset, _ = eval_dataset(recipe, state, "test", 0, None)
-    s = score(model, dataset, list(range(len(dataset))), 8, torch.device("cpu"), "fp32")
+    dataset, _ = task.eval_set("test", None, 0, length, task.fits(state["model_args"]))
+    s = score(model, task, dataset, list(range(len(dataset))), 8, torch.device("cpu"), "fp32")
     return s.ppl
 
 

@@ -13,6 +13,7 @@
 # Each step has its own time limit and failing one does not stop the others. With $OUT set (the
 # device tool), the log and one .tgz of every JSON/PNG are copied there (it brings back 8 files).
 set -uo pipefail
+case ${1:-} in -h | --help) sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 dir=${1:-benchmarks/results}
 py=${PYTHON:-python3}
@@ -28,7 +29,7 @@ import torch, triton
 from sbtrain.attention import dispatch
 print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(),
       "capability", torch.cuda.get_device_capability(), "floors", dispatch.TORCH_FLOOR,
-      dispatch.TRITON_FLOOR, "problem:", dispatch._version_problem())
+      dispatch.TRITON_FLOOR, "problem:", dispatch.version_problem())
 PY
 step() {  # seconds, name, command...: run it with its output in the log, report its status
   local limit=$1 name=$2

@@ -6,7 +6,9 @@
 # kernels under the recipe's train.seed (the export records it), so the draws are the same.
 #   benchmarks/hf-dropin.sh CKPT [DATA_DIR] [OUT] -> benchmarks/results/hf-dropin-cpu.jsonl
 # e.g. benchmarks/hf-dropin.sh checkpoints/wiki-leads-full/checkpoint_best.pt data/wiki-leads-bin
+# ONLY: a regular expression of the swaps to score ("^$": the model's own attention only).
 set -euo pipefail
+case ${1:-} in -h | --help) sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 sbtrain=${SBTRAIN:-sbtrain}
 python=${PYTHON:-python3}
@@ -25,6 +27,7 @@ swaps=(
 )
 : >"$out.tmp"
 for swap in "${swaps[@]}"; do
+  [[ $swap =~ ${ONLY:-.*} ]] || continue
   attention=()
   # shellcheck disable=SC2206  # swap is KIND key=value ...: split on purpose
   [ -n "$swap" ] && attention=(--attention $swap)

@@ -35,11 +35,12 @@ def main() -> None:
     print("|" + "---|" * len(head))
     for (kind, positions), by_length in models.items():
         last = by_length[longest]["by_position"]
-        seen = [b for b in last if b["end"] <= trained]
-        inside = sum(b["loss_nats"] * b["tokens"] for b in seen) / sum(b["tokens"] for b in seen)
+        seen = [b for b in last if b["end"] <= trained]  # buckets inside the training length
+        tokens = sum(b["tokens"] for b in seen)
+        inside = sum(b["loss_nats"] * b["tokens"] for b in seen) / tokens if tokens else None
         cells = [kind, positions, f"{by_length[lengths[0]]['train_seconds']:.0f}"]
         cells += [f"{by_length[n]['ppl']:.1f}" for n in lengths]
-        cells += [f"{math.exp(inside):.1f}", f"{last[-1]['ppl']:.1f}"]
+        cells += ["-" if inside is None else f"{math.exp(inside):.1f}", f"{last[-1]['ppl']:.1f}"]
         print("| " + " | ".join(cells) + " |")
     if args.png:
         draw(models, longest, trained, args.png)

@@ -14,9 +14,11 @@
 #   SEEDS="1 2" STUDIES="train budget" ONLY="full|local" OUT=/tmp/x.jsonl benchmarks/wiki-leads-seeds.sh 20
 #   EXTRA="train.validate_interval=50" benchmarks/wiki-leads-seeds.sh     (more overrides for every run)
 #
-# Runs live in checkpoints/wiki-leads-seeds/u$UPDATES/; rerunning the script resumes an unfinished
-# run and reuses a finished one (rerunning `sbtrain train` resumes), so it can be stopped at any time.
+# Runs live in $RUNS/wiki-leads-seeds/u$UPDATES/ (RUNS: checkpoints); rerunning the script resumes
+# an unfinished run and reuses a finished one (rerunning `sbtrain train` resumes), so it can be
+# stopped at any time. DATA: the preprocessed folder (data/wiki-leads-bin).
 set -euo pipefail
+case ${1:-} in -h | --help) sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 sbtrain=${SBTRAIN:-sbtrain}
 python=${PYTHON:-python3}
@@ -26,8 +28,9 @@ seeds=${SEEDS:-1 2 3}
 studies=${STUDIES:-train dropin budget redraw}
 only=${ONLY:-.}
 out=${OUT:-benchmarks/results/wiki-leads-seeds-cpu.jsonl}
-runs=checkpoints/wiki-leads-seeds/u$updates
-[ -f data/wiki-leads-bin/meta.json ] || $sbtrain preprocess recipes/wiki-leads.yaml data.raw="$raw"
+runs=${RUNS:-checkpoints}/wiki-leads-seeds/u$updates
+data=${DATA:-data/wiki-leads-bin}
+[ -f "$data/meta.json" ] || $sbtrain preprocess recipes/wiki-leads.yaml data.raw="$raw" data.dir="$data"
 
 # name | label of its run folder | model.attention | --attention of the drop-in swap
 kinds='full|full|{kind: full}|full
@@ -49,7 +52,7 @@ record() {  # study name seed attention save_dir: eval-ppl's JSON on stdin -> on
 train() {  # label attention seed [overrides] -> the run folder (trained, or resumed to the end)
   local save=$runs/$1-s$3
   # shellcheck disable=SC2086  # EXTRA and the overrides are key=value ...: split on purpose
-  $sbtrain train recipes/wiki-leads.yaml "model.attention=$2" train.seed="$3" \
+  $sbtrain train recipes/wiki-leads.yaml "model.attention=$2" train.seed="$3" data.dir="$data" \
     train.max_updates="$updates" train.save_dir="$save" ${4:-} ${EXTRA:-} >"$save.log" 2>&1 \
     || { echo "training $save failed: see $save.log" >&2; exit 1; }
   echo "$save"

@@ -61,7 +61,14 @@ def words(text: str) -> list[str]:
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
-    a = sub.add_parser("attention", help="forward+backward time and peak memory per kind vs length")
+    for name, (about, flags) in BENCHMARKS.items():
+        each = sub.add_parser(name, help=about)
+        flags(each)
+        each.add_argument("--out", help="also write the JSON result to this file")
+    return parser
+
+
+def attention_flags(a: argparse.ArgumentParser) -> None:
     a.add_argument("--kinds", type=words, help="labels of sbtrain.bench.attention.BENCH_KINDS")
     a.add_argument("--lengths", type=ints, default=[2048, 4096, 8192, 16384])
     a.add_argument("--batch", type=positive, default=1)
@@ -76,7 +83,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="scatterbrain (local) / performer: fused kernels or PyTorch path",
     )
 
-    x = sub.add_parser("approx", help="relative error vs exact attention at an equal budget")
+
+def approx_flags(x: argparse.ArgumentParser) -> None:
     x.add_argument("--budget", type=positive, default=64, help="keys/features per query")
     x.add_argument("--length", type=positive, default=1024)
     x.add_argument("--heads", type=positive, default=4)
@@ -92,7 +100,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     x.add_argument("--blocks", type=positive, default=2, help="validation blocks to capture")
     x.add_argument("--counts", type=ints, help="feature counts (default 16 ... 1024)")
 
-    t = sub.add_parser("train", help="tokens/s, step time, peak memory of training steps")
+
+def train_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "recipes",
         nargs="+",
@@ -116,26 +125,30 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="also time attention, feed-forward and output layer of a step, each alone",
     )
 
-    p = sub.add_parser("preprocess", help="MB/s and peak RSS of preprocess on a generated corpus")
+
+def preprocess_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--megabytes", type=megabytes, default=500)
     p.add_argument("--tokenizers", type=words, default=["word", "sentencepiece"])
     p.add_argument("--workers", type=positive, default=2)
     p.add_argument("--work-dir", help="where the corpus is generated (default: a temp folder)")
 
-    g = sub.add_parser("generate", help="time and cache memory per generated token vs context")
+
+def generate_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--kinds", type=words, default=["full", "local", "performer", "scatterbrain"])
     g.add_argument("--contexts", type=ints, default=[1024, 4096, 16384])
     g.add_argument("--steps", type=positive, default=32)
     g.add_argument("--device", default="cpu")
 
-    k = sub.add_parser("kernels", help="Triton kernels vs SDPA vs the PyTorch path (CUDA)")
+
+def kernels_flags(k: argparse.ArgumentParser) -> None:
     k.add_argument("--lengths", type=ints, default=[2048, 4096, 8192, 16384])
     k.add_argument("--tokens", type=positive, default=32768, help="batch x length per call")
     k.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     k.add_argument("--repeats", type=positive, default=20)
     k.add_argument("--blocks", type=ints, default=[32, 64, 128], help="kernel block sizes to try")
 
-    gpt = sub.add_parser("gpt", help="tokens/s of a plain GPT loop (bench train's yardstick)")
+
+def gpt_flags(gpt: argparse.ArgumentParser) -> None:
     gpt.add_argument("--vocab-size", type=positive, default=32000)
     gpt.add_argument("--length", type=positive, default=2048)
     gpt.add_argument("--batch", type=positive, default=12)
@@ -145,9 +158,16 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     gpt.add_argument("--warmup", type=count, default=3)
     gpt.add_argument("--device", default="cuda")
 
-    for each in (a, x, t, p, g, k, gpt):
-        each.add_argument("--out", help="also write the JSON result to this file")
-    return parser
+
+BENCHMARKS = {  # WHAT -> (help, its flags); `run` calls sbtrain.bench.WHAT.main(**flags)
+    "attention": ("forward+backward time and peak memory per kind vs length", attention_flags),
+    "approx": ("relative error vs exact attention at an equal budget", approx_flags),
+    "train": ("tokens/s, step time, peak memory of training steps", train_flags),
+    "preprocess": ("MB/s and peak RSS of preprocess on a generated corpus", preprocess_flags),
+    "generate": ("time and cache memory per generated token vs context", generate_flags),
+    "kernels": ("Triton kernels vs SDPA vs the PyTorch path (CUDA)", kernels_flags),
+    "gpt": ("tokens/s of a plain GPT loop (bench train's yardstick)", gpt_flags),
+}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,14 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from cli.flags import add_model_flags, parse_attention
 from sbtrain import evaluate
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument(
-        "checkpoint",
-        help="an sbtrain checkpoint, e.g. checkpoints/wt103/checkpoint_best.pt, or hf:FOLDER, a "
+    add_model_flags(
+        parser,
+        "an sbtrain checkpoint, e.g. checkpoints/wt103/checkpoint_best.pt, or hf:FOLDER, a "
         "transformers causal LM (with --data: a split prepared with data.tokenizer: hf:FOLDER)",
+        "evaluate",
     )
     parser.add_argument("--split", default="test", help="split to score (default: test)")
     parser.add_argument(
@@ -52,21 +54,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--plot", metavar="PATH", help="with --by-position: a PNG of perplexity by position"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument(
-        "--attention",
-        nargs="+",
-        metavar="KIND|key=value",
-        help="evaluate with another attention kind, e.g. --attention local window=256",
-    )
-    parser.add_argument("--data", help="preprocessed data folder (default: the recipe's data.dir)")
-    parser.add_argument(
-        "--attention-impl",
-        choices=["auto", "pytorch", "fused"],
-        help="fused kernels or PyTorch path (default: the checkpoint's train.attention_impl)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
 
@@ -78,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         precision=args.precision,
-        attention=evaluate.parse_attention(args.attention),
+        attention=parse_attention(args.attention),
         data_dir=args.data,
         attention_impl=args.attention_impl,
         progress=not args.json,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from cli.flags import add_model_flags, parse_attention
 from sbtrain import generate
-from sbtrain.evaluate import parse_attention
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("checkpoint", help="an sbtrain checkpoint")
+    add_model_flags(parser, "an sbtrain checkpoint", "decode")
     parser.add_argument("--prompt", required=True, help="text to continue (copy task: symbol ids)")
     parser.add_argument("--max-tokens", type=int, default=50, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
@@ -25,22 +25,6 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument(
-        "--attention",
-        nargs="+",
-        metavar="KIND|key=value",
-        help="decode with another attention kind, e.g. --attention performer",
-    )
-    parser.add_argument(
-        "--data", help="preprocessed data folder with the tokenizer (default: data.dir)"
-    )
-    parser.add_argument(
-        "--attention-impl",
-        choices=["auto", "pytorch", "fused"],
-        help="fused kernels or PyTorch path (default: the checkpoint's train.attention_impl)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
 

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from sbtrain import __version__
 from sbtrain.errors import UserError
 
 COMMANDS = {
@@ -41,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from sbtrain import __version__
-
         print(f"sbtrain {__version__}")
         return 0
     command, rest = argv[0], argv[1:]

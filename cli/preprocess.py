@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from sbtrain import binarize
+from sbtrain import preprocess
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    flags = {flag: getattr(args, flag) for flag in binarize.FLAGS}
+    flags = {flag: getattr(args, flag) for flag in preprocess.FLAGS}
     inputs = {"train": args.trainpref, "valid": args.validpref, "test": args.testpref}
-    binarize.main(args.recipe, args.overrides, flags, inputs, args.force)
+    preprocess.main(args.recipe, args.overrides, flags, inputs, args.force)
     return 0

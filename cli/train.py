@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from sbtrain import trainer
-from sbtrain.config import load_recipe
+from sbtrain.tasks import load_recipe
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

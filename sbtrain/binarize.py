@@ -22,18 +22,11 @@ so a failed or interrupted run leaves the previous output as it was.
 
 from __future__ import annotations
 
-import json
 import math
-import multiprocessing
 import os
 import shutil
-import signal
-import sys
-import threading
-import uuid
 from array import array
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from itertools import pairwise, repeat
@@ -43,8 +36,9 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from sbtrain.config import DataConfig, apply_overrides, load_recipe, recipe_from_dict
+from sbtrain.config import TextDataConfig
 from sbtrain.errors import UserError
+from sbtrain.staging import Imap, check_target, sigterm_as_exit, staging, worker_map, write_json
 from sbtrain.tokenizer import (
     EOS_ID,
     HF_PREFIX,
@@ -66,8 +60,6 @@ TASK_BYTES = 64 << 20  # byte range per task: balances the workers and paces the
 SAMPLE_WINDOWS = 256  # evenly spaced windows a subword tokenizer's training sample is cut from
 DEFAULT_SUBWORD_VOCAB = 32_000
 COPY_BYTES = 16 << 20
-
-Imap = Callable[[Callable, list], Iterator]
 
 
 @dataclass(frozen=True)
@@ -126,55 +118,8 @@ class FirstSeen(dict):
 EOL_KEY = ""  # provisional id 0 = end of line: str.split() never yields an empty word
 
 
-@contextmanager
-def _sigterm_as_exit():
-    """SIGTERM raises SystemExit(143), so the staging folder is removed on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-FLAGS = {  # fairseq-style flag -> the DataConfig field it sets
-    "destdir": "dir",
-    "workers": "workers",
-    "tokenizer": "tokenizer",
-    "vocab_size": "vocab_size",
-    "srcdict": "tokenizer",
-    "tokenizer_model": "tokenizer",
-}
-
-
-def main(
-    recipe: str | None,
-    overrides: list[str],
-    flags: Mapping[str, object],
-    inputs: Mapping[str, str | None],
-    force: bool = False,
-) -> dict[str, SplitStats]:
-    """`sbtrain preprocess`: the recipe (or defaults), its overrides, then the fairseq-style
-    `flags` (see FLAGS; None = not given), validated as one; then `preprocess`."""
-    overrides = list(overrides)
-    if recipe is not None and "=" in recipe:  # no recipe, overrides only
-        overrides.insert(0, recipe)
-        recipe = None
-    tree = load_recipe(recipe, overrides).to_dict() if recipe else apply_overrides({}, overrides)
-    data = tree.setdefault("data", {})
-    for flag, value in flags.items():
-        if value is not None:
-            data[FLAGS[flag]] = value
-    resolved = recipe_from_dict(tree, source=recipe or "command line")
-    from sbtrain.tasks import get_task  # tasks call back into this module
-
-    return get_task(resolved).preprocess(dict(inputs), force)
-
-
 def preprocess(
-    data: DataConfig,
+    data: TextDataConfig,
     inputs: Mapping[str, str | Path | None] | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
@@ -190,24 +135,24 @@ def preprocess(
     _check_options(data)
     sources = find_splits(data.raw, inputs or {})
     target = Path(os.path.abspath(data.dir))
-    _check_target(target, sources, force)
-    with _sigterm_as_exit(), _staging(target, force) as staging, _mapper(data.workers) as imap:
-        tokenizer, stats = _obtain_tokenizer(data, sources, staging, imap, log)
+    check_target(target, sources, force)
+    with sigterm_as_exit(), staging(target, force) as out, worker_map(data.workers) as imap:
+        tokenizer, stats = _obtain_tokenizer(data, sources, out, imap, log)
         dtype = token_dtype(tokenizer.vocab_size)
-        tokenizer_file = tokenizer.save(staging)
+        tokenizer_file = tokenizer.save(out)
         for split, source in sources.items():
             if split not in stats:  # train may be binarized already, while fitting
-                bin_path = staging / f"{split}.bin"
+                bin_path = out / f"{split}.bin"
                 stats[split] = _binarize(
                     imap, source, tokenizer_file, bin_path, dtype, data.workers
                 )
-            _write_json(staging / f"{split}.json", stats[split].to_json())
+            write_json(out / f"{split}.json", stats[split].to_json())
             s = stats[split]
             log(
                 f"| [{split}] {source.name}: {s.lines} lines, {s.tokens} tokens, "
                 f"{100 * s.unk_rate:.3}% replaced by <unk>"
             )
-        _write_json(staging / "meta.json", _meta(tokenizer, tokenizer_file, dtype, list(stats)))
+        write_json(out / "meta.json", _meta(tokenizer, tokenizer_file, dtype, list(stats)))
     log(f"| wrote {data.dir}")
     return stats
 
@@ -282,7 +227,7 @@ def sample_lines(path: str | Path, budget: int, windows: int = SAMPLE_WINDOWS) -
 # steps
 
 
-def _check_options(data: DataConfig) -> None:
+def _check_options(data: TextDataConfig) -> None:
     if data.vocab_size is not None and data.vocab_size <= len(SPECIALS):
         raise UserError(
             f"data.vocab_size must exceed the {len(SPECIALS)} specials, got {data.vocab_size}"
@@ -296,7 +241,7 @@ def _check_options(data: DataConfig) -> None:
 
 
 def _obtain_tokenizer(
-    data: DataConfig, sources: dict[str, Path], staging: Path, imap: Imap, log: Callable
+    data: TextDataConfig, sources: dict[str, Path], staging: Path, imap: Imap, log: Callable
 ) -> tuple[Tokenizer, dict[str, SplitStats]]:
     """Load `data.tokenizer` when it names a file, else fit that kind on the train split.
 
@@ -338,7 +283,7 @@ def _obtain_tokenizer(
 
 
 def _fit_word(
-    imap: Imap, train: Path, bin_path: Path, data: DataConfig
+    imap: Imap, train: Path, bin_path: Path, data: TextDataConfig
 ) -> tuple[WordTokenizer, SplitStats]:
     """Word vocabulary and train ids from one pass over the text.
 
@@ -508,92 +453,9 @@ def _parts(path: Path, workers: int) -> int:
     return max(workers, math.ceil(path.stat().st_size / TASK_BYTES))
 
 
-def _check_target(target: Path, sources: dict[str, Path], force: bool) -> None:
-    """Refuse a target we must not replace; checked before any work is done."""
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise UserError(f"{target}: exists and is not a folder; choose another data.dir")
-    if not force:
-        raise UserError(
-            f"{target}: output folder exists; pass --force to replace it "
-            "(it is replaced only once the new one is complete)"
-        )
-    for split, path in sources.items():
-        if target in Path(os.path.abspath(path)).parents:
-            raise UserError(
-                f"{path}: the {split} input is inside data.dir; choose another data.dir"
-            )
-    if any(target.iterdir()) and not _is_output(target):
-        raise UserError(
-            f"{target}: --force only replaces a folder written by sbtrain preprocess "
-            "(this one has no sbtrain meta.json); remove it yourself if you mean it"
-        )
-
-
-def _is_output(folder: Path) -> bool:
-    """Whether `folder` was written by sbtrain preprocess (token or classification format)."""
-    try:
-        found = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["format"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return found in (FORMAT, "sbtrain-cls-1")
-
-
-@contextmanager
-def _staging(target: Path, force: bool) -> Iterator[Path]:
-    """A new folder beside `target` that takes its place once the block completes; on any
-    error or interrupt it is removed and `target` is left as it was."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
-        yield staging
-        _replace(staging, target, force)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already when the rename succeeded
-
-
-def _replace(new: Path, target: Path, force: bool) -> None:
-    if not target.exists():
-        os.rename(new, target)
-        return
-    if not force:
-        raise UserError(f"{target}: appeared while preprocessing; pass --force to replace it")
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(target, old)  # directories cannot be swapped atomically: move the old one aside
-    try:
-        os.rename(new, target)
-    except OSError:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old)
-
-
-@contextmanager
-def _mapper(workers: int) -> Iterator[Imap]:
-    """An ordered `imap` over `workers` processes (plain `map` here for one worker)."""
-    if workers == 1:
-        yield map
-        return
-    # spawn, not fork: a forked child would inherit the tokenizer libraries' thread pools
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_ignore_sigint) as pool:
-        yield pool.imap
-
-
-def _ignore_sigint() -> None:
-    """Ctrl-C reaches the whole process group: the parent alone handles it (and stops us)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _progress(path: Path, what: str) -> tqdm:
     # disable=None: a bar on terminals only, not in logs
     return tqdm(
         total=path.stat().st_size, desc=f"| {what}", unit="B", unit_scale=True, disable=None,
         leave=False,
     )  # fmt: skip
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

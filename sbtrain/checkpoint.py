@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, read without unpickling anything but tensors and plain data.
+"""Checkpoints: written atomically, read without unpickling anything but tensors and plain data;
+where a run resumes from and what it must match; a checkpoint's model, loaded for evaluation.
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts (so
 `torch.load(weights_only=True)` reads it): model, optimizer, scaler, rng, sampler, counters,
@@ -11,10 +12,16 @@ import os
 import pickle
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
+from sbtrain.config import AttentionConfig, Recipe
+from sbtrain.distributed import Layout
 from sbtrain.errors import UserError
+from sbtrain.tasks import Task, build_model, get_task, recipe_from_dict
 
 FORMAT = "sbtrain-checkpoint-1"
 TEMP_PREFIX = ".tmp-"  # in-progress writes: `.tmp-<name>.<pid>`; removed before every save
@@ -92,3 +99,156 @@ def prune(folder: Path, keep_last: int) -> None:
     if keep_last > 0:
         for old in numbered(folder)[:-keep_last]:
             old.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# training state: where a run resumes from, what it must match, its random state
+
+
+def resume_point(
+    save_dir: str | Path, restore_file: str | None
+) -> tuple[Path | None, dict | None, bool]:
+    """Which checkpoint a run starts from, its contents, and whether it is the run's own:
+    save_dir/checkpoint_last.pt when it exists, else `restore_file` if given, else none."""
+    last = Path(save_dir) / "checkpoint_last.pt"
+    if last.is_file():
+        return last, load(last), True
+    if restore_file:
+        return Path(restore_file), load(restore_file), False
+    return None, None, False
+
+
+def check_compatible(state: dict, recipe: Recipe, model: nn.Module, path: Path) -> None:
+    """Refuse weights of another task or architecture, naming the first difference."""
+    old_task = state["recipe"].get("task", "lm")
+    if old_task != recipe.task:
+        raise UserError(
+            f"{path} holds a {old_task} model, the recipe is {recipe.task}: "
+            "use another train.save_dir"
+        )
+    # the saved recipe read as a Recipe, so keys added since it was written take their defaults
+    old = recipe_from_dict(state["recipe"], str(path), trusted=True).model
+    for key in get_task(recipe).architecture():
+        if getattr(old, key) != getattr(recipe.model, key):
+            raise UserError(
+                f"{path} holds a model with model.{key}={_shown(getattr(old, key))}, the recipe "
+                f"has {_shown(getattr(recipe.model, key))}: use another train.save_dir, or a "
+                "matching --restore-file"
+            )
+    mine = model.state_dict()
+    missing = sorted(set(mine) - set(state["model"]))
+    if missing:
+        raise UserError(
+            f"{path} lacks {missing[0]} of this recipe's model: use another train.save_dir"
+        )
+    for name, tensor in state["model"].items():
+        if name not in mine or mine[name].shape != tensor.shape:
+            want = tuple(mine[name].shape) if name in mine else "no such tensor"
+            raise UserError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, this recipe's model has "
+                f"{want} (another vocabulary or context length?): use another train.save_dir"
+            )
+
+
+def _shown(value):
+    """A recipe value as a recipe spells it (the attention section as its kind and options)."""
+    if isinstance(value, AttentionConfig):
+        return {"kind": value.kind, **value.options()}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def prepare_save_dir(save_dir: Path) -> None:
+    """Create train.save_dir and prove it writable, before any training happens."""
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        probe = save_dir / f"{TEMP_PREFIX}probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"train.save_dir={save_dir}: cannot write there ({e.strerror or type(e).__name__}); "
+            "choose a writable folder"
+        ) from None
+
+
+def rng_states(layout: Layout) -> list[dict]:
+    """The RNG state of every process (a collective under DDP: every process takes part)."""
+    rng = {"torch": torch.get_rng_state()}
+    if layout.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(layout.device)
+    if not dist.is_initialized():
+        return [rng]
+    rngs = [None] * layout.world_size
+    dist.all_gather_object(rngs, rng)
+    return rngs
+
+
+def restore_rng(rngs: list[dict], layout: Layout) -> None:
+    """Set this process's RNG from `rng_states` of a run with as many processes (else keep)."""
+    if len(rngs) != layout.world_size:
+        return
+    rng = rngs[layout.rank]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and layout.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], layout.device)
+
+
+def save_training(
+    state: dict, save_dir: Path, numbered_as: tuple[int, int] | None, best: bool, keep_last: int
+) -> None:
+    """checkpoint_last.pt, also named checkpoint_{epoch}_{updates}.pt (`numbered_as`) and
+    checkpoint_best.pt where due; old numbered ones beyond `keep_last` removed."""
+    also = []
+    if numbered_as is not None:
+        also.append(save_dir / "checkpoint_{}_{}.pt".format(*numbered_as))
+    if best:
+        also.append(save_dir / "checkpoint_best.pt")
+    save(state, save_dir / "checkpoint_last.pt", also)
+    prune(save_dir, keep_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# a model to evaluate
+
+
+class Loaded(NamedTuple):
+    model: nn.Module  # in eval mode, on the device asked for
+    recipe: Recipe
+    task: Task
+    state: dict  # the checkpoint's contents
+
+
+def load_model(
+    path: str | Path,
+    device: torch.device,
+    attention: dict | None = None,
+    attention_impl: str | None = None,
+) -> Loaded:
+    """The model of a checkpoint (its recipe gives the architecture), ready for evaluation.
+
+    `attention` ({"kind": ..., options}) swaps every layer's attention kernel for another kind:
+    the projections are kept; the new kernel's random buffers are drawn from train.seed.
+    `attention_impl` (auto | pytorch | fused) replaces the recipe's train.attention_impl.
+    """
+    state = load(path)
+    tree = recipe_from_dict(state["recipe"], str(path), trusted=True).to_dict()
+    weights = state["model"]
+    if attention is not None:
+        tree["model"] = {**tree["model"], "attention": attention}
+        weights = {k: v for k, v in weights.items() if ".kernel." not in k}  # the old kernel's
+    if attention_impl is not None:
+        tree["train"] = {**tree["train"], "attention_impl": attention_impl}
+    recipe = recipe_from_dict(tree, source=f"{path} (--attention)" if attention else str(path))
+    task = get_task(recipe)
+    model_args = state.get("model_args") or {"vocab_size": int(state["vocab_size"])}
+    model = build_model(recipe, **model_args)
+    try:
+        missing, _ = model.load_state_dict(weights, strict=attention is None)
+    except RuntimeError:
+        raise UserError(
+            f"{path}: its weights do not fit the model its own recipe describes "
+            "(written by another sbtrain version?); use another checkpoint"
+        ) from None
+    if any(".kernel." not in key for key in missing):
+        raise UserError(f"{path}: weights missing for {missing[0]}; use another checkpoint")
+    return Loaded(model.to(device).eval(), recipe, task, state)

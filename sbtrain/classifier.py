@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sbtrain.config import ModelConfig
+from sbtrain.batch import IGNORE
+from sbtrain.config import EncoderConfig
 from sbtrain.errors import UserError
-from sbtrain.model import IGNORE, Block, TransformerLM, sinusoids
+from sbtrain.model import Block, init_weights, sinusoids
 
 
 class Encoder(nn.Module):
@@ -35,7 +36,7 @@ class Encoder(nn.Module):
     each document's `length` tokens) is masked out of every attention and of the pooling.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, max_len: int, pad_id: int, cls_id: int):
+    def __init__(self, cfg: EncoderConfig, vocab_size: int, max_len: int, pad_id: int, cls_id: int):
         super().__init__()
         self.cfg, self.pad_id, self.cls_id = cfg, pad_id, cls_id
         self.max_len = max_len + (cfg.pooling == "cls")  # positions, the CLS token's included
@@ -90,7 +91,7 @@ class Classifier(nn.Module):
 
     def __init__(
         self,
-        cfg: ModelConfig,
+        cfg: EncoderConfig,
         vocab_size: int,
         num_classes: int,
         max_len: int,
@@ -105,7 +106,7 @@ class Classifier(nn.Module):
             nn.GELU(),
             nn.Linear(cfg.d_model, num_classes),
         )
-        self.apply(TransformerLM._init)
+        self.apply(init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections
             if name.endswith(("attn.proj.weight", "mlp.2.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
@@ -151,12 +152,3 @@ class DualEncoderClassifier(Classifier):
     ) -> torch.Tensor:
         u, v = self.encoder(tokens_a, lengths_a), self.encoder(tokens_b, lengths_b)
         return self.head(torch.cat([u, v, u * v, u - v], dim=-1))
-
-
-def pad(documents: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad documents to the longest: (B, T) int64 tokens and (B,) int64 lengths."""
-    lengths = torch.tensor([len(d) for d in documents], dtype=torch.long)
-    tokens = torch.full((len(documents), max(int(lengths.max()), 1)), pad_id, dtype=torch.long)
-    for row, d in enumerate(documents):
-        tokens[row, : len(d)] = d
-    return tokens, lengths

@@ -1,10 +1,15 @@
 """Recipes: YAML mapped onto frozen dataclasses, with dotted `key=value` overrides.
 
 Precedence: dataclass default < included base recipe < recipe < command line. Every field has a
-default and a one-line doc (`help`). Unknown keys, wrong types and contradictions raise
-`ConfigError` naming the key and the file.
+default and a one-line doc (`help`), and its range check where it has one (`check`). Unknown keys,
+wrong types and contradictions raise `ConfigError` naming the key and the file.
 
-    recipe = load_recipe("recipes/wt103.yaml", ["model.n_layers=4", "train.max_updates=10"])
+This module knows no task and no attention kernel: a recipe's shape (which data, model and own
+settings section it has) is a `Schema` the task layer supplies, and the task layer checks what
+depends on the task (sbtrain.tasks.load_recipe reads a recipe whole).
+
+    tree = read_tree("recipes/wt103.yaml", ["model.n_layers=4"])
+    recipe = build_recipe(tree, Schema(model=DecoderConfig, data=TextDataConfig), "wt103.yaml")
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,23 +33,61 @@ class ConfigError(UserError):
     """A recipe or override that cannot be used."""
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with its default and one-line documentation."""
+CHECKS = {  # opt(check=...): a predicate over the value (each item of a tuple) and its message
+    "positive": (lambda v: v > 0, "must be positive"),
+    "non-negative": (lambda v: v >= 0, "must be >= 0"),
+    "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "unit": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+}
+
+
+def opt(default: Any, help: str, check: str | None = None) -> Any:
+    """A dataclass field with its default, one-line documentation and range check (a CHECKS
+    name; None, the value of an optional field, is never checked)."""
+    meta = {"help": help, "check": check}
     if isinstance(default, (list, dict)) or is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class Section:
+    """Base of recipe sections: range checks from the fields' `check`, then `contradictions`;
+    a bad value raises ValueError("key: why"), which the builder turns into a ConfigError
+    naming the file and the dotted key."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            rule, value = f.metadata.get("check"), getattr(self, f.name)
+            if rule is None or value is None:
+                continue
+            holds, why = CHECKS[rule]
+            if not all(holds(v) for v in (value if isinstance(value, tuple) else (value,))):
+                raise ValueError(f"{f.name}: {why}, got {_plain(value)!r}")
+        for key, why in self.contradictions():
+            raise ValueError(f"{key}: {why}")
+
+    def contradictions(self) -> Iterator[tuple[str, str]]:
+        """(key, why) for each combination of values this section cannot take."""
+        return iter(())
+
+    def unread(self) -> set[str]:
+        """Fields the other values make irrelevant: left out of the printed recipe."""
+        return set()
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared sections
 
 
 @dataclass(frozen=True)
-class AttentionConfig:
-    """Which attention every layer uses; options a kind does not take are an error.
+class AttentionConfig(Section):
+    """Which attention every layer uses; options a kind does not take are an error (checked with
+    the kind by sbtrain.attention when the task layer reads the recipe).
 
     See sbtrain/attention/README.md for each kind's semantics and cost.
     """
 
-    kind: Literal["full", "local", "performer", "lsh", "scatterbrain"] = opt(
-        "full", "full | local | performer | lsh | scatterbrain"
-    )
+    kind: str = opt("full", "full | local | performer | lsh | scatterbrain")
     sparse: str | None = opt(None, "scatterbrain's exact part: local | lsh | local+lsh")
     window: int | None = opt(
         None, "local: how many most recent keys (itself included) each query sees"
@@ -61,153 +104,169 @@ class AttentionConfig:
 
     def options(self) -> dict[str, Any]:
         """The options that were set, as keyword arguments for `build_attention`."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name != "kind" and getattr(self, f.name) is not None
-        }
+        return {name: getattr(self, name) for name in self.set_options()}
+
+    def set_options(self) -> list[str]:
+        return [
+            f.name for f in fields(self) if f.name != "kind" and getattr(self, f.name) is not None
+        ]
+
+    def unread(self) -> set[str]:
+        return {f.name for f in fields(self) if getattr(self, f.name) is None}
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    raw: str | None = opt(
-        None,
-        "preprocess input: lm: a folder with wiki.{train,valid,test}.{tokens,raw}; text: "
-        "aclImdb; image: cifar-10-batches-py; retrieval: the folder of new_aan_pairs.*.tsv",
+class DataConfig(Section):
+    """Where a task's preprocessed data lives (and what preprocess reads)."""
+
+    raw: str | None = opt(None, "preprocess input (null: the task generates its data)")
+    dir: str = opt("data/bin", "preprocess output and training input")
+    tokens_per_sample: int = opt(
+        2048,
+        "the longest sequence: language models' context, classifiers' longest document",
+        "positive",
     )
-    dir: str = opt("data/bin", "preprocess output and training input (binarized splits)")
+    workers: int = opt(1, "preprocess: worker processes", "positive")
+
+    def unread(self) -> set[str]:
+        return {"raw"} if self.raw is None else set()
+
+
+@dataclass(frozen=True)
+class TextDataConfig(DataConfig):
+    """Raw text and its tokenizer (language modelling)."""
+
+    raw: str | None = opt(
+        None, "preprocess input: a folder with wiki.{train,valid,test}.{tokens,raw}"
+    )
     tokenizer: str = opt(
         "word",
         "word | sentencepiece | bpe, a path to a tokenizer model file, or hf:PATH (the "
         "tokenizer of a transformers model folder)",
     )
-    vocab_size: int | None = opt(None, "word: vocabulary cap; subword: target vocabulary size")
-    min_count: int = opt(1, "word: keep words seen at least this often in train")
+    vocab_size: int | None = opt(
+        None, "word: vocabulary cap; subword: target vocabulary size", "positive"
+    )
+    min_count: int = opt(1, "word: keep words seen at least this often in train", "positive")
     spm_model_type: Literal["unigram", "bpe"] = opt("unigram", "sentencepiece model type")
-    tokens_per_sample: int = opt(
-        2048,
-        "lm: tokens per sample, the model's context (copy: 2|w|+1); classifiers: the longest "
-        "document (a longer one is an error)",
-    )
-    workers: int = opt(1, "preprocess: binarization processes")
     tokenizer_sample_mb: float = opt(
-        20.0, "preprocess, sentencepiece | bpe: MB of train text (evenly spread lines) to fit on"
+        20.0, "sentencepiece | bpe: MB of train text (evenly spread lines) to fit on", "positive"
     )
 
 
 @dataclass(frozen=True)
-class CopyConfig:
-    n_symbols: int = opt(127, "copy task: symbols 1..N")
-    length: int = opt(511, "copy task: |w|; a sample is `0 w 0 w`, 2|w|+2 tokens")
-    train_size: int = opt(100_000, "copy task: training samples per epoch (fresh each epoch)")
-    valid_size: int = opt(512, "copy task: validation samples (fixed)")
-    test_size: int = opt(1024, "copy task: test samples (fixed)")
+class ModelConfig(Section):
+    """The transformer every task builds on."""
 
-
-@dataclass(frozen=True)
-class ListOpsConfig:
-    """Sizes and settings of the generated ListOps (null: the Long Range Arena's value)."""
-
-    train: int | None = opt(None, "listops: training examples (LRA: 96,000)")
-    valid: int | None = opt(None, "listops: validation examples (LRA: 2,000)")
-    test: int | None = opt(None, "listops: test examples (LRA: 2,000)")
-    min_tokens: int | None = opt(None, "listops: shortest sequence kept, tokens (LRA: 500)")
-    max_tokens: int | None = opt(None, "listops: longest sequence kept, tokens (LRA: 2,000)")
-    max_depth: int | None = opt(None, "listops: tree levels, leaves included (LRA: 10)")
-    max_args: int | None = opt(None, "listops: most arguments of an operator (LRA: 10)")
-    seed: int | None = opt(None, "listops: generator seed (default 0)")
-
-    def options(self) -> dict[str, Any]:
-        """The settings that were set, as keyword arguments of sbtrain.lra's config."""
-        return {
-            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
-        }
-
-
-@dataclass(frozen=True)
-class PathfinderConfig:
-    """Sizes and settings of the generated Pathfinder (null: the generator's default)."""
-
-    train: int | None = opt(None, "pathfinder: training images (LRA: 160,000)")
-    valid: int | None = opt(None, "pathfinder: validation images (LRA: 20,000)")
-    test: int | None = opt(None, "pathfinder: test images (LRA: 20,000)")
-    size: int | None = opt(None, "pathfinder: image side in pixels, size**2 tokens (LRA: 32)")
-    segments: int | None = opt(None, "pathfinder: pieces of each main path, the difficulty (8)")
-    distractors: int | None = opt(None, "pathfinder: paths without markers (default 2)")
-    seed: int | None = opt(None, "pathfinder: generator seed (default 0)")
-
-    def options(self) -> dict[str, Any]:
-        """The settings that were set, as keyword arguments of sbtrain.lra's config."""
-        return {
-            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
-        }
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    n_layers: int = opt(16, "transformer blocks")
-    n_heads: int = opt(8, "attention heads per block")
-    d_model: int = opt(512, "residual stream width")
-    d_ff: int = opt(2048, "feed-forward hidden width")
-    dropout: float = opt(0.1, "dropout on embeddings, attention output and feed-forward")
+    n_layers: int = opt(16, "transformer blocks", "positive")
+    n_heads: int = opt(8, "attention heads per block", "positive")
+    d_model: int = opt(512, "residual stream width", "positive")
+    d_ff: int = opt(2048, "feed-forward hidden width", "positive")
+    dropout: float = opt(
+        0.1, "dropout on embeddings, attention output and feed-forward", "fraction"
+    )
     positions: Literal["learned", "sinusoidal", "rope"] = opt(
         "learned",
-        "learned (a table of tokens_per_sample) | sinusoidal (added, any length) | rope (rotary "
+        "learned (a table of the context length) | sinusoidal (added, any length) | rope (rotary "
         "on queries and keys, any length)",
     )
-    output: Literal["softmax", "adaptive"] = opt(
-        "softmax", "language models: softmax (tied) | adaptive softmax"
-    )
-    pooling: Literal["cls", "mean"] = opt(
-        "cls", "classifiers: a CLS token in front | the mean over the real tokens"
-    )
-    adaptive_cutoffs: tuple[int, ...] = opt((20000, 60000), "adaptive softmax cluster cutoffs")
-    adaptive_div_value: float = opt(4.0, "adaptive softmax: width divisor per tail cluster")
     attention: AttentionConfig = opt(AttentionConfig(), "attention of every layer")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def contradictions(self) -> Iterator[tuple[str, str]]:
+        if self.d_model % self.n_heads:
+            yield "d_model", f"{self.d_model} is not divisible by model.n_heads={self.n_heads}"
+        elif self.positions == "rope" and self.head_dim % 2:
+            yield "positions", f"rope needs an even head size, d_model/n_heads is {self.head_dim}"
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    lr: float = opt(1.0e-4, "peak learning rate")
-    weight_decay: float = opt(
-        0.01, "AdamW decoupled weight decay (not on norms, biases, embeddings)"
+class DecoderConfig(ModelConfig):
+    """A causal language model: the transformer and its output layer."""
+
+    output: Literal["softmax", "adaptive"] = opt("softmax", "softmax (tied) | adaptive softmax")
+    adaptive_cutoffs: tuple[int, ...] = opt(
+        (20000, 60000), "adaptive softmax cluster cutoffs", "positive"
     )
-    betas: tuple[float, float] = opt((0.9, 0.98), "AdamW betas")
-    eps: float = opt(1.0e-8, "AdamW epsilon")
+    adaptive_div_value: float = opt(
+        4.0, "adaptive softmax: width divisor per tail cluster", "positive"
+    )
+
+    def contradictions(self) -> Iterator[tuple[str, str]]:
+        yield from super().contradictions()
+        if list(self.adaptive_cutoffs) != sorted(set(self.adaptive_cutoffs)):
+            yield "adaptive_cutoffs", "must be increasing positive integers"
+
+    def unread(self) -> set[str]:
+        return {"adaptive_cutoffs", "adaptive_div_value"} if self.output == "softmax" else set()
+
+
+@dataclass(frozen=True)
+class EncoderConfig(ModelConfig):
+    """A sequence classifier: the transformer, not causal, and how it pools."""
+
+    pooling: Literal["cls", "mean"] = opt(
+        "cls", "a CLS token in front | the mean over the real tokens"
+    )
+
+
+@dataclass(frozen=True)
+class OptimConfig(Section):
+    lr: float = opt(1.0e-4, "peak learning rate", "positive")
+    weight_decay: float = opt(
+        0.01, "AdamW decoupled weight decay (not on norms, biases, embeddings)", "non-negative"
+    )
+    betas: tuple[float, float] = opt((0.9, 0.98), "AdamW betas", "fraction")
+    eps: float = opt(1.0e-8, "AdamW epsilon", "non-negative")
     schedule: Literal["cosine", "inverse_sqrt", "linear", "constant"] = opt(
         "cosine", "learning-rate schedule after warmup"
     )
-    warmup_updates: int = opt(4000, "linear warmup from 0 to lr")
-    min_lr_ratio: float = opt(0.0, "cosine/linear: final lr as a fraction of lr")
-    clip_norm: float = opt(1.0, "gradient clipping by global norm (0: off)")
+    warmup_updates: int = opt(4000, "linear warmup from 0 to lr", "non-negative")
+    min_lr_ratio: float = opt(0.0, "cosine/linear: final lr as a fraction of lr", "unit")
+    clip_norm: float = opt(1.0, "gradient clipping by global norm (0: off)", "non-negative")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = opt(12, "sequences per update, all processes together")
+class TrainConfig(Section):
+    batch_size: int = opt(12, "sequences per update, all processes together", "positive")
     micro_batch_size: int | None = opt(
-        None, "sequences per forward pass per process (default: all)"
+        None, "sequences per forward pass per process (default: all)", "positive"
     )
-    max_epochs: int = opt(100, "stop after this many epochs")
-    max_updates: int | None = opt(None, "stop after this many updates (also sets the lr schedule)")
+    max_epochs: int = opt(100, "stop after this many epochs", "positive")
+    max_updates: int | None = opt(
+        None, "stop after this many updates (also sets the lr schedule)", "positive"
+    )
     precision: Literal["fp32", "bf16", "fp16"] = opt(
         "bf16", "fp32 | bf16 autocast | fp16 + loss scaling"
     )
     save_dir: str = opt("checkpoints/run", "checkpoints, train.jsonl, TensorBoard logs")
     seed: int = opt(1, "seed of weights, data order and dropout")
     redraw_interval: int | None = opt(
-        None, "updates between new random projections of every attention layer (null: never)"
+        None,
+        "updates between new random projections of every attention layer (null: never)",
+        "positive",
     )
     device: str = opt("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
-    log_interval: int = opt(10, "updates between log lines")
-    validate_interval: int | None = opt(None, "updates between validations (always at epoch end)")
-    max_valid_batches: int | None = opt(None, "cap on validation batches (default: whole split)")
-    save_interval: int | None = opt(
-        None, "updates between numbered checkpoints (default: epoch end)"
+    log_interval: int = opt(10, "updates between log lines", "positive")
+    validate_interval: int | None = opt(
+        None, "updates between validations (always at epoch end)", "positive"
     )
-    keep_last: int = opt(3, "numbered checkpoints to keep (0: keep all)")
-    patience: int | None = opt(None, "stop after this many validations without improvement")
-    loss_scale_init: float = opt(2.0**16, "fp16: initial loss scale (halved on overflow)")
+    max_valid_batches: int | None = opt(
+        None, "cap on validation batches (default: whole split)", "positive"
+    )
+    save_interval: int | None = opt(
+        None, "updates between numbered checkpoints (default: epoch end)", "positive"
+    )
+    keep_last: int = opt(3, "numbered checkpoints to keep (0: keep all)", "non-negative")
+    patience: int | None = opt(
+        None, "stop after this many validations without improvement", "positive"
+    )
+    loss_scale_init: float = opt(
+        2.0**16, "fp16: initial loss scale (halved on overflow)", "positive"
+    )
     compile: bool = opt(False, "torch.compile the model")
     attention_impl: Literal["auto", "pytorch", "fused"] = opt(
         "auto", "scatterbrain (local), performer: auto (fused where it serves) | pytorch | fused"
@@ -217,56 +276,132 @@ class TrainConfig:
     )
     tensorboard: bool = opt(True, "write TensorBoard scalars to {save_dir}/tb")
 
+    def contradictions(self) -> Iterator[tuple[str, str]]:
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            yield "micro_batch_size", f"{self.micro_batch_size} does not divide train.batch_size"
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The shape of a task's recipe: the classes of its data and model sections and of its own
+    settings section (printed under the task's name; None: it has none)."""
+
+    model: type = DecoderConfig
+    data: type | None = TextDataConfig
+    settings: type | None = None
+
 
 @dataclass(frozen=True)
 class Recipe:
-    task: Literal["lm", "copy", "listops", "pathfinder", "text", "image", "retrieval"] = opt(
-        "lm",
-        "lm (language modelling on binarized text) | copy | listops | pathfinder | text | image "
-        "| retrieval (Long Range Arena classifiers)",
-    )
-    data: DataConfig = opt(DataConfig(), "data")
-    copy: CopyConfig = opt(CopyConfig(), "copy task")
-    listops: ListOpsConfig = opt(ListOpsConfig(), "listops task: what preprocess generates")
-    pathfinder: PathfinderConfig = opt(
-        PathfinderConfig(), "pathfinder task: what preprocess generates"
-    )
-    model: ModelConfig = opt(ModelConfig(), "model")
-    optim: OptimConfig = opt(OptimConfig(), "optimisation")
-    train: TrainConfig = opt(TrainConfig(), "training")
+    """A resolved recipe. `settings` is the task's own section (`copy:`, `listops:`, ...), `data`
+    None for a task that reads no files (copy)."""
 
-    @property
-    def context_length(self) -> int:
-        """Tokens the model sees per sample: a copy sample `0 w 0 w` less its last token."""
-        return 2 * self.copy.length + 1 if self.task == "copy" else self.data.tokens_per_sample
+    task: str
+    model: ModelConfig = field(default_factory=DecoderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig | None = None
+    settings: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (tuples as lists): YAML- and checkpoint-safe."""
-        return _plain(dataclasses.asdict(self))
+        """Plain nested dict (tuples as lists), fields the recipe does not read left out:
+        YAML- and checkpoint-safe, and read back into the same recipe."""
+        tree: dict[str, Any] = {"task": self.task}
+        if self.settings is not None:
+            tree[self.task] = _plain(self.settings)
+        if self.data is not None:
+            tree["data"] = _plain(self.data)
+        tree.update(model=_plain(self.model), optim=_plain(self.optim), train=_plain(self.train))
+        return tree
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def replace(self, **sections: Any) -> Recipe:
+        """A copy with some sections' fields replaced: `recipe.replace(train={"seed": 2})`."""
+        changed = {
+            name: dataclasses.replace(getattr(self, name), **values)
+            for name, values in sections.items()
+        }
+        return dataclasses.replace(self, **changed)
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        skip = value.unread()
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value) if f.name not in skip}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def build_recipe(
+    tree: Mapping[str, Any], schema: Schema, source: str, trusted: bool = False
+) -> Recipe:
+    """The Recipe of a nested mapping (a recipe file or a checkpoint's copy) with `schema`'s
+    sections; a ConfigError naming the file and key for anything unknown, mistyped or out of
+    range. `trusted` (a tree sbtrain wrote): keys the schema does not take are dropped first."""
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{source}: a recipe must be a mapping of sections, got {tree!r}")
+    task = tree.get("task")
+    sections = {"model": schema.model, "optim": OptimConfig, "train": TrainConfig}
+    if schema.data is not None:
+        sections["data"] = schema.data
+    if schema.settings is not None:
+        sections[task] = schema.settings
+    if trusted:
+        tree = {
+            "task": task,
+            **{k: fit(v, sections[k]) for k, v in tree.items() if k in sections and v is not None},
+        }
+    for key in tree:
+        if key != "task" and key not in sections:
+            close = difflib.get_close_matches(str(key), sections, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {key}{hint}")
+    built = {
+        name: build(cls, tree.get(name) or {}, f"{name}.", source) for name, cls in sections.items()
+    }
+    return Recipe(
+        task=task,
+        model=built["model"],
+        optim=built["optim"],
+        train=built["train"],
+        data=built.get("data"),
+        settings=built.get(task) if schema.settings is not None else None,
+    )
+
+
+def fit(tree: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """The keys of a trusted `tree` (a recipe an sbtrain checkpoint holds) that `cls`'s fields
+    take, recursively; a null where a field takes no null is left out too (the default then)."""
+    hints = typing.get_type_hints(cls)
+    kept = {}
+    for f in fields(cls):
+        if f.name not in tree:
+            continue
+        value, hint = tree[f.name], hints[f.name]
+        if value is None and type(None) not in typing.get_args(hint):
+            continue
+        if is_dataclass(hint) and isinstance(value, Mapping):
+            value = fit(value, hint)
+        kept[f.name] = value
+    return kept
+
 
 # ---------------------------------------------------------------------------------------------
-# loading
+# reading
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe file (following `include:`), apply `key=value` overrides, validate.
-
-    Raises ConfigError with one line naming the file and key when anything is wrong.
-    """
-    tree = _read_tree(Path(path), seen=())
-    tree = apply_overrides(tree, overrides)
-    return recipe_from_dict(tree, source=str(path))
-
-
-def recipe_from_dict(tree: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
-    """Build and validate a Recipe from a nested mapping (a recipe file or a checkpoint's copy)."""
-    recipe = _build(Recipe, tree, prefix="", source=source)
-    _check(recipe, source)
-    return recipe
+def read_tree(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """A recipe file (following `include:`) with `key=value` overrides applied, as a tree."""
+    return apply_overrides(_read_file(Path(path), seen=()), overrides)
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -293,9 +428,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _read_tree(
-    path: Path, seen: tuple[Path, ...], included_by: Path | None = None
-) -> dict[str, Any]:
+def _read_file(path: Path, seen: tuple[Path, ...], included_by: Path | None = None) -> dict:
     if not path.is_file():
         if included_by is not None:
             raise ConfigError(f"{included_by}: included recipe {path} not found")
@@ -324,7 +457,7 @@ def _read_tree(
     base_path = (path.parent / base).resolve()
     if base_path in seen:
         raise ConfigError(f"{path}: include cycle through {base}")
-    return _merge(_read_tree(base_path, (*seen, base_path), path), tree)
+    return _merge(_read_file(base_path, (*seen, base_path), path), tree)
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -346,15 +479,12 @@ def _copy_tree(value: Any) -> Any:
     return value
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+# ---------------------------------------------------------------------------------------------
+# building
 
 
-def _build(cls: type, tree: Any, prefix: str, source: str) -> Any:
+def build(cls: type, tree: Any, prefix: str, source: str) -> Any:
+    """`cls` (a dataclass) from a mapping, every value checked against its type hint."""
     if not isinstance(tree, Mapping):
         where = prefix.rstrip(".") or "the recipe"
         raise ConfigError(f"{source}: {where} must be a mapping, got {tree!r}")
@@ -368,7 +498,10 @@ def _build(cls: type, tree: Any, prefix: str, source: str) -> Any:
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise ConfigError(f"{source}: unknown key {dotted}{hint}")
         kwargs[key] = _coerce(hints[key], value, dotted, source)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a Section's range check or contradiction: "key: why"
+        raise ConfigError(f"{source}: {prefix}{e}") from None
 
 
 def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
@@ -376,7 +509,7 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if is_dataclass(hint):
-        return _build(hint, value if value is not None else {}, f"{key}.", source)
+        return build(hint, value if value is not None else {}, f"{key}.", source)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -406,88 +539,3 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
     return value
-
-
-def _check(r: Recipe, source: str) -> None:
-    """Contradictions between fields."""
-    from sbtrain.attention import check_attention  # attention depends on nothing here
-
-    def fail(key: str, why: str) -> None:
-        raise ConfigError(f"{source}: {key}: {why}")
-
-    m = r.model
-    t, o, c = r.train, r.optim, r.copy
-    positive = {
-        "model.n_layers": m.n_layers,
-        "model.n_heads": m.n_heads,
-        "model.d_model": m.d_model,
-        "model.d_ff": m.d_ff,
-        "data.tokens_per_sample": r.data.tokens_per_sample,
-        "data.workers": r.data.workers,
-        "copy.n_symbols": c.n_symbols,
-        "copy.length": c.length,
-        "copy.train_size": c.train_size,
-        "copy.valid_size": c.valid_size,
-        "copy.test_size": c.test_size,
-        "train.batch_size": t.batch_size,
-        "train.log_interval": t.log_interval,
-        "train.max_epochs": t.max_epochs,
-        "train.loss_scale_init": t.loss_scale_init,
-        "optim.lr": o.lr,
-        "model.adaptive_div_value": m.adaptive_div_value,
-    }
-    optional_positive = {  # null switches these off; a number must be positive
-        "train.max_updates": t.max_updates,
-        "train.micro_batch_size": t.micro_batch_size,
-        "train.validate_interval": t.validate_interval,
-        "train.save_interval": t.save_interval,
-        "train.max_valid_batches": t.max_valid_batches,
-        "train.patience": t.patience,
-        "train.redraw_interval": t.redraw_interval,
-        "data.vocab_size": r.data.vocab_size,
-    }
-    non_negative = {
-        "train.keep_last": t.keep_last, "optim.warmup_updates": o.warmup_updates,
-        "optim.weight_decay": o.weight_decay, "optim.clip_norm": o.clip_norm,
-        "data.min_count": r.data.min_count, "optim.eps": o.eps,
-    }  # fmt: skip
-    for key, value in {**positive, **optional_positive}.items():
-        if value is not None and value <= 0:
-            fail(key, f"must be positive, got {value}")
-    for key, value in non_negative.items():
-        if value < 0:
-            fail(key, f"must be >= 0, got {value}")
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        fail("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    if not all(0.0 <= beta < 1.0 for beta in o.betas):
-        fail("optim.betas", f"must be in [0, 1), got {list(o.betas)}")
-    if m.d_model % m.n_heads:
-        fail("model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
-        fail(
-            "model.positions",
-            f"rope needs an even head size, d_model/n_heads is {m.d_model // m.n_heads}",
-        )
-    if not 0.0 <= m.dropout < 1.0:
-        fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
-    if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
-        fail("train.micro_batch_size", f"{t.micro_batch_size} does not divide train.batch_size")
-    if (
-        list(m.adaptive_cutoffs) != sorted(set(m.adaptive_cutoffs))
-        or min(m.adaptive_cutoffs, default=1) <= 0
-    ):
-        fail("model.adaptive_cutoffs", "must be increasing positive integers")
-    from sbtrain.tasks import TASKS  # tasks depend on config
-
-    task = TASKS[r.task]
-    try:
-        check_attention(
-            m.attention.kind,
-            head_dim=m.d_model // m.n_heads,
-            causal=task.causal,
-            **m.attention.options(),
-        )
-    except (TypeError, ValueError) as e:
-        fail("model.attention", str(e))
-    for key, why in task.contradictions(r):
-        fail(key, why)

@@ -6,14 +6,15 @@ Every dataset yields `(inputs, targets)`: two int64 tensors of the same length; 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sbtrain.config import Recipe
+from sbtrain.batch import IGNORE
+from sbtrain.config import Section, opt
 from sbtrain.errors import UserError
-from sbtrain.model import IGNORE
 from sbtrain.tokenizer import read_meta
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -96,24 +97,24 @@ class CopyTask(torch.utils.data.Dataset):
         return inputs, targets
 
 
-def copy_split(recipe: Recipe, split: str) -> CopyTask:
+@dataclass(frozen=True)
+class CopySettings(Section):
+    """The copy task's samples (a recipe's `copy:`)."""
+
+    n_symbols: int = opt(127, "symbols 1..N", "positive")
+    length: int = opt(511, "|w|; a sample is `0 w 0 w`, 2|w|+2 tokens", "positive")
+    train_size: int = opt(100_000, "training samples per epoch (fresh each epoch)", "positive")
+    valid_size: int = opt(512, "validation samples (fixed)", "positive")
+    test_size: int = opt(1024, "test samples (fixed)", "positive")
+
+
+def copy_split(settings: CopySettings, split: str) -> CopyTask:
     """A fixed copy-task evaluation set: `valid` or `test` (seeds independent of the recipe)."""
     if split not in COPY_SEEDS:
         raise UserError(f"split {split!r}: the copy task has the splits valid and test")
-    c = recipe.copy
+    c = settings
     size = c.valid_size if split == "valid" else c.test_size
     return CopyTask(c.n_symbols, c.length, size, COPY_SEEDS[split])
-
-
-def collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack samples into (B, T) batches, right-padding short ones (targets padded with IGNORE)."""
-    width = max(len(x) for x, _ in samples)
-    inputs = torch.zeros(len(samples), width, dtype=torch.long)
-    targets = torch.full((len(samples), width), IGNORE, dtype=torch.long)
-    for row, (x, y) in enumerate(samples):
-        inputs[row, : len(x)] = x
-        targets[row, : len(y)] = y
-    return inputs, targets
 
 
 class EpochSampler:

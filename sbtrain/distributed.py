@@ -90,6 +90,19 @@ def setup(device_name: str) -> Layout:
     return Layout(dist.get_rank(), world_size, device)
 
 
+def data_parallel(objective: torch.nn.Module, layout: Layout) -> torch.nn.Module:
+    """`objective` wrapped for the process group (DDP), or itself on one process. Parameters
+    a batch may leave without gradient (an adaptive softmax's tail cluster no target fell in)
+    are allowed when the model has an adaptive softmax."""
+    if layout.world_size == 1:
+        return objective
+    ids = [layout.device.index] if layout.device.type == "cuda" else None
+    unused = any(isinstance(m, torch.nn.AdaptiveLogSoftmaxWithLoss) for m in objective.modules())
+    return torch.nn.parallel.DistributedDataParallel(
+        objective, device_ids=ids, find_unused_parameters=unused
+    )
+
+
 def synchronize() -> None:
     """Wait until every process of the group gets here (nothing without a group)."""
     if dist.is_initialized():

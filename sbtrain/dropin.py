@@ -39,11 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sbtrain.attention import KINDS, build_attention, check_attention, dispatch
+from sbtrain.attention import KINDS, RANDOM_KINDS, build_attention, check_attention, dispatch
+from sbtrain.batch import IGNORE
 from sbtrain.errors import UserError
-from sbtrain.export import RANDOM_KINDS
-from sbtrain.model import IGNORE
-from sbtrain.tokenizer import HF_INSTALL, HF_PREFIX, HFTokenizer, load_tokenizer
+from sbtrain.model import TransformerLM, prepare_model
+from sbtrain.tasks import recipe_from_dict
+from sbtrain.tokenizer import HF_INSTALL, HFTokenizer, load_tokenizer
 
 PREFIX_NAME = "sbtrain_"  # attn_implementation names: sbtrain_full, sbtrain_local, ...
 KERNEL = "sbtrain_kernel"  # the submodule of each attention layer holding its kernel
@@ -329,20 +330,19 @@ def load_export(folder: Path, attention: dict | None) -> nn.Module:
     """A folder of `sbtrain export`, loaded with this sbtrain's classes (sbtrain.hf), never with
     the folder's code; its kernels swapped as `sbtrain eval-ppl --attention` swaps them: drawn
     while building the native model under the recipe's train.seed."""
-    from sbtrain.config import recipe_from_dict
-    from sbtrain.hf.modeling_sbtrain import SbtrainForCausalLM
-    from sbtrain.model import TransformerLM, prepare_model
+    from sbtrain.hf.modeling_sbtrain import SbtrainForCausalLM  # imports transformers
 
     model = _from_pretrained(folder, model_class=SbtrainForCausalLM)
     if attention is None:
         return model
     config = model.config
-    section = {**config.sbtrain_model, "attention": attention}
     tree = {
-        "model": section,
+        "model": config.sbtrain_model,
         "data": {"tokens_per_sample": config.max_len},
         "train": {"seed": getattr(config, "sbtrain_seed", 1)},
     }
+    tree = recipe_from_dict(tree, str(folder), trusted=True).to_dict()  # as the export wrote it
+    tree["model"]["attention"] = attention
     recipe = recipe_from_dict(tree, source=f"{folder} (--attention)")  # ConfigError: one line
     native = prepare_model(
         recipe, lambda: TransformerLM(recipe.model, config.vocab_size, config.max_len)
@@ -358,11 +358,22 @@ def load_export(folder: Path, attention: dict | None) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# eval-ppl hf:PATH
+# a scorer for eval-ppl hf:PATH
+
+
+def load_scorer(
+    folder: Path, attention: dict | None, device, attention_impl: str | None
+) -> tuple[CausalLMScorer, dict]:
+    """The causal LM of `folder` (its attention swapped for `attention` if given) as a scorer,
+    and its `model_facts`: what `sbtrain eval-ppl hf:FOLDER` scores."""
+    lm = load(folder, attention, device)
+    if attention_impl is not None:
+        dispatch.set_impl(lm, attention_impl)
+    return CausalLMScorer(lm), model_facts(lm)
 
 
 class CausalLMScorer(nn.Module):
-    """A transformers causal LM behind the interface `evaluate.score` uses."""
+    """A transformers causal LM behind the interface sbtrain.scoring uses."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
@@ -446,83 +457,3 @@ def check_data(folder: Path, data_dir: str, meta: dict, config) -> None:
         raise UserError(
             f"{data_dir} was prepared with another tokenizer than {folder}'s; {prepare}"
         )
-
-
-def eval_ppl(
-    path: str,
-    split: str = "test",
-    data_dir: str | None = None,
-    attention: dict | None = None,
-    context_window: int = 0,
-    tokens_per_sample: int | None = None,
-    batch_size: int = 8,
-    device: str = "auto",
-    precision: str = "fp32",
-    progress: bool = True,
-    by_position: int | None = None,
-    plot: str | None = None,
-    attention_impl: str | None = None,
-) -> dict:
-    """`sbtrain eval-ppl hf:PATH`: the record of evaluate.main for a transformers causal LM."""
-    from sbtrain.datasets import LMBlocks, open_split
-    from sbtrain.distributed import pick_device
-    from sbtrain.evaluate import ByPosition, lm_record, timed_score
-    from sbtrain.tasks import LanguageModelling
-
-    folder = Path(path.removeprefix(HF_PREFIX))
-    if not folder.is_dir():
-        raise UserError(f"{path}: no such folder (hf:PATH names a folder save_pretrained wrote)")
-    if data_dir is None:
-        raise UserError(
-            f"{path}: give --data DIR, a split prepared with the model's tokenizer "
-            f"(data.tokenizer: hf:{folder})"
-        )
-    dev = pick_device(device)
-    lm = load(folder, attention, dev)
-    if attention_impl is not None:
-        dispatch.set_impl(lm, attention_impl)
-    facts = model_facts(lm)
-    length = tokens_per_sample if tokens_per_sample is not None else facts["length"]
-    if length is None:
-        raise UserError(
-            f"{path}: its config names no context length (n_positions or "
-            "max_position_embeddings); give --tokens-per-sample N"
-        )
-    if length < 1:
-        raise UserError(f"--tokens-per-sample {length}: must be at least 1")
-    if facts["bounded"] and length > facts["context"]:
-        raise UserError(
-            f"--tokens-per-sample {length}: the model has {facts['context']} learned positions; "
-            f"use at most {facts['context']}"
-        )
-    if not 0 <= context_window < length:
-        raise UserError(f"--context-window {context_window}: must be in [0, {length})")
-    tokens, meta = open_split(data_dir, split)
-    check_data(folder, data_dir, meta, lm.config)
-    dataset = LMBlocks(
-        tokens,
-        int(meta["eol_id"]),
-        length - context_window,
-        context=context_window,
-        drop_last=False,
-    )
-    task = LanguageModelling(None)
-    buckets = ByPosition(by_position, length) if by_position is not None else None
-    scorer = CausalLMScorer(lm)
-    s, seconds = timed_score(
-        scorer, task, dataset, split, batch_size, dev, precision, progress, buckets
-    )
-    about = {
-        "context_window": context_window,
-        "tokens_per_sample": length,
-        "trained_tokens_per_sample": facts["context"],
-        "positions": facts["positions"],
-        "attention": facts["attention"],
-    }
-    if attention is not None:
-        about["attention_options"] = {k: v for k, v in attention.items() if k != "kind"}
-    stats_path = Path(data_dir) / f"{split}.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    stats["tokenizer"] = meta.get("tokenizer")
-    title = f"{path} ({facts['attention']}), {split}"
-    return lm_record(s, seconds, path, split, about, buckets, plot, title, task, stats)

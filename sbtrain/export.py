@@ -22,18 +22,22 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import uuid
 from pathlib import Path
 
+import torch
+
 import sbtrain
+from sbtrain.attention import RANDOM_KINDS
+from sbtrain.checkpoint import load_model
 from sbtrain.errors import UserError
-from sbtrain.tokenizer import HF_INSTALL
+from sbtrain.staging import staging
+from sbtrain.tokenizer import HF_INSTALL, SPECIALS
 
 PACKAGE = Path(sbtrain.__file__).parent
 # file in the exported folder -> sbtrain source it is copied from
 SOURCES = {
     "model.py": "model.py",
+    "batch.py": "batch.py",
     "errors.py": "errors.py",
     "attention.py": "attention/__init__.py",
     **{
@@ -46,7 +50,6 @@ SOURCES = {
     "modeling_sbtrain.py": "hf/modeling_sbtrain.py",
 }
 ATTENTION_MODULES = ("dispatch", "triton_kernels", "triton_jit")  # imported as modules
-RANDOM_KINDS = ("performer", "lsh", "scatterbrain")  # kinds with random projections (buffers)
 INSTALL_HINT = f"sbtrain export needs safetensors: {HF_INSTALL}"
 
 
@@ -139,8 +142,6 @@ def word_fast(tokenizer) -> tuple[object, dict]:
     """A word vocabulary as a WordLevel tokenizer: whitespace split, unknown words to <unk>."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
-
-    from sbtrain.tokenizer import SPECIALS
 
     eol = tokenizer.symbols[tokenizer.eol_id]
     fast = Tokenizer(WordLevel(tokenizer.index, unk_token=SPECIALS[tokenizer.unk_id]))
@@ -304,8 +305,6 @@ def export(
     is written beside `out_dir` and renamed into place last: a refusal or a failure leaves an
     existing `out_dir` as it was.
     """
-    from sbtrain.evaluate import load_model
-
     out = Path(out_dir)
     if out.exists() and not force:
         raise UserError(f"{out} exists: give --force to replace it, or another folder")
@@ -313,36 +312,21 @@ def export(
         import safetensors  # noqa: F401
     except ImportError:
         raise UserError(INSTALL_HINT) from None
-    import torch
 
-    model, recipe, _ = load_model(path, torch.device("cpu"), attention_impl="pytorch")
+    model, recipe, task, _ = load_model(path, torch.device("cpu"), attention_impl="pytorch")
     if not hasattr(model, "decode"):
         raise UserError(f"{path} holds a {recipe.task} classifier: only language models export")
-    tokenizer = fast = None
-    if with_tokenizer and recipe.task == "lm":
-        from sbtrain.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(data_dir or recipe.data.dir)
-        if tokenizer.vocab_size != model.vocab_size:
-            raise UserError(
-                f"the tokenizer in {data_dir or recipe.data.dir} has {tokenizer.vocab_size} "
-                f"tokens, the model {model.vocab_size}: give its data folder with --data"
-            )
+    tokenizer = task.tokenizer(data_dir, model.vocab_size) if with_tokenizer else None
+    fast = None
+    if tokenizer is not None:
         fast, tokenizer_config = build_tokenizer(tokenizer, model.max_len)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.part")
-    staging.mkdir()  # the usual permissions (a tempfile folder would be private)
-    try:
-        write_code(staging)
-        kind = tokenizer.kind if tokenizer is not None else None
-        write_config(staging, recipe.to_dict(), model.vocab_size, model.max_len, kind)
-        write_weights(staging, model.state_dict())
+    kind = tokenizer.kind if tokenizer is not None else None
+    with staging(out, force) as folder:  # written beside `out`, renamed into place when done
+        write_code(folder)
+        write_config(folder, recipe.to_dict(), model.vocab_size, model.max_len, kind)
+        write_weights(folder, model.state_dict())
         if fast is not None:
-            write_tokenizer(staging, fast, tokenizer_config)
-        replace(out, staging)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+            write_tokenizer(folder, fast, tokenizer_config)
     return {
         "checkpoint": str(path),
         "out_dir": str(out),
@@ -350,19 +334,3 @@ def export(
         "tokenizer": kind,
         "files": sorted(p.name for p in out.iterdir()),
     }
-
-
-def replace(out: Path, staging: Path) -> None:
-    """Rename the written folder `staging` to `out`, the old `out` (if any) removed after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f"{staging.name}.old")
-        out.rename(old)
-    try:
-        staging.rename(out)
-    except OSError:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()

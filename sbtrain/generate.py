@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import torch
 
+from sbtrain.checkpoint import load_model
 from sbtrain.distributed import pick_device
 from sbtrain.errors import UserError
-from sbtrain.evaluate import load_model
 from sbtrain.model import TransformerLM
 
 
@@ -94,23 +94,10 @@ def main(
     ]:
         if bad:
             raise UserError(message)
-    model, recipe, _ = load_model(path, pick_device(device), attention, attention_impl)
+    model, recipe, task, _ = load_model(path, pick_device(device), attention, attention_impl)
     if not hasattr(model, "decode"):
         raise UserError(f"{path} holds a {recipe.task} classifier: only language models generate")
-    if recipe.task == "copy":
-        ids = _symbols(prompt, model.vocab_size)
-        shown = 0
-        decode = lambda out: " ".join(map(str, out))  # noqa: E731
-    else:
-        from sbtrain.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(data_dir or recipe.data.dir)
-        if tokenizer.vocab_size != model.vocab_size:
-            raise UserError(
-                f"the tokenizer in {data_dir or recipe.data.dir} has {tokenizer.vocab_size} "
-                f"tokens, the model {model.vocab_size}: give its data folder with --data"
-            )
-        ids, shown, decode = [tokenizer.eol_id, *tokenizer.encode(prompt)], 1, tokenizer.decode
+    ids, shown, decode = task.encode_prompt(prompt, data_dir, model.vocab_size)
     fed = len(ids) + max_tokens - 1  # the last sampled token is never fed back
     if model.cfg.positions == "learned" and fed > model.max_len:
         raise UserError(
@@ -127,15 +114,3 @@ def main(
         "text": decode(out),
         "tokens_per_s": len(out) / max(seconds, 1e-9),
     }
-
-
-def _symbols(prompt: str, vocab_size: int) -> list[int]:
-    try:
-        ids = [int(word) for word in prompt.split()]
-    except ValueError:
-        raise UserError(
-            "copy-task prompts are symbol ids separated by spaces, e.g. '0 5 17 3'"
-        ) from None
-    if not ids or any(not 0 <= i < vocab_size for i in ids):
-        raise UserError(f"copy-task prompts are symbol ids in 0..{vocab_size - 1}, e.g. '0 5 17 3'")
-    return ids

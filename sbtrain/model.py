@@ -20,10 +20,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sbtrain.attention import build_attention, dispatch
-from sbtrain.config import AttentionConfig, ModelConfig, Recipe
+from sbtrain.batch import IGNORE
+from sbtrain.config import AttentionConfig, DecoderConfig, ModelConfig, Recipe
 from sbtrain.errors import UserError
 
-IGNORE = -100  # target value of positions that are not scored (e.g. the copy task's prompt)
 OUTPUT_CHUNK_ELEMENTS = 2**25  # scores (128 MiB in fp32) one chunk of the output layer may form
 
 
@@ -138,8 +138,16 @@ def rope(x: torch.Tensor, start: int = 0) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def init_weights(module: nn.Module) -> None:
+    """GPT-2's initialisation: N(0, 0.02) weights of linear and embedding layers, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class TransformerLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, max_len: int):
+    def __init__(self, cfg: DecoderConfig, vocab_size: int, max_len: int):
         super().__init__()
         self.cfg, self.vocab_size, self.max_len = cfg, vocab_size, max_len
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
@@ -163,17 +171,10 @@ class TransformerLM(nn.Module):
             )
         self.activation_checkpointing = False  # set from train.activation_checkpointing
         self.output_chunk_elements = OUTPUT_CHUNK_ELEMENTS
-        self.apply(self._init)
+        self.apply(init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections
             if name.endswith(("attn.proj.weight", "mlp.2.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
-
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def _embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         stop = start + tokens.shape[1]
@@ -270,13 +271,6 @@ def over_chunks(function, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled():
         return torch.cat([checkpoint(function, *c, use_reentrant=False) for c in chunks])
     return torch.cat([function(*c) for c in chunks])
-
-
-def build_model(recipe: Recipe, vocab_size: int) -> TransformerLM:
-    """The language model of a recipe, initialised from train.seed (the same on every process)."""
-    return prepare_model(
-        recipe, lambda: TransformerLM(recipe.model, vocab_size, recipe.context_length)
-    )
 
 
 def prepare_model(recipe: Recipe, make) -> nn.Module:

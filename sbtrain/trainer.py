@@ -15,19 +15,19 @@ import signal
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from sbtrain import __version__, checkpoint, distributed
-from sbtrain.config import Recipe, recipe_from_dict
+from sbtrain.batch import IGNORE
+from sbtrain.config import Recipe
 from sbtrain.datasets import EpochSampler
 from sbtrain.distributed import Layout
 from sbtrain.errors import UserError
-from sbtrain.evaluate import Score, autocast, score
 from sbtrain.metrics import Interval, Logger, peak_memory_gb
-from sbtrain.model import IGNORE, count_parameters, prepare_model
+from sbtrain.model import count_parameters
 from sbtrain.optim import build_optimizer, lr_at
-from sbtrain.tasks import TrainingData, get_task
+from sbtrain.scoring import Validator, autocast
+from sbtrain.tasks import TrainingData, build_model, get_task
 
 MAX_OVERFLOWS = 25  # consecutive fp16 overflows before we give up
 
@@ -56,6 +56,28 @@ class Objective(nn.Module):
         return self.model.token_nll(self.model(*inputs), targets).sum()
 
 
+class Overflows:
+    """fp16 steps the loss scaler skipped (a gradient overflowed): counted, logged, and fatal
+    after MAX_OVERFLOWS in a row."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler, self.skipped, self.in_a_row = scaler, 0, 0
+
+    def skipped_one(self, logger: Logger | None, update: int) -> None:
+        self.skipped += 1
+        self.in_a_row += 1
+        scale = self.scaler.get_scale()
+        if logger is not None:
+            record = {"update": update, "skipped": self.skipped, "loss_scale": scale}
+            logger.log(record, prefix="overflow")
+        if self.in_a_row >= MAX_OVERFLOWS:
+            raise UserError(
+                f"fp16: {MAX_OVERFLOWS} gradient overflows in a row (loss scale now {scale:g}); "
+                "the model diverged or fp16 cannot hold it: lower optim.lr, raise "
+                "optim.warmup_updates, or use train.precision=bf16"
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # the trainer
 
@@ -66,28 +88,24 @@ class Trainer:
         self.task = get_task(recipe)
         t = recipe.train
         self.save_dir = Path(t.save_dir)
-        model = prepare_model(recipe, lambda: self.task.build_model(**data.model_args))
+        model = build_model(recipe, **data.model_args)
         self.model = model.to(layout.device)
         self.optimizer = build_optimizer(self.model, recipe.optim)
         self.scaler = torch.amp.GradScaler(
             layout.device.type, init_scale=t.loss_scale_init, enabled=t.precision == "fp16"
         )
-        objective = Objective(self.model)
-        if layout.world_size > 1:
-            ids = [layout.device.index] if layout.device.type == "cuda" else None
-            # adaptive softmax leaves a tail cluster unused when no target of a batch falls in it
-            unused = recipe.model.output == "adaptive"
-            objective = nn.parallel.DistributedDataParallel(
-                objective, device_ids=ids, find_unused_parameters=unused
-            )
+        objective = distributed.data_parallel(Objective(self.model), layout)
         self.objective = torch.compile(objective) if t.compile else objective
         self.sampler = EpochSampler(
             data.n_train, t.batch_size, t.seed, layout.rank, layout.world_size
         )
         self.micro = micro_batch_size(recipe, layout.world_size)
         self.total_updates = t.max_updates or t.max_epochs * len(self.sampler)
-        self.updates, self.skipped, self.overflows_in_a_row = 0, 0, 0
-        self.best_valid, self.bad_validations = math.inf, 0
+        self.updates = 0
+        self.overflows = Overflows(self.scaler)
+        self.validator = Validator(
+            self.task, data.valid, self.micro, layout, t.precision, t.max_valid_batches
+        )
         self.interval = Interval()
         self.validated_at = -1
         self.stop_signal = None
@@ -96,25 +114,17 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly (one process gathers the RNG of all)."""
-        rng = {"torch": torch.get_rng_state()}
-        if self.layout.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.layout.device)
-        rngs = [rng]
-        if dist.is_initialized():
-            rngs = [None] * self.layout.world_size
-            dist.all_gather_object(rngs, rng)
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rngs,
+            "rng": checkpoint.rng_states(self.layout),
             "sampler": self.sampler.state_dict(),
             "meters": self.interval.state_dict(),
             "counters": {
                 "updates": self.updates,
-                "skipped": self.skipped,
-                "best_valid": self.best_valid,
-                "bad_validations": self.bad_validations,
+                "skipped": self.overflows.skipped,
+                **self.validator.state_dict(),
             },
             "vocab_size": self.data.vocab_size,
             "model_args": self.data.model_args,
@@ -130,34 +140,25 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             counters = state["counters"]
-            self.updates, self.skipped = counters["updates"], counters["skipped"]
-            self.best_valid = counters["best_valid"]
-            self.bad_validations = counters["bad_validations"]
+            self.updates, self.overflows.skipped = counters["updates"], counters["skipped"]
+            self.validator.load_state_dict(counters)
             self.interval.load_state_dict(state["meters"])
         if not reset_dataloader:
             self.sampler.load_state_dict(state["sampler"])
-        exact = not (reset_optimizer or reset_dataloader)
-        if exact and len(state["rng"]) == self.layout.world_size:
-            rng = state["rng"][self.layout.rank]
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and self.layout.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.layout.device)
+        if not (reset_optimizer or reset_dataloader):
+            checkpoint.restore_rng(state["rng"], self.layout)
 
     def save(self, end_of_epoch: int | None = None, is_best: bool = False) -> None:
         """checkpoint_last.pt, plus the numbered and best names where due (main process writes)."""
         state = self.state_dict()  # a collective under DDP: every process takes part
         if not self.layout.is_main:
             return
-        last = self.save_dir / "checkpoint_last.pt"
-        also = []
         t = self.recipe.train
+        numbered = None
         if end_of_epoch is not None or (t.save_interval and self.updates % t.save_interval == 0):
             epoch = end_of_epoch if end_of_epoch is not None else self.sampler.epoch
-            also.append(self.save_dir / f"checkpoint_{epoch}_{self.updates}.pt")
-        if is_best:
-            also.append(self.save_dir / "checkpoint_best.pt")
-        checkpoint.save(state, last, also)
-        checkpoint.prune(self.save_dir, t.keep_last)
+            numbered = (epoch, self.updates)
+        checkpoint.save_training(state, self.save_dir, numbered, is_best, t.keep_last)
 
     # -- one update -------------------------------------------------------------------------
 
@@ -213,49 +214,15 @@ class Trainer:
 
     # -- validation -------------------------------------------------------------------------
 
-    def validate(self) -> Score | None:
-        """Loss over the validation set, split over processes and summed."""
-        if self.data.valid is None:
-            return None
-        t = self.recipe.train
-        n = len(self.data.valid)
-        if t.max_valid_batches:
-            n = min(n, t.max_valid_batches * self.micro * self.layout.world_size)
-        mine = list(range(self.layout.rank, n, self.layout.world_size))
-        s = score(self.model, self.task, self.data.valid, mine, self.micro, self.layout.device,
-                  t.precision)  # fmt: skip
-        s.nll, tokens, correct = distributed.all_reduce_sum(
-            [s.nll, s.tokens, s.correct], self.layout.device
-        )
-        s.tokens, s.correct = int(tokens), int(correct)
-        return s
-
     def validate_and_save(
         self, logger: Logger | None, epoch: int, end_of_epoch: bool = False
     ) -> None:
         """Validate during `epoch`, then save (numbered at an epoch's end, best if improved)."""
         self.validated_at = self.updates
-        s = self.validate()
-        is_best = s is None  # without a validation set, the latest checkpoint is the best
-        if s is not None:
-            is_best = s.loss_nats < self.best_valid
-            if is_best:
-                self.best_valid, self.bad_validations = s.loss_nats, 0
-            else:
-                self.bad_validations += 1
-            if logger is not None:
-                record = {
-                    "update": self.updates,
-                    "epoch": epoch,
-                    "loss": s.loss_bits,
-                    "nll_nats": s.loss_nats,
-                    "ppl": s.ppl,
-                    "tokens": s.tokens,
-                    "best_loss": self.best_valid / math.log(2),
-                }
-                if self.task.counts_correct:
-                    record["accuracy"] = s.accuracy
-                logger.log(record, prefix="valid")
+        s, is_best = self.validator.validate(self.model)
+        if s is not None and logger is not None:
+            record = {"update": self.updates, "epoch": epoch, **self.validator.record(s)}
+            logger.log(record, prefix="valid")
         self.save(epoch if end_of_epoch else None, is_best)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -280,11 +247,10 @@ class Trainer:
 
     def finished(self) -> bool:
         t = self.recipe.train
-        out_of_patience = t.patience is not None and self.bad_validations >= t.patience
         return (
             self.updates >= self.total_updates
             or self.sampler.epoch > t.max_epochs
-            or out_of_patience
+            or self.validator.out_of_patience(t.patience)
         )
 
     def run(self, logger: Logger | None) -> dict:
@@ -316,17 +282,17 @@ class Trainer:
             self._stop_if_asked()
         return {
             "updates": self.updates,
-            "best_valid_nats": self.best_valid,
-            "skipped": self.skipped,
+            "best_valid_nats": self.validator.best,
+            "skipped": self.overflows.skipped,
         }
 
     def _update(self, indices: list[int], dataset, logger: Logger | None) -> bool:
         """One training step and its log line; True if the parameters were updated."""
         stats = self.train_step(indices, dataset)
         if stats is None:
-            self._count_overflow(logger)
+            self.overflows.skipped_one(logger, self.updates)
             return False
-        self.overflows_in_a_row = 0
+        self.overflows.in_a_row = 0
         self.interval.add(
             stats["nll"], stats["tokens"], stats["sequences"], stats["gnorm"], stats["clipped"]
         )
@@ -335,25 +301,6 @@ class Trainer:
                 logger.log(self._record(stats["lr"]))
             self.interval.reset()
         return True
-
-    def _count_overflow(self, logger: Logger | None) -> None:
-        self.skipped += 1
-        self.overflows_in_a_row += 1
-        if logger is not None:
-            logger.log(
-                {
-                    "update": self.updates,
-                    "skipped": self.skipped,
-                    "loss_scale": self.scaler.get_scale(),
-                },
-                prefix="overflow",
-            )
-        if self.overflows_in_a_row >= MAX_OVERFLOWS:
-            raise UserError(
-                f"fp16: {MAX_OVERFLOWS} gradient overflows in a row (loss scale now "
-                f"{self.scaler.get_scale():g}); the model diverged or fp16 cannot hold it: lower "
-                "optim.lr, raise optim.warmup_updates, or use train.precision=bf16"
-            )
 
     def _record(self, lr: float) -> dict:
         record = {
@@ -364,7 +311,7 @@ class Trainer:
         }
         if self.scaler.is_enabled():
             record["loss_scale"] = self.scaler.get_scale()
-            record["skipped"] = self.skipped
+            record["skipped"] = self.overflows.skipped
         mem = peak_memory_gb(self.layout.device)
         if mem is not None:
             record["mem_gb"] = mem
@@ -405,51 +352,6 @@ def micro_batch_size(recipe: Recipe, world_size: int) -> int:
     return micro
 
 
-def check_compatible(state: dict, recipe: Recipe, model: nn.Module, path: Path) -> None:
-    """Refuse weights of another task or architecture, naming the first difference."""
-    old_task = state["recipe"].get("task")
-    if old_task != recipe.task:
-        raise UserError(
-            f"{path} holds a {old_task} model, the recipe is {recipe.task}: "
-            "use another train.save_dir"
-        )
-    # the saved recipe read as a Recipe, so keys added since it was written take their defaults
-    old, new = recipe_from_dict(state["recipe"]).to_dict()["model"], recipe.to_dict()["model"]
-    for key in get_task(recipe).architecture:
-        if old.get(key) != new.get(key):
-            raise UserError(
-                f"{path} holds a model with model.{key}={old.get(key)}, the recipe has "
-                f"{new.get(key)}: use another train.save_dir, or a matching --restore-file"
-            )
-    mine = model.state_dict()
-    missing = sorted(set(mine) - set(state["model"]))
-    if missing:
-        raise UserError(
-            f"{path} lacks {missing[0]} of this recipe's model: use another train.save_dir"
-        )
-    for name, tensor in state["model"].items():
-        if name not in mine or mine[name].shape != tensor.shape:
-            want = tuple(mine[name].shape) if name in mine else "no such tensor"
-            raise UserError(
-                f"{path}: {name} has shape {tuple(tensor.shape)}, this recipe's model has "
-                f"{want} (another vocabulary or context length?): use another train.save_dir"
-            )
-
-
-def prepare_save_dir(save_dir: Path) -> None:
-    """Create train.save_dir and prove it writable, before any training happens."""
-    try:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        probe = save_dir / f"{checkpoint.TEMP_PREFIX}probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"train.save_dir={save_dir}: cannot write there ({e.strerror or type(e).__name__}); "
-            "choose a writable folder"
-        ) from None
-
-
 def main(
     recipe: Recipe,
     restore_file: str | None = None,
@@ -468,29 +370,19 @@ def main(
         distributed.teardown()
 
 
-def _restore(recipe: Recipe, restore_file: str | None) -> tuple[Path | None, dict | None, bool]:
-    """Which checkpoint to start from, its contents, and whether it is this run's own."""
-    last = Path(recipe.train.save_dir) / "checkpoint_last.pt"
-    if last.is_file():
-        return last, checkpoint.load(last), True
-    if restore_file:
-        return Path(restore_file), checkpoint.load(restore_file), False
-    return None, None, False
-
-
 def _train(recipe, layout, restore_file, reset_optimizer, reset_dataloader) -> dict:
     data = get_task(recipe).training_data()
-    path, state, resuming = _restore(recipe, restore_file)
+    path, state, resuming = checkpoint.resume_point(recipe.train.save_dir, restore_file)
     trainer = Trainer(recipe, layout, data)  # every check before anything is written
     if state is not None:
-        check_compatible(state, recipe, trainer.model, path)
+        checkpoint.check_compatible(state, recipe, trainer.model, path)
         if resuming:  # a rerun continues where it stopped: the reset flags were for its start
             reset_optimizer = reset_dataloader = False
         trainer.load_state_dict(state, reset_optimizer, reset_dataloader)
     save_dir = Path(recipe.train.save_dir)
     logger = None
     if layout.is_main:
-        prepare_save_dir(save_dir)
+        checkpoint.prepare_save_dir(save_dir)
         (save_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         print(recipe.to_yaml(), end="")
         n_params = count_parameters(trainer.model)

@@ -93,14 +93,14 @@ def uniform_checkpoint(source: Path, target: Path, **model_overrides) -> Path:
     """A copy of checkpoint `source` (its recipe changed by `model_overrides`, e.g. output=adaptive)
     whose final layer norm outputs zeros: every logit of the tied softmax, and of the adaptive
     softmax's head and tail clusters (no biases), is 0, so the NLL is known in closed form."""
-    from sbtrain.config import recipe_from_dict
     from sbtrain.model import TransformerLM
+    from sbtrain.tasks import recipe_from_dict
 
     state = torch.load(source, map_location="cpu", weights_only=True)
     tree = state["recipe"]
     tree["model"] = {**tree["model"], **model_overrides}
     recipe = recipe_from_dict(tree)
-    model = TransformerLM(recipe.model, int(state["vocab_size"]), recipe.context_length)
+    model = TransformerLM(recipe.model, int(state["vocab_size"]), recipe.data.tokens_per_sample)
     model.load_state_dict(state["model"], strict=False)  # an adaptive head keeps its fresh init
     torch.nn.init.zeros_(model.ln_f.weight)
     torch.nn.init.zeros_(model.ln_f.bias)

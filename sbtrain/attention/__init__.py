@@ -16,10 +16,11 @@ README.md in this folder states every kind's semantics, options and cost.
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import fields
 
 from torch import nn
 
+from sbtrain.attention.common import Options
 from sbtrain.attention.full import FullAttention
 from sbtrain.attention.local import LocalAttention
 from sbtrain.attention.lsh import LSHAttention
@@ -27,12 +28,15 @@ from sbtrain.attention.performer import PerformerAttention
 from sbtrain.attention.scatterbrain import ScatterbrainAttention
 
 KINDS: dict[str, type[nn.Module]] = {
-    "full": FullAttention,
-    "local": LocalAttention,
-    "performer": PerformerAttention,
-    "lsh": LSHAttention,
-    "scatterbrain": ScatterbrainAttention,
-}
+    module.kind: module
+    for module in (
+        FullAttention, LocalAttention, PerformerAttention, LSHAttention, ScatterbrainAttention
+    )
+}  # fmt: skip
+# kinds with random projections or rotations (buffers drawn from a seed, redrawn on schedule)
+RANDOM_KINDS = tuple(
+    kind for kind, module in KINDS.items() if "seed" in {f.name for f in fields(module.Options)}
+)
 
 
 def build_attention(kind: str, head_dim: int, **options) -> nn.Module:
@@ -41,17 +45,18 @@ def build_attention(kind: str, head_dim: int, **options) -> nn.Module:
     return KINDS[kind](head_dim=head_dim, **options)
 
 
-def check_attention(kind: str, head_dim: int, **options) -> None:
-    """Raise ValueError/TypeError, with a message for a user, if `kind` cannot take `options`."""
+def check_attention(kind: str, head_dim: int, **options) -> Options:
+    """The options of `kind` validated, defaults filled in; ValueError/TypeError, with a message
+    for a user, if `kind` cannot take them."""
     if kind not in KINDS:
         raise ValueError(f"unknown attention kind {kind!r} (choose from {', '.join(KINDS)})")
     if head_dim <= 0:
         raise ValueError(f"head_dim must be positive, got {head_dim}")
-    params = inspect.signature(KINDS[kind]).parameters
-    unknown = sorted(set(options) - set(params))
+    takes = [f.name for f in fields(KINDS[kind].Options)]
+    unknown = sorted(set(options) - set(takes))
     if unknown:
-        takes = ", ".join(p for p in params if p != "head_dim") or "no options"
         raise TypeError(
-            f"attention kind {kind!r} does not take {', '.join(unknown)} (it takes: {takes})"
+            f"attention kind {kind!r} does not take {', '.join(unknown)} "
+            f"(it takes: {', '.join(takes)})"
         )
-    KINDS[kind].check_options(head_dim=head_dim, **options)
+    return KINDS[kind].Options(**options).checked(head_dim)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -118,9 +119,25 @@ def centred(window: int) -> tuple[int, int]:
     return window // 2, (window - 1) // 2
 
 
+@dataclass(frozen=True)
+class Options:
+    """The options of an attention kind: each kind's module has a subclass as `Options`, whose
+    `checked(head_dim)` returns them validated, defaults resolved, or raises ValueError."""
+
+    causal: bool = True  # False: every real key on both sides (encoders), with a padding mask
+
+    def checked(self, head_dim: int) -> Options:
+        check_causal(self.causal)
+        return self
+
+
 def check_causal(causal: bool) -> None:
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be true or false, got {causal!r}")
+
+
+def positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def causal_only(module) -> None:

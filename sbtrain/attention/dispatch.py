@@ -133,7 +133,7 @@ def obstacle(
         interpreted = triton_kernels.interpreting() and (impl == "fused" or INTERPRETER_SERVES_CPU)
         if not interpreted:
             return f"the fused kernels need a CUDA device, got {q.device.type}", True
-    versions = _version_problem()
+    versions = version_problem()
     if versions:
         return versions, False
     if q.device.type == "cuda":
@@ -154,7 +154,7 @@ def obstacle(
 
 
 @functools.cache  # versions do not change within a process: checked once, not every call
-def _version_problem() -> str | None:
+def version_problem() -> str | None:
     try:
         import triton
     except ImportError:

@@ -6,21 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sbtrain.attention.common import cached_kv, causal_only, check_causal, real_tokens
+from sbtrain.attention.common import Options, cached_kv, causal_only, real_tokens
 
 
 class FullAttention(nn.Module):
     """`softmax(q k^T / sqrt(d)) v` over all keys j <= i (causal) or all real keys (non-causal).
-    Time O(L^2 d), memory O(L) (flash)."""
+    Time O(L^2 d), memory O(L) (flash). Options: `causal` only."""
 
-    def __init__(self, head_dim: int, causal: bool = True):
+    kind = "full"
+    Options = Options
+
+    def __init__(self, head_dim: int, **options):
         super().__init__()
         self.head_dim = head_dim
-        self.causal = causal
-
-    @staticmethod
-    def check_options(head_dim: int, causal: bool = True) -> None:
-        check_causal(causal)
+        self.causal = self.Options(**options).checked(head_dim).causal
 
     def forward(
         self,

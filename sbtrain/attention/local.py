@@ -4,21 +4,23 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sbtrain.attention.common import (
     EMPTY,
+    Options,
     Part,
     cached_kv,
     causal_only,
     centred,
-    check_causal,
     chunked,
     compute_dtype,
     full_precision,
     normalise,
+    positive_int,
     real_tokens,
     shifted,
     unchunked,
@@ -135,6 +137,16 @@ def local_part(q: torch.Tensor, k: torch.Tensor, vx: torch.Tensor, window: int) 
     return Part(unchunked(nd, length), unchunked(top.squeeze(-1), length))
 
 
+@dataclass(frozen=True)
+class LocalOptions(Options):
+    window: int = 128  # the most recent keys (itself included) each query sees
+
+    def checked(self, head_dim: int) -> LocalOptions:
+        if not positive_int(self.window):
+            raise ValueError(f"local: window must be a positive integer, got {self.window!r}")
+        return super().checked(head_dim)
+
+
 class LocalAttention(nn.Module):
     """Sliding-window softmax: query i sees the `window` most recent keys j in (i - window, i]
     (causal), or the `window` keys around it, j - i in [-(window // 2), (window - 1) // 2], minus
@@ -143,18 +155,14 @@ class LocalAttention(nn.Module):
     Time O(L window D), memory O(L window).
     """
 
-    def __init__(self, head_dim: int, window: int = 128, causal: bool = True):
-        super().__init__()
-        self.head_dim = head_dim
-        self.window = window
-        self.causal = causal
-        self.tau = head_dim**-0.5
+    kind = "local"
+    Options = LocalOptions
 
-    @staticmethod
-    def check_options(head_dim: int, window: int = 128, causal: bool = True) -> None:
-        if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-            raise ValueError(f"local: window must be a positive integer, got {window!r}")
-        check_causal(causal)
+    def __init__(self, head_dim: int, **options):
+        super().__init__()
+        o = self.Options(**options).checked(head_dim)
+        self.head_dim, self.window, self.causal = head_dim, o.window, o.causal
+        self.tau = head_dim**-0.5
 
     @full_precision
     def forward_parts(

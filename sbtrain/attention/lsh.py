@@ -23,6 +23,7 @@ faster under load (1.1-1.7x with one thread); `dense_is_cheaper` chooses (measur
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -30,11 +31,11 @@ from torch import nn
 
 from sbtrain.attention.common import (
     EMPTY,
+    Options,
     Part,
     cached_kv,
     causal_only,
     centred,
-    check_causal,
     check_seed,
     compute_dtype,
     full_precision,
@@ -534,6 +535,19 @@ def check_lsh(n_hashes: int, bucket_size: int, n_buckets: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class LSHOptions(Options):
+    n_hashes: int = 2  # hash rounds
+    bucket_size: int = 64  # most recent same-bucket keys a query sees per round
+    n_buckets: int = 16  # buckets per round (even: argmax over [xR, -xR])
+    seed: int | None = None  # of the rotations (default: drawn from the global torch RNG)
+
+    def checked(self, head_dim: int) -> LSHOptions:
+        check_lsh(self.n_hashes, self.bucket_size, self.n_buckets)
+        check_seed(self.seed)
+        return super().checked(head_dim)
+
+
 class LSHAttention(nn.Module):
     """Exact softmax over `S_i`: itself plus, per round, the `bucket_size` most recent keys j <= i
     in the query's bucket (deduplicated across rounds).
@@ -543,38 +557,19 @@ class LSHAttention(nn.Module):
     reach arbitrarily far back) and computes only the new queries.
     """
 
-    def __init__(
-        self,
-        head_dim: int,
-        n_hashes: int = 2,
-        bucket_size: int = 64,
-        n_buckets: int = 16,
-        seed: int | None = None,
-        causal: bool = True,
-    ):
-        super().__init__()
-        self.head_dim = head_dim
-        self.causal = causal
-        self.n_hashes = n_hashes
-        self.bucket_size = bucket_size
-        self.n_buckets = n_buckets
-        self.tau = head_dim**-0.5
-        shape = (n_hashes, head_dim, n_buckets // 2)
-        self.register_buffer("rotations", torch.empty(shape), persistent=True)
-        self.redraw(resolve_seed(seed))
+    kind = "lsh"
+    Options = LSHOptions
 
-    @staticmethod
-    def check_options(
-        head_dim: int,
-        n_hashes: int = 2,
-        bucket_size: int = 64,
-        n_buckets: int = 16,
-        seed: int | None = None,
-        causal: bool = True,
-    ) -> None:
-        check_lsh(n_hashes, bucket_size, n_buckets)
-        check_seed(seed)
-        check_causal(causal)
+    def __init__(self, head_dim: int, **options):
+        super().__init__()
+        o = self.Options(**options).checked(head_dim)
+        self.head_dim = head_dim
+        self.causal = o.causal
+        self.n_hashes, self.bucket_size, self.n_buckets = o.n_hashes, o.bucket_size, o.n_buckets
+        self.tau = head_dim**-0.5
+        shape = (o.n_hashes, head_dim, o.n_buckets // 2)
+        self.register_buffer("rotations", torch.empty(shape), persistent=True)
+        self.redraw(resolve_seed(o.seed))
 
     @torch.no_grad()
     def redraw(self, seed: int) -> None:

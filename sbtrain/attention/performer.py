@@ -3,14 +3,17 @@ features.py for the maps), causal (chunked prefix sums) or over every real key (
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from sbtrain.attention import dispatch
 from sbtrain.attention.common import (
+    Options,
     Part,
     causal_only,
-    check_causal,
     check_seed,
     compute_dtype,
     full_precision,
@@ -78,6 +81,26 @@ def calibrate(module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> None:
         module.feature_stat.copy_(input_statistic(q, k, module.tau))
 
 
+@dataclass(frozen=True)
+class PerformerOptions(Options):
+    n_features: int = 128  # random features, both halves counted
+    chunk_size: int | None = None  # chunk of the causal prefix sums (default CHUNK_SIZE)
+    seed: int | None = None  # of the projection (default: drawn from the global torch RNG)
+    features: str = "favor+"  # the feature map: favor+ | simplex | favor++
+
+    def checked(self, head_dim: int) -> PerformerOptions:
+        super().checked(head_dim)
+        if not self.causal and self.chunk_size is not None:
+            raise ValueError(
+                "performer: chunk_size only applies to causal attention (non-causal sums over "
+                "all keys at once); leave it unset"
+            )
+        chunk = CHUNK_SIZE if self.chunk_size is None else self.chunk_size
+        check_features(head_dim, self.n_features, chunk, self.features)
+        check_seed(self.seed)
+        return dataclasses.replace(self, chunk_size=chunk)
+
+
 class PerformerAttention(nn.Module):
     """`phi(q_i).phi(k_j)` for every j <= i (causal) or every real key j (non-causal), normalised:
     unbiased for `exp(tau q.k)`.
@@ -87,43 +110,20 @@ class PerformerAttention(nn.Module):
     buffer drawn from `seed`.
     """
 
-    def __init__(
-        self,
-        head_dim: int,
-        n_features: int = 128,
-        chunk_size: int | None = None,
-        seed: int | None = None,
-        causal: bool = True,
-        features: str = "favor+",
-    ):
+    kind = "performer"
+    Options = PerformerOptions
+
+    def __init__(self, head_dim: int, **options):
         super().__init__()
+        o = self.Options(**options).checked(head_dim)
         self.head_dim = head_dim
-        self.n_features = n_features
-        self.chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
-        self.causal = causal
+        self.n_features = o.n_features
+        self.chunk_size = o.chunk_size
+        self.causal = o.causal
         self.tau = head_dim**-0.5
         self.impl = "auto"  # fused kernels or PyTorch path: see dispatch.py (not a checkpoint's)
-        init_feature_map(self, features)
-        self.redraw(resolve_seed(seed))
-
-    @staticmethod
-    def check_options(
-        head_dim: int,
-        n_features: int = 128,
-        chunk_size: int | None = None,
-        seed: int | None = None,
-        causal: bool = True,
-        features: str = "favor+",
-    ) -> None:
-        check_causal(causal)
-        if not causal and chunk_size is not None:
-            raise ValueError(
-                "performer: chunk_size only applies to causal attention (non-causal sums over "
-                "all keys at once); leave it unset"
-            )
-        chunk = CHUNK_SIZE if chunk_size is None else chunk_size
-        check_features(head_dim, n_features, chunk, features)
-        check_seed(seed)
+        init_feature_map(self, o.features)
+        self.redraw(resolve_seed(o.seed))
 
     @torch.no_grad()
     def redraw(self, seed: int) -> None:

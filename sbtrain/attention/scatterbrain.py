@@ -18,7 +18,9 @@ keys (no subtraction); LSH entries outside the window are moved as in the causal
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,10 +28,10 @@ from torch import nn
 from sbtrain.attention import dispatch
 from sbtrain.attention.common import (
     EMPTY,
+    Options,
     Part,
     cached_kv,
     causal_only,
-    check_causal,
     check_seed,
     chunked,
     combine,
@@ -84,51 +86,62 @@ DEFAULTS = {"window": 128, "n_hashes": 2, "bucket_size": 64, "n_buckets": 16, "c
 LSH_OPTIONS = ("n_hashes", "bucket_size", "n_buckets")
 
 
-def resolve_options(
-    sparse: str,
-    window: int | None,
-    chunk_size: int | None,
-    n_hashes: int | None,
-    bucket_size: int | None,
-    n_buckets: int | None,
-    causal: bool = True,
-) -> dict:
-    """The options `sparse` uses, defaults filled in; ValueError for those it cannot use."""
-    options = dict(window=window, chunk_size=chunk_size, n_hashes=n_hashes,
-                   bucket_size=bucket_size, n_buckets=n_buckets)  # fmt: skip
-    if sparse not in SPARSE:
-        raise ValueError(f"scatterbrain: sparse must be one of {', '.join(SPARSE)}, got {sparse!r}")
-    parts = sparse.split("+")
-    unused = [] if "local" in parts else ["window"]
-    if "lsh" not in parts:
-        unused += LSH_OPTIONS
-    given = sorted(name for name in unused if options.get(name) is not None)
-    if given:
-        raise ValueError(f"scatterbrain with sparse={sparse!r} does not use {', '.join(given)}")
-    resolved = {
-        name: (DEFAULTS[name] if options.get(name) is None else options[name])
-        for name in DEFAULTS
-        if name not in unused
-    }
-    resolved.setdefault("window", 0)
-    window = resolved["window"]
-    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
-        raise ValueError(
-            f"scatterbrain: window must be an integer >= 0 (0: no exact window), got {window!r}"
-        )
-    if resolved["window"] and options.get("chunk_size") is not None:
-        raise ValueError(
-            "scatterbrain: chunk_size is not an option with a local window "
-            "(the low-rank chunks are aligned to the window); leave it unset"
-        )
-    if not causal and not resolved["window"] and options.get("chunk_size") is not None:
-        raise ValueError(
-            "scatterbrain: chunk_size only applies to causal attention (non-causal sums over all "
-            "keys at once); leave it unset"
-        )
-    if resolved["window"]:
-        resolved["chunk_size"] = resolved["window"]
-    return resolved
+@dataclass(frozen=True)
+class ScatterbrainOptions(Options):
+    sparse: str = "local"  # the exact part: local | lsh | local+lsh
+    window: int | None = None  # local: the most recent keys seen exactly (0: none)
+    n_features: int = 128  # random features for every other key, both halves counted
+    chunk_size: int | None = None  # without a window: chunk of the causal prefix sums
+    n_hashes: int | None = None  # lsh: hash rounds
+    bucket_size: int | None = None  # lsh: most recent same-bucket keys per round
+    n_buckets: int | None = None  # lsh: buckets per round
+    seed: int | None = None  # of the projection and rotations (default: the global torch RNG)
+    features: str = "favor+"  # the feature map: favor+ | simplex | favor++
+
+    def checked(self, head_dim: int) -> ScatterbrainOptions:
+        """The options `sparse` uses, defaults filled in (window 0 without a local part, the
+        chunk aligned to the window with one); ValueError for those it cannot use."""
+        super().checked(head_dim)
+        if self.sparse not in SPARSE:
+            raise ValueError(
+                f"scatterbrain: sparse must be one of {', '.join(SPARSE)}, got {self.sparse!r}"
+            )
+        parts = self.sparse.split("+")
+        unused = [] if "local" in parts else ["window"]
+        if "lsh" not in parts:
+            unused += LSH_OPTIONS
+        given = sorted(name for name in unused if getattr(self, name) is not None)
+        if given:
+            raise ValueError(
+                f"scatterbrain with sparse={self.sparse!r} does not use {', '.join(given)}"
+            )
+        resolved = {
+            name: DEFAULTS[name] if getattr(self, name) is None else getattr(self, name)
+            for name in DEFAULTS
+            if name not in unused
+        }
+        window = resolved.setdefault("window", 0)
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise ValueError(
+                f"scatterbrain: window must be an integer >= 0 (0: no exact window), got {window!r}"
+            )
+        if window and self.chunk_size is not None:
+            raise ValueError(
+                "scatterbrain: chunk_size is not an option with a local window "
+                "(the low-rank chunks are aligned to the window); leave it unset"
+            )
+        if not self.causal and not window and self.chunk_size is not None:
+            raise ValueError(
+                "scatterbrain: chunk_size only applies to causal attention (non-causal sums "
+                "over all keys at once); leave it unset"
+            )
+        if window:
+            resolved["chunk_size"] = window
+        check_features(head_dim, self.n_features, resolved["chunk_size"], self.features)
+        if "lsh" in parts:
+            check_lsh(resolved["n_hashes"], resolved["bucket_size"], resolved["n_buckets"])
+        check_seed(self.seed)
+        return dataclasses.replace(self, **resolved)
 
 
 class ScatterbrainAttention(nn.Module):
@@ -140,64 +153,27 @@ class ScatterbrainAttention(nn.Module):
     with LSH O(L R) indices and one block of gathered rows (K = support size, R = n_hashes).
     """
 
-    def __init__(
-        self,
-        head_dim: int,
-        sparse: str = "local",
-        window: int | None = None,
-        n_features: int = 128,
-        chunk_size: int | None = None,
-        n_hashes: int | None = None,
-        bucket_size: int | None = None,
-        n_buckets: int | None = None,
-        seed: int | None = None,
-        causal: bool = True,
-        features: str = "favor+",
-    ):
+    kind = "scatterbrain"
+    Options = ScatterbrainOptions
+
+    def __init__(self, head_dim: int, **options):
         super().__init__()
-        options = resolve_options(
-            sparse, window, chunk_size, n_hashes, bucket_size, n_buckets, causal
-        )
+        o = self.Options(**options).checked(head_dim)
         self.head_dim = head_dim
-        self.causal = causal
-        self.sparse = sparse
-        self.n_features = n_features
-        self.window = options["window"]
-        self.chunk_size = options["chunk_size"]
-        self.lsh = "lsh" in sparse
+        self.causal = o.causal
+        self.sparse = o.sparse
+        self.n_features = o.n_features
+        self.window = o.window
+        self.chunk_size = o.chunk_size
+        self.lsh = "lsh" in o.sparse
         self.tau = head_dim**-0.5
         self.impl = "auto"  # fused kernels or PyTorch path: see dispatch.py (not a checkpoint's)
-        init_feature_map(self, features)
+        init_feature_map(self, o.features)
         if self.lsh:
-            self.n_hashes = options["n_hashes"]
-            self.bucket_size = options["bucket_size"]
-            self.n_buckets = options["n_buckets"]
+            self.n_hashes, self.bucket_size, self.n_buckets = o.n_hashes, o.bucket_size, o.n_buckets
             shape = (self.n_hashes, head_dim, self.n_buckets // 2)
             self.register_buffer("rotations", torch.empty(shape), persistent=True)
-        self.redraw(resolve_seed(seed))
-
-    @staticmethod
-    def check_options(
-        head_dim: int,
-        sparse: str = "local",
-        window: int | None = None,
-        n_features: int = 128,
-        chunk_size: int | None = None,
-        n_hashes: int | None = None,
-        bucket_size: int | None = None,
-        n_buckets: int | None = None,
-        seed: int | None = None,
-        causal: bool = True,
-        features: str = "favor+",
-    ) -> None:
-        check_causal(causal)
-        options = resolve_options(
-            sparse, window, chunk_size, n_hashes, bucket_size, n_buckets, causal
-        )
-        check_features(head_dim, n_features, options["chunk_size"], features)
-        if "lsh" in sparse:
-            check_lsh(options["n_hashes"], options["bucket_size"], options["n_buckets"])
-        check_seed(seed)
+        self.redraw(resolve_seed(o.seed))
 
     @torch.no_grad()
     def redraw(self, seed: int) -> None:

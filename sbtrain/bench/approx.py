@@ -26,17 +26,19 @@ relative error of Performer's output against exact attention as the number of fe
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import math
 
 import torch
 
-from sbtrain.attention import KINDS, build_attention
+from sbtrain import bench
+from sbtrain.attention import RANDOM_KINDS, build_attention
 from sbtrain.attention.features import FEATURES, input_statistic
 from sbtrain.attention.full import FullAttention
 from sbtrain.attention.performer import calibrate
 from sbtrain.attention.reference import reference_attention
+from sbtrain.checkpoint import load_model
+from sbtrain.datasets import open_split
 from sbtrain.errors import UserError
 
 REGIMES = ("random", "drift")
@@ -124,8 +126,7 @@ def approx_errors(
 
 def _seeded(kind: str, options: dict, seed: int) -> dict:
     """`options` with `seed` for the kinds that draw random projections."""
-    takes_seed = "seed" in inspect.signature(KINDS[kind]).parameters
-    return {**options, "seed": seed} if takes_seed else options
+    return {**options, "seed": seed} if kind in RANDOM_KINDS else options
 
 
 def make_inputs(
@@ -185,8 +186,6 @@ def main(
     counts: list[int] | None = None,
 ) -> dict:
     """`sbtrain bench approx`: measure, print the table, write JSON to `out`."""
-    from sbtrain import bench
-
     if from_checkpoint is not None:
         counts = tuple(counts or FEATURE_COUNTS)
         if any(n % 2 for n in counts):
@@ -245,8 +244,6 @@ def capture_attention_inputs(model, blocks: torch.Tensor) -> list[tuple[torch.Te
 
 def split_blocks(folder: str, split: str, length: int, count: int, vocab_size: int):
     """The first `count` blocks (count, length) of a preprocessed split's tokens."""
-    from sbtrain.datasets import open_split
-
     tokens, meta = open_split(folder, split)
     if int(meta["vocab_size"]) != vocab_size:
         raise UserError(
@@ -270,9 +267,7 @@ def checkpoint_errors(
     training blocks)}: Performer's mean relative output
     error (over `seeds` draws) against exact causal attention, on q, k, v captured at each layer
     of the checkpoint's model on `blocks` validation blocks."""
-    from sbtrain.evaluate import load_model
-
-    model, recipe, state = load_model(path, torch.device("cpu"))
+    model, recipe, _, state = load_model(path, torch.device("cpu"))
     folder = data_dir or recipe.data.dir
     length, vocab = recipe.data.tokens_per_sample, int(state["vocab_size"])
     valid = capture_attention_inputs(model, split_blocks(folder, "valid", length, blocks, vocab))
@@ -321,8 +316,6 @@ def stops_improving(rows: list[dict], gain: float = 0.1) -> dict[str, int | None
 def main_checkpoint(
     path: str, data_dir: str | None, blocks: int, seeds: int, counts: tuple[int, ...], out
 ) -> dict:
-    from sbtrain import bench
-
     rows = checkpoint_errors(path, data_dir, blocks, counts, seeds)
     meta = {
         "machine": bench.machine(),

@@ -151,15 +151,18 @@ def _forward_backward(attn: torch.nn.Module, q, k, v, grad) -> float:
     return time.perf_counter() - start
 
 
-def memory_growth(rows: list[SpeedRow]) -> dict[str, list[float]]:
+def memory_growth(rows: list[SpeedRow]) -> dict[str, list[float | None]]:
     """Per kind, peak memory ratio between consecutive lengths (2.0 = linear per doubling)."""
-    ratios: dict[str, list[float]] = {}
+    ratios: dict[str, list[float | None]] = {}
     by_kind: dict[str, list[SpeedRow]] = {}
     for row in rows:
         by_kind.setdefault(row.kind, []).append(row)
     for kind, kind_rows in by_kind.items():
         kind_rows.sort(key=lambda r: r.length)
-        ratios[kind] = [b.peak_mib / a.peak_mib for a, b in itertools.pairwise(kind_rows)]
+        ratios[kind] = [  # None where the shorter length's peak was too small to measure
+            b.peak_mib / a.peak_mib if a.peak_mib > 0 else None
+            for a, b in itertools.pairwise(kind_rows)
+        ]
     return ratios
 
 

@@ -13,7 +13,7 @@ import time
 import torch
 
 from sbtrain import bench
-from sbtrain.config import AttentionConfig, ModelConfig
+from sbtrain.config import AttentionConfig, DecoderConfig
 from sbtrain.distributed import pick_device
 from sbtrain.errors import UserError
 from sbtrain.model import TransformerLM
@@ -44,7 +44,7 @@ def bench_generate(
 ) -> list[dict]:
     rows = []
     for kind in kinds:
-        cfg = ModelConfig(
+        cfg = DecoderConfig(
             n_layers=n_layers,
             n_heads=n_heads,
             d_model=d_model,

@@ -22,7 +22,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from sbtrain import bench
 from sbtrain.attention import build_attention, triton_kernels
+from sbtrain.errors import UserError
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,21 +52,42 @@ def time_kernels(
     """
     torch.manual_seed(0)
     card = _card(device)
+    implementations = _implementations(
+        head_dim, window, n_features, performer_features, device, blocks
+    )
+    rows = []
+    for length in lengths:
+        batch = max(1, tokens // length)
+        shape = (batch, heads, length, head_dim)
+        inputs = [torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in "qkv"]
+        grad = torch.randn(shape, device=device, dtype=dtype)
+        reference: dict[str, torch.Tensor] = {}  # kind -> its PyTorch path's output
+        for kind, impl, block, attention in implementations:
+            row = dict(card=card, kind=kind, impl=impl, length=length, batch=batch)
+            if block is not None:
+                row["block"] = block
+            row.update(_case(attention, inputs, grad, warmup, repeats, reference, kind, impl))
+            rows.append(row)
+    return rows
+
+
+def _implementations(
+    head_dim: int, window: int, n_features: int, performer_features: int, device: str,
+    blocks: tuple[int, ...],
+) -> list[tuple[str, str, int | None, Attention]]:  # fmt: skip
+    """(kind, impl, block, the call) of SDPA, and of scatterbrain (local) and performer on their
+    PyTorch path and through the fused kernels at each block size that fits."""
     scatterbrain = build_attention(
         "scatterbrain", head_dim=head_dim, sparse="local", window=window, n_features=n_features
     ).to(device)
     performer = build_attention("performer", head_dim=head_dim, n_features=performer_features)
     performer = performer.to(device)
-    implementations: list[tuple[str, str, int | None, Attention]] = [
-        (
-            "full",
-            "sdpa",
-            None,
-            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        ),
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    out = [
+        ("full", "sdpa", None, sdpa),
         ("scatterbrain", "pytorch", None, scatterbrain.pytorch_forward),
     ]
-    implementations += [
+    out += [
         (
             "scatterbrain",
             "triton",
@@ -74,38 +97,31 @@ def time_kernels(
         for block in blocks
         if window % block == 0
     ]
-    implementations.append(("performer", "pytorch", None, performer.pytorch_forward))
-    implementations += [
+    out.append(("performer", "pytorch", None, performer.pytorch_forward))
+    out += [
         ("performer", "triton", block, _fused_performer(performer.projection, block))
         for block in blocks
     ]
-    rows = []
-    for length in lengths:
-        batch = max(1, tokens // length)
-        shape = (batch, heads, length, head_dim)
-        inputs = [torch.randn(shape, device=device, dtype=dtype) for _ in range(3)]
-        inputs = [x.requires_grad_() for x in inputs]
-        grad = torch.randn(shape, device=device, dtype=dtype)
-        reference: dict[str, torch.Tensor] = {}
-        for kind, impl, block, attention in implementations:
-            row = dict(card=card, kind=kind, impl=impl, length=length, batch=batch)
-            if block is not None:
-                row["block"] = block
-            try:
-                with torch.no_grad():
-                    out = attention(*inputs)
-                if impl == "pytorch":
-                    reference[kind] = out
-                elif kind in reference:
-                    expected = reference[kind].float()
-                    row["rel_diff"] = float((out.float() - expected).norm() / expected.norm())
-                del out
-                row["ms"], row["peak_mib"] = _measure(attention, inputs, grad, warmup, repeats)
-            except Exception as error:  # recorded, not raised: e.g. tiles too large for the card
-                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            rows.append(row)
-        reference.clear()
-    return rows
+    return out
+
+
+def _case(attention, inputs, grad, warmup, repeats, reference, kind, impl) -> dict:
+    """ms and peak_mib of one implementation (and rel_diff against the PyTorch path, which runs
+    first); an `error` instead where it cannot run (e.g. tiles too large for the card)."""
+    row = {}
+    try:
+        with torch.no_grad():
+            out = attention(*inputs)
+        if impl == "pytorch":
+            reference[kind] = out
+        elif kind in reference:
+            expected = reference[kind].float()
+            row["rel_diff"] = float((out.float() - expected).norm() / expected.norm())
+        del out
+        row["ms"], row["peak_mib"] = _measure(attention, inputs, grad, warmup, repeats)
+    except Exception as error:  # recorded, not raised
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    return row
 
 
 def _fused_scatterbrain(projection: torch.Tensor, window: int, block: int) -> Attention:
@@ -166,9 +182,6 @@ def main(
     out: str | None = None,
 ) -> dict:
     """`sbtrain bench kernels` (CUDA only): time, print the table, write JSON to `out`."""
-    from sbtrain import bench
-    from sbtrain.errors import UserError
-
     if not torch.cuda.is_available():
         raise UserError("bench kernels times CUDA kernels: no CUDA device here")
     import triton

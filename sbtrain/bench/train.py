@@ -18,11 +18,12 @@ from torch.utils.checkpoint import checkpoint
 
 from sbtrain import bench
 from sbtrain.attention import dispatch
-from sbtrain.config import Recipe, load_recipe
-from sbtrain.distributed import pick_device
+from sbtrain.config import Recipe
+from sbtrain.distributed import Layout, pick_device
 from sbtrain.errors import UserError
 from sbtrain.model import TransformerLM, count_parameters
-from sbtrain.tasks import TrainingData, get_task
+from sbtrain.tasks import TrainingData, get_task, load_recipe
+from sbtrain.trainer import Trainer
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -39,7 +40,8 @@ class RandomTokens(torch.utils.data.Dataset):
 
 def synthetic_data(recipe: Recipe, vocab_size: int, n_samples: int) -> TrainingData:
     """Stands in for a task's training data: random tokens, no validation set."""
-    dataset = RandomTokens(vocab_size, recipe.context_length, n_samples, recipe.train.seed)
+    length = get_task(recipe).context_length
+    dataset = RandomTokens(vocab_size, length, n_samples, recipe.train.seed)
     return TrainingData(n_samples, None, lambda epoch: dataset, {"vocab_size": vocab_size})
 
 
@@ -52,9 +54,6 @@ def bench_train(
     name: str = "",
 ) -> dict:
     """Time `steps` updates after `warmup` ones; returns one row (`name`: the recipe's)."""
-    from sbtrain.distributed import Layout
-    from sbtrain.trainer import Trainer
-
     device = pick_device(recipe.train.device)
     data = synthetic_data(recipe, vocab_size, recipe.train.batch_size * (steps + warmup))
     trainer = Trainer(recipe, Layout(0, 1, device), data)
@@ -71,12 +70,13 @@ def bench_train(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - start) / steps
-    tokens = recipe.train.batch_size * recipe.context_length
+    length = trainer.task.context_length
+    tokens = recipe.train.batch_size * length
     row = {
         "recipe": name,
         "attention": recipe.model.attention.kind,
         "sparse": recipe.model.attention.sparse,
-        "length": recipe.context_length,
+        "length": length,
         "batch": recipe.train.batch_size,
         "params": count_parameters(trainer.model),
         "precision": recipe.train.precision,
@@ -93,7 +93,7 @@ def bench_train(
         peak = row["peak_rss_mib"] = bench.peak_rss_mib()
     row["peak_kib_per_token"] = 1024 * peak / tokens
     if breakdown:
-        shape = (trainer.micro, recipe.context_length)
+        shape = (trainer.micro, length)
         micro_batches = recipe.train.batch_size // trainer.micro  # one process here
         parts = time_parts(trainer.model, shape, vocab_size, device, micro_batches)
         row.update({f"{name}_ms": 1000 * s for name, s in parts.items()})
@@ -165,6 +165,11 @@ def main(
     settings = {"on": ["true"], "off": ["false"], "both": ["false", "true"], None: [None]}
     cases = []  # all loaded and checked before any run
     for path in paths:
+        if lengths and load_recipe(path, overrides).data is None:
+            raise UserError(
+                f"bench train --lengths: {path} is a copy-task recipe; "
+                "set its length with copy.length=N instead"
+            )
         for length in lengths or [None]:
             for setting in settings[checkpointing]:
                 extra = [] if length is None else [f"data.tokens_per_sample={length}"]
@@ -175,16 +180,12 @@ def main(
                         f"bench train: {path} is a {recipe.task} classifier; bench train times "
                         "language models (lm, copy)"
                     )
-                if length is not None and recipe.task == "copy":
-                    raise UserError(
-                        f"bench train --lengths: {path} is a copy-task recipe; "
-                        "set its length with copy.length=N instead"
-                    )
                 cases.append((Path(path).stem, recipe))
     rows, where = [], None
     for name, recipe in cases:  # a fresh process each, so peak memory is each case's own
-        vocab = recipe.copy.n_symbols + 1 if recipe.task == "copy" else vocab_size
-        what = f"{name} at length {recipe.context_length}"
+        task = get_task(recipe)  # a task without data files makes its own vocabulary (copy)
+        vocab = task.training_data().vocab_size if recipe.data is None else vocab_size
+        what = f"{name} at length {task.context_length}"
         args = (recipe, vocab, steps, warmup, breakdown, name)
         result = bench.in_fresh_process(what, bench_train, *args)
         rows.append(result["row"])

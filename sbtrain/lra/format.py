@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from sbtrain.errors import UserError
+from sbtrain.staging import write_json
 
 FORMAT = "sbtrain-cls-1"
 VERSION = 1
@@ -136,7 +137,7 @@ def write_split(
         max_length=int(all_lengths.max()),
         label_counts={str(c): int(n) for c, n in zip(classes.tolist(), counts.tolist())},
     )
-    _write_json(folder / f"{split}.json", stats.to_json())
+    write_json(folder / f"{split}.json", stats.to_json())
     return stats
 
 
@@ -174,7 +175,7 @@ def make_meta(
 
 
 def write_meta(folder: str | Path, meta: dict) -> None:
-    _write_json(Path(folder) / "meta.json", meta)
+    write_json(Path(folder) / "meta.json", meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +281,3 @@ def _check_offsets(path: Path, offsets: np.ndarray, tokens: int, examples: int) 
         problem = "offsets decrease"
     if problem:
         raise LraDataError(f"{path}: {problem}; the folder is corrupt, run the preprocessing again")
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

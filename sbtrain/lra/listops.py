@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sbtrain.config import Section, opt
 from sbtrain.lra.format import Examples, SplitStats, make_meta, write_meta, write_split
+from sbtrain.staging import worker_map
 
 SYMBOLS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "]", "[MAX", "[MIN", "[MED", "[SM")
 CLOSE, MAX, MIN, MED, SM = 10, 11, 12, 13, 14
@@ -36,26 +38,25 @@ OPERATOR_P = 0.25  # chance that a node above the last level is an operator (the
 
 
 @dataclass(frozen=True)
-class ListOpsConfig:
-    """What to generate (defaults: the Long Range Arena's ListOps)."""
+class ListOpsConfig(Section):
+    """What to generate (defaults: the Long Range Arena's ListOps); a recipe's `listops:`."""
 
-    train: int = 96_000  # examples in train
-    valid: int = 2_000  # examples in valid
-    test: int = 2_000  # examples in test
-    min_tokens: int = 500  # shortest sequence kept (tokens, inclusive)
-    max_tokens: int = 2_000  # longest sequence kept (tokens, inclusive)
-    max_depth: int = 10  # levels of a tree, leaves included (operators nest max_depth - 1 deep)
-    max_args: int = 10  # most arguments of one operator (at least 2)
-    seed: int = 0  # the same seed gives the same splits, whatever the number of workers
-    chunk: int = 200  # examples per unit of work (each chunk has its own random stream)
+    train: int = opt(96_000, "examples in train (LRA: 96,000)", "non-negative")
+    valid: int = opt(2_000, "examples in valid (LRA: 2,000)", "non-negative")
+    test: int = opt(2_000, "examples in test (LRA: 2,000)", "non-negative")
+    min_tokens: int = opt(500, "shortest sequence kept, tokens (LRA: 500)", "positive")
+    max_tokens: int = opt(2_000, "longest sequence kept, tokens (LRA: 2,000)", "positive")
+    max_depth: int = opt(10, "tree levels, leaves included (operators nest max_depth - 1 deep)")
+    max_args: int = opt(10, "most arguments of one operator (at least 2)")
+    seed: int = opt(0, "generator seed: the same splits whatever the number of workers")
+    chunk: int = opt(200, "examples per unit of work (each has its own random stream)", "positive")
 
-    def __post_init__(self):
-        if not 1 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {self}")
-        if self.max_depth < 2 or self.max_args < 2 or self.chunk < 1:
-            raise ValueError(f"need max_depth >= 2, max_args >= 2 and chunk >= 1, got {self}")
-        if min(self.train, self.valid, self.test) < 0:
-            raise ValueError(f"split sizes must be >= 0, got {self}")
+    def contradictions(self):
+        if self.min_tokens > self.max_tokens:
+            yield "min_tokens", f"must be <= max_tokens={self.max_tokens}, got {self.min_tokens}"
+        for key in ("max_depth", "max_args"):
+            if getattr(self, key) < 2:
+                yield key, f"must be at least 2, got {getattr(self, key)}"
 
 
 class _TooLong(Exception):
@@ -83,13 +84,11 @@ def prepare(folder: str | Path, config: ListOpsConfig, workers: int = 1) -> dict
 
 def generate(config: ListOpsConfig, workers: int = 1) -> dict[str, Examples]:
     """The three splits: unique token sequences (uint8 ids) and their values."""
-    from sbtrain.binarize import _mapper  # the pool preprocessing uses (spawned workers)
-
     wanted = config.train + config.valid + config.test
     seen: set[bytes] = set()
     tokens, labels = [], []
     next_chunk = empty_rounds = 0
-    with _mapper(workers) as imap:
+    with worker_map(workers) as imap:
         while len(tokens) < wanted:
             # enough chunks for what is missing (at least one per worker); which chunks run
             # depends only on the counts so far, so the result does not depend on `workers`

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sbtrain.config import Section, opt
 from sbtrain.lra.format import Examples, SplitStats, make_meta, write_meta, write_split
+from sbtrain.staging import worker_map
 
 SPLITS = ("train", "valid", "test")
 PATH_GREY = 255
@@ -32,37 +34,35 @@ PATH_TRIES = 100  # tries of one path before the whole image is started again
 
 
 @dataclass(frozen=True)
-class PathfinderConfig:
-    """What to generate (sizes: the Long Range Arena's 200,000 images cut 80/10/10)."""
+class PathfinderConfig(Section):
+    """What to generate (sizes: the Long Range Arena's 200,000 images cut 80/10/10); a recipe's
+    `pathfinder:`."""
 
-    train: int = 160_000  # images in train
-    valid: int = 20_000  # images in valid
-    test: int = 20_000  # images in test
-    size: int = 32  # image side in pixels (tokens: size * size grey levels)
-    segments: int = 8  # pieces of each main path: the difficulty
-    segment_length: float = 2.5  # pixels per piece
-    max_turn: float = 0.7  # radians, largest change of direction from one piece to the next
-    distractors: int = 2  # paths without markers
-    distractor_segments: int = 5  # pieces of each distractor
-    marker_radius: float = 2.0  # pixels within this distance of a path's end form its marker
-    seed: int = 0  # the same seed gives the same images, whatever the number of workers
-    chunk: int = 200  # images per unit of work (even: labels exactly balanced)
+    train: int = opt(160_000, "images in train (LRA: 160,000)", "non-negative")
+    valid: int = opt(20_000, "images in valid (LRA: 20,000)", "non-negative")
+    test: int = opt(20_000, "images in test (LRA: 20,000)", "non-negative")
+    size: int = opt(32, "image side in pixels, size**2 tokens of grey levels (LRA: 32)")
+    segments: int = opt(8, "pieces of each main path: the difficulty", "positive")
+    segment_length: float = opt(2.5, "pixels per piece", "positive")
+    max_turn: float = opt(0.7, "radians, largest change of direction between pieces")
+    distractors: int = opt(2, "paths without markers", "non-negative")
+    distractor_segments: int = opt(5, "pieces of each distractor", "positive")
+    marker_radius: float = opt(2.0, "pixels this close to a path's end form its marker", "positive")
+    seed: int = opt(0, "generator seed: the same images whatever the number of workers")
+    chunk: int = opt(200, "images per unit of work (even: labels exactly balanced)", "positive")
 
-    def __post_init__(self):
-        if self.size < 8 or self.segments < 1 or self.distractors < 0 or self.chunk < 1:
-            raise ValueError(f"need size >= 8, segments >= 1, distractors >= 0, got {self}")
-        if min(self.train, self.valid, self.test) < 0:
-            raise ValueError(f"split sizes must be >= 0, got {self}")
+    def contradictions(self):
+        if self.size < 8:
+            yield "size", f"must be at least 8, got {self.size}"
 
 
 def prepare(
     folder: str | Path, config: PathfinderConfig, workers: int = 1
 ) -> dict[str, SplitStats]:
     """Generate Pathfinder and write train/valid/test and meta.json into `folder`."""
-    from sbtrain.binarize import _mapper  # the pool preprocessing uses (spawned workers)
 
     stats = {}
-    with _mapper(workers) as imap:
+    with worker_map(workers) as imap:
         for split in SPLITS:
             count = getattr(config, split)
             if count:

@@ -14,7 +14,7 @@ import torch
 
 from cli.main import main
 from sbtrain import checkpoint
-from sbtrain.evaluate import load_model
+from sbtrain.checkpoint import load_model
 from sbtrain.lra.format import open_split
 from tests.conftest import ROOT, one_error_line, read_jsonl, subprocess_env
 from tests.integration.test_train import (
@@ -68,9 +68,12 @@ def test_preprocess_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
     image = ROOT / "recipes" / "lra" / "image.yaml"
     cases = [
         ([str(image), f"data.raw={tmp_path / 'nowhere'}"], "not found; point it at"),
-        ([str(LISTOPS), "listops.min_tokens=80", "listops.max_tokens=60"], "listops: need"),
+        (
+            [str(LISTOPS), "listops.min_tokens=80", "listops.max_tokens=60"],
+            "listops.min_tokens: must be <= max_tokens=60",
+        ),
         ([str(LISTOPS), "--trainpref", str(image)], "are for language models"),
-        ([str(LISTOPS), "model.output=adaptive"], "model.output: adaptive is for language"),
+        ([str(LISTOPS), "model.output=adaptive"], "unknown key model.output"),
     ]
     for args, message in cases:
         out = tmp_path / "out"
@@ -98,7 +101,7 @@ def test_listops_learns_and_eval_reports_accuracy(listops_folder, tmp_path, caps
     assert result["split"] == "train" and result["examples"] == 200
     # the truth: each document alone (no padding), argmax of the logits against the labels file
     split = open_split(listops_folder, "train")
-    model, _, _ = load_model(ckpt, torch.device("cpu"))
+    model, *_ = load_model(ckpt, torch.device("cpu"))
     hits, nll = 0, 0.0
     with torch.no_grad():
         for i in range(len(split)):

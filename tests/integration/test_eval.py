@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from cli.main import main
 from sbtrain import checkpoint
-from sbtrain.config import recipe_from_dict
 from sbtrain.model import TransformerLM
+from sbtrain.tasks import recipe_from_dict
 from tests.conftest import (
     DEBUG_RECIPE,
     one_error_line,
@@ -44,7 +44,7 @@ def independent_nll_by_position(
     """The NLL of every target, grouped by its position in its block."""
     state = checkpoint.load(ckpt_path)
     recipe = recipe_from_dict(state["recipe"])
-    model = TransformerLM(recipe.model, state["vocab_size"], recipe.context_length)
+    model = TransformerLM(recipe.model, state["vocab_size"], recipe.data.tokens_per_sample)
     model.load_state_dict(state["model"])
     model.eval()
     stream = torch.tensor([eol, *tokens.tolist()])
@@ -126,10 +126,13 @@ def test_bad_input_gets_one_line_and_status_2(trained_debug, tmp_path, capsys):
         ([ckpt, "--split", "test"], "split 'test' was not preprocessed"),
         ([ckpt, "--context-window", "64"], "--context-window 64: must be in [0, 64)"),
         ([ckpt, "--attention", "full", "window=8"], "does not take window"),
-        ([ckpt, "--attention", "nope"], "model.attention.kind must be one of"),
+        ([ckpt, "--attention", "nope"], "model.attention: unknown attention kind 'nope'"),
         ([ckpt, "--attention", "local", "window=["], "is not key=value with a YAML value"),
         ([ckpt, "--batch-size", "0"], "--batch-size 0: must be at least 1"),
-        ([ckpt, "--data", other], "the model 64: give the folder it was trained on with --data"),
+        (
+            [ckpt, "--data", other],
+            "(vocab_size 96 in the data, 64 in the model): give the folder it was trained",
+        ),
         ([ckpt, "--tokens-per-sample", "65"], "--tokens-per-sample 65: the model has 64 learned"),
         ([ckpt, "--tokens-per-sample", "0"], "--tokens-per-sample 0: must be at least 1"),
         ([ckpt, "--tokens-per-sample", "32", "--context-window", "32"], "must be in [0, 32)"),

@@ -25,10 +25,9 @@ transformers = pytest.importorskip("transformers", reason=HINT)
 from cli.main import main  # noqa: E402
 from sbtrain import checkpoint, generate  # noqa: E402
 from sbtrain import export as export_module  # noqa: E402
-from sbtrain.config import load_recipe  # noqa: E402
+from sbtrain.checkpoint import load_model  # noqa: E402
 from sbtrain.errors import UserError  # noqa: E402
-from sbtrain.evaluate import load_model  # noqa: E402
-from sbtrain.model import build_model  # noqa: E402
+from sbtrain.tasks import build_model, load_recipe  # noqa: E402
 from sbtrain.tokenizer import load_tokenizer  # noqa: E402
 from tests.conftest import (  # noqa: E402
     DEBUG_RECIPE,
@@ -63,7 +62,7 @@ def make_checkpoint(data: Path, path: Path, overrides: list[str]) -> Path:
     """A checkpoint of the debug recipe with `overrides` and random weights (std 0.3)."""
     recipe = load_recipe(DEBUG_RECIPE, [f"data.dir={data}", "model.dropout=0.0", *overrides])
     vocab = load_tokenizer(data).vocab_size
-    model = build_model(recipe, vocab)
+    model = build_model(recipe, vocab_size=vocab)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -106,7 +105,7 @@ def test_exported_model_equals_sbtrain(name, word_corpus, tmp_path):
     out = tmp_path / "hf"
     assert main(["export", str(ckpt), str(out)]) == 0
     model, tokenizer = load_exported(out)
-    ours, _, _ = load_model(ckpt, torch.device("cpu"), attention_impl="pytorch")
+    ours, *_ = load_model(ckpt, torch.device("cpu"), attention_impl="pytorch")
 
     tokens = torch.randint(0, ours.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -209,7 +208,7 @@ def test_sentencepiece_export_logits_and_generate(sentencepiece_data, tmp_path):
     ckpt = make_checkpoint(data, tmp_path / "ck.pt", MODELS["lsh-rope"])
     assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 0
     model, tokenizer = load_exported(tmp_path / "hf")
-    ours, _, _ = load_model(ckpt, torch.device("cpu"), attention_impl="pytorch")
+    ours, *_ = load_model(ckpt, torch.device("cpu"), attention_impl="pytorch")
     ids = tokenizer(VARIED[1], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = ours.log_probs(ours(ids))
@@ -377,7 +376,7 @@ def test_exported_folder_loads_without_sbtrain(word_corpus, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     got = json.loads(result.stdout.rpartition("RESULT ")[2])  # after transformers' own output
-    ours, _, _ = load_model(ckpt, torch.device("cpu"), attention_impl="pytorch")
+    ours, *_ = load_model(ckpt, torch.device("cpu"), attention_impl="pytorch")
     tokenizer = load_tokenizer(data)
     assert got["ids"] == [tokenizer.eol_id, *tokenizer.encode("w1 w2 w3")]
     with torch.no_grad():

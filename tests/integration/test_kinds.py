@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cli.main import main
-from sbtrain.evaluate import load_model
+from sbtrain.checkpoint import load_model
 from sbtrain.tokenizer import load_tokenizer
 from tests.conftest import DEBUG_RECIPE, expected_tokens, read_jsonl
 
@@ -78,7 +78,7 @@ def test_every_kind_trains_evaluates_reloads_and_generates(name, word_corpus, tm
     prompt = "w1 w2 w3"
     tokenizer = load_tokenizer(data)
     ids = [tokenizer.eol_id, *tokenizer.encode(prompt)]
-    model, _, _ = load_model(last, torch.device("cpu"))
+    model, *_ = load_model(last, torch.device("cpu"))
     for how in (["--temperature", 0], ["--seed", 5]):
         out = run_json(capsys, "generate", last, "--prompt", prompt, "--max-tokens", 40, *how)
         sequence = torch.tensor([*ids, *out["tokens"]])

@@ -29,7 +29,7 @@ HINT = "needs the eval extra: pip install -e '.[eval]'"
 lm_eval = pytest.importorskip("lm_eval", reason=HINT)
 
 from cli.main import main  # noqa: E402
-from sbtrain.evaluate import load_model  # noqa: E402
+from sbtrain.checkpoint import load_model  # noqa: E402
 from sbtrain.tokenizer import load_tokenizer  # noqa: E402
 from tests.integration.test_export import (  # noqa: E402
     MODELS,
@@ -95,7 +95,7 @@ def test_lm_eval_scores_equal_sbtrain(vocabulary, word_corpus, tmp_path):
     samples = sorted(results["samples"]["sbtrain_words"], key=lambda s: s["doc_id"])
     assert len(samples) == len(DOCS)
 
-    model, _, _ = load_model(ckpt, torch.device("cpu"), attention_impl="pytorch")
+    model, *_ = load_model(ckpt, torch.device("cpu"), attention_impl="pytorch")
     tokenizer = load_tokenizer(data)
     correct = 0
     for doc, sample in zip(DOCS, samples):

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from sbtrain import checkpoint
-from sbtrain.config import recipe_from_dict
-from sbtrain.model import build_model
+from sbtrain.tasks import build_model, recipe_from_dict
 from sbtrain.trainer import redraw_attention
 from tests.integration.test_train import (
     losses,
@@ -51,7 +50,7 @@ def test_redraw_every_2_updates_resumes_exactly(token_folder, tmp_path):
 
     # the saved projections are the draw of update 40 (seed 1), not the initial one
     state = checkpoint.load(whole / "checkpoint_last.pt")
-    model = build_model(recipe_from_dict(state["recipe"]), int(state["vocab_size"]))
+    model = build_model(recipe_from_dict(state["recipe"]), vocab_size=int(state["vocab_size"]))
     initial = {k: v.clone() for k, v in projections(model.state_dict()).items()}
     redraw_attention(model, 1, 40)
     drawn = projections(model.state_dict())

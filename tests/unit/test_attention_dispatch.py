@@ -38,9 +38,9 @@ def fresh_process(monkeypatch):
     monkeypatch.setattr(dispatch, "_warned", set())
     monkeypatch.setattr(dispatch, "_failed", set())
     monkeypatch.setattr(dispatch, "INTERPRETER_SERVES_CPU", True)
-    dispatch._version_problem.cache_clear()  # the tests below fake other versions
+    dispatch.version_problem.cache_clear()  # the tests below fake other versions
     yield
-    dispatch._version_problem.cache_clear()
+    dispatch.version_problem.cache_clear()
 
 
 def build(name: str, impl: str = "auto", window: int | None = None, head_dim: int = 16):
@@ -266,15 +266,14 @@ def test_lsh_has_no_kernel_and_says_so_only_when_fused_is_asked(monkeypatch):
 
 
 def test_the_recipe_key_reaches_every_layer():
-    from sbtrain.config import load_recipe
-    from sbtrain.model import build_model
+    from sbtrain.tasks import build_model, load_recipe
 
     override = "model.attention={kind: scatterbrain, sparse: local, window: 16, n_features: 16}"
     recipe = load_recipe(DEBUG_RECIPE, [override, "train.attention_impl=pytorch"])
-    impls = [m.impl for m in build_model(recipe, 64).modules() if hasattr(m, "impl")]
+    impls = [m.impl for m in build_model(recipe, vocab_size=64).modules() if hasattr(m, "impl")]
     assert impls == ["pytorch"] * recipe.model.n_layers
     with pytest.raises(ValueError, match="attention_impl must be one of auto, pytorch, fused"):
-        dispatch.set_impl(build_model(recipe, 64), "triton")
+        dispatch.set_impl(build_model(recipe, vocab_size=64), "triton")
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sbtrain.classifier import Classifier, DualEncoderClassifier, pad
-from sbtrain.config import AttentionConfig, ConfigError, ModelConfig, Recipe, load_recipe
-from sbtrain.tasks import TASKS
+from sbtrain.batch import pad
+from sbtrain.classifier import Classifier, DualEncoderClassifier
+from sbtrain.config import AttentionConfig, ConfigError, EncoderConfig
+from sbtrain.tasks import TASKS, load_recipe, recipe_from_dict
 from tests.conftest import ROOT
 
 KINDS = {
@@ -22,7 +23,7 @@ KINDS = {
 
 def model(kind="full", pooling="cls", cls=Classifier, **options):
     attention = AttentionConfig(kind=kind, **options)
-    cfg = ModelConfig(n_layers=2, n_heads=2, d_model=16, d_ff=32, dropout=0.0,
+    cfg = EncoderConfig(n_layers=2, n_heads=2, d_model=16, d_ff=32, dropout=0.0,
                       pooling=pooling, attention=attention)  # fmt: skip
     torch.manual_seed(0)
     return cls(cfg, vocab_size=12, num_classes=3, max_len=20, pad_id=10, cls_id=11).eval()
@@ -84,19 +85,24 @@ def test_dual_encoder_shares_one_encoder_and_reads_u_v_product_difference():
         torch.testing.assert_close(m(a, la, b, lb), expected)
 
 
-def test_every_task_of_the_recipe_has_one_task_object():
-    import typing
-
-    names = typing.get_args(typing.get_type_hints(Recipe)["task"])
-    assert set(names) == set(TASKS)
+def test_every_task_name_reads_a_recipe_of_its_own_shape_and_others_are_refused():
+    for name, task in TASKS.items():
+        recipe = recipe_from_dict({"task": name})
+        assert recipe.task == name and isinstance(recipe.model, task.schema.model)
+        assert (recipe.data is None) == (task.schema.data is None)
+        assert (recipe.settings is None) == (task.schema.settings is None)
+    with pytest.raises(ConfigError, match=r"task must be one of lm \| copy"):
+        recipe_from_dict({"task": "summarise"})
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.output=adaptive"], "model.output: adaptive is for language models"),
+        (["model.output=adaptive"], "unknown key model.output"),
         (["model.attention={kind: performer, n_features: 8, chunk_size: 4}"], "chunk_size"),
-        (["listops.max_args=1"], "listops: need max_depth >= 2, max_args >= 2"),
+        (["listops.max_args=1"], "listops.max_args: must be at least 2, got 1"),
+        (["copy.length=3"], "copy: settings of the copy task, but this recipe's task is listops"),
+        (["data.tokenizer=word"], "unknown key data.tokenizer"),
     ],
 )
 def test_contradictions_of_a_classifier_recipe_are_one_error(overrides, message):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sbtrain.datasets import CopyTask, EpochSampler, LMBlocks, collate
+from sbtrain.batch import IGNORE, collate
+from sbtrain.datasets import CopyTask, EpochSampler, LMBlocks
 from sbtrain.errors import UserError
-from sbtrain.model import IGNORE
 
 EOL = 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sbtrain.config import AttentionConfig, ModelConfig
+from sbtrain.config import AttentionConfig, DecoderConfig
 from sbtrain.generate import filter_logits, sample
 from sbtrain.model import TransformerLM
 
@@ -37,7 +37,7 @@ def model_with(
     attention: AttentionConfig, max_len: int = STEPS + 8, positions: str = "learned"
 ) -> TransformerLM:
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layers=2, n_heads=2, d_model=32, d_ff=64, dropout=0.0,
+    cfg = DecoderConfig(n_layers=2, n_heads=2, d_model=32, d_ff=64, dropout=0.0,
                       positions=positions, attention=attention)  # fmt: skip
     return TransformerLM(cfg, vocab_size=50, max_len=max_len).eval()
 

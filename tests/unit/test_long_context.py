@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sbtrain.config import AttentionConfig, ModelConfig
-from sbtrain.model import IGNORE, TransformerLM
+from sbtrain.batch import IGNORE
+from sbtrain.config import AttentionConfig, DecoderConfig
+from sbtrain.model import TransformerLM
 from tests.conftest import with_lsh_paths
 
 KINDS = {
@@ -31,7 +32,7 @@ KINDS = {
 
 def small_model(attention=KINDS["full"], output="softmax", vocab=60, dropout=0.1, layers=2):
     torch.manual_seed(0)
-    cfg = ModelConfig(
+    cfg = DecoderConfig(
         n_layers=layers,
         n_heads=2,
         d_model=32,

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from sbtrain.config import ModelConfig
+from sbtrain.batch import IGNORE
+from sbtrain.config import DecoderConfig
 from sbtrain.errors import UserError
-from sbtrain.model import IGNORE, TransformerLM, count_parameters
+from sbtrain.model import TransformerLM, count_parameters
 
 
 def expected_parameters(v: int, t: int, n: int, d: int, f: int, learned: bool = True) -> int:
@@ -20,7 +21,7 @@ def expected_parameters(v: int, t: int, n: int, d: int, f: int, learned: bool = 
 
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
 def test_parameter_count_is_exact(positions):
-    cfg = ModelConfig(n_layers=2, n_heads=4, d_model=64, d_ff=256, positions=positions)
+    cfg = DecoderConfig(n_layers=2, n_heads=4, d_model=64, d_ff=256, positions=positions)
     model = TransformerLM(cfg, vocab_size=256, max_len=64)
     assert count_parameters(model) == expected_parameters(
         256, 64, 2, 64, 256, positions == "learned"
@@ -28,7 +29,7 @@ def test_parameter_count_is_exact(positions):
 
 
 def test_paper_size_parameter_count():
-    cfg = ModelConfig()  # 16 layers, d_model 512, d_ff 2048, softmax output
+    cfg = DecoderConfig()  # 16 layers, d_model 512, d_ff 2048, softmax output
     model = TransformerLM(cfg, vocab_size=32_000, max_len=2048)
     assert count_parameters(model) == expected_parameters(32_000, 2048, 16, 512, 2048)
 
@@ -36,7 +37,7 @@ def test_paper_size_parameter_count():
 def test_future_tokens_do_not_change_past_outputs():
     torch.manual_seed(0)
     model = TransformerLM(
-        ModelConfig(n_layers=2, n_heads=4, d_model=32, d_ff=64, dropout=0.0), 50, 40
+        DecoderConfig(n_layers=2, n_heads=4, d_model=32, d_ff=64, dropout=0.0), 50, 40
     ).eval()
     x = torch.randint(0, 50, (2, 40))
     y = x.clone()
@@ -47,7 +48,7 @@ def test_future_tokens_do_not_change_past_outputs():
 @pytest.mark.parametrize("output", ["softmax", "adaptive"])
 def test_loss_is_the_mean_negative_log_probability_of_scored_targets(output):
     torch.manual_seed(0)
-    cfg = ModelConfig(
+    cfg = DecoderConfig(
         n_layers=1,
         n_heads=2,
         d_model=16,
@@ -69,12 +70,12 @@ def test_loss_is_the_mean_negative_log_probability_of_scored_targets(output):
 
 
 def test_adaptive_output_needs_a_cutoff_below_the_vocabulary():
-    cfg = ModelConfig(n_layers=1, n_heads=2, d_model=16, d_ff=32, output="adaptive")
+    cfg = DecoderConfig(n_layers=1, n_heads=2, d_model=16, d_ff=32, output="adaptive")
     with pytest.raises(UserError, match="none is below the vocabulary size 100"):
         TransformerLM(cfg, vocab_size=100, max_len=8)
 
 
 def test_sequences_longer_than_the_learned_positions_are_refused():
-    model = TransformerLM(ModelConfig(n_layers=1, n_heads=2, d_model=16, d_ff=32), 20, max_len=8)
+    model = TransformerLM(DecoderConfig(n_layers=1, n_heads=2, d_model=16, d_ff=32), 20, max_len=8)
     with pytest.raises(UserError, match="exceed the model's 8 learned positions"):
         model(torch.zeros(1, 9, dtype=torch.long))

@@ -8,13 +8,13 @@ import math
 import pytest
 from torch import nn
 
-from sbtrain.config import ModelConfig, OptimConfig
+from sbtrain.config import DecoderConfig, OptimConfig
 from sbtrain.model import TransformerLM
 from sbtrain.optim import lr_at, param_groups
 
 
 def test_decay_applies_to_linear_weights_only():
-    model = TransformerLM(ModelConfig(n_layers=2, n_heads=2, d_model=16, d_ff=32), 40, 8)
+    model = TransformerLM(DecoderConfig(n_layers=2, n_heads=2, d_model=16, d_ff=32), 40, 8)
     decay, no_decay = param_groups(model, 0.1)
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     assert {id(p) for p in decay["params"]} == linear_weights

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sbtrain.attention.reference import reference_attention
-from sbtrain.config import AttentionConfig, ModelConfig
+from sbtrain.config import AttentionConfig, DecoderConfig
 from sbtrain.model import ROPE_BASE, TransformerLM, rope
 from tests.conftest import with_lsh_paths
 from tests.unit.test_attention import CASES, D, build, qkv, relative
@@ -114,7 +114,7 @@ def test_lsh_buckets_come_from_the_content_not_the_rotation():
 def test_the_model_rotates_what_the_kernel_sees_and_hashes_the_content():
     torch.manual_seed(0)
     attention = AttentionConfig(kind="lsh", n_hashes=2, bucket_size=3, n_buckets=4)
-    cfg = ModelConfig(n_layers=1, n_heads=2, d_model=16, d_ff=32, dropout=0.0,
+    cfg = DecoderConfig(n_layers=1, n_heads=2, d_model=16, d_ff=32, dropout=0.0,
                       positions="rope", attention=attention)  # fmt: skip
     model = TransformerLM(cfg, vocab_size=30, max_len=8).eval()
     seen = {}

@@ -9,8 +9,8 @@ import pytest
 
 from sbtrain import bench
 from sbtrain.bench.train import bench_train, main
-from sbtrain.config import load_recipe
 from sbtrain.errors import UserError
+from sbtrain.tasks import load_recipe
 from tests.conftest import DEBUG_RECIPE, ROOT
 
 

@@ -1,0 +1,199 @@
+"""What a model scores: the loss (and accuracy) of a model over a dataset, by position if asked,
+and the validation that training runs at intervals (split over processes, the best kept).
+
+    s = score(model, task, dataset, range(len(dataset)), 8, device, "fp32")
+    s.loss_nats, s.ppl, s.accuracy
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from sbtrain import distributed
+from sbtrain.batch import IGNORE
+from sbtrain.distributed import Layout
+from sbtrain.tasks import Task
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision name (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Score:
+    nll: float = 0.0  # summed negative log-likelihood, nats
+    tokens: int = 0  # scored targets
+    correct: int = 0  # scored targets predicted exactly (argmax), when counted
+
+    @property
+    def loss_nats(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def loss_bits(self) -> float:
+        return self.loss_nats / math.log(2)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss_nats, 700.0))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.tokens, 1)
+
+
+class ByPosition:
+    """Summed NLL and scored tokens per bucket of `size` positions within the input block.
+
+    The position of a target is its index in the model's input: how many earlier tokens the
+    model sees when predicting it (context tokens of --context-window included).
+    """
+
+    def __init__(self, size: int, length: int):
+        self.size, self.length = size, length
+        n_buckets = -(-length // size)
+        self.nll = torch.zeros(n_buckets, dtype=torch.float64)
+        self.tokens = torch.zeros(n_buckets, dtype=torch.int64)
+
+    def add(self, nll: torch.Tensor, targets: torch.Tensor) -> None:
+        """nll (N,) of the scored targets of `targets` (B, T), in row-major order."""
+        scored = targets != IGNORE
+        positions = torch.arange(targets.shape[1], device=targets.device).expand_as(targets)
+        bucket = (positions[scored] // self.size).cpu()
+        n = len(self.tokens)
+        self.nll += torch.bincount(bucket, weights=nll.detach().double().cpu(), minlength=n)
+        self.tokens += torch.bincount(bucket, minlength=n)
+
+    def rows(self) -> list[dict]:
+        """One dict per bucket holding scored tokens: positions [start, end), loss, ppl."""
+        rows = []
+        for b, (nll, tokens) in enumerate(zip(self.nll.tolist(), self.tokens.tolist())):
+            if tokens:
+                loss = nll / tokens
+                start, end = b * self.size, min((b + 1) * self.size, self.length)
+                rows.append(dict(start=start, end=end, tokens=tokens, loss_nats=loss,
+                                 ppl=math.exp(min(loss, 700.0))))  # fmt: skip
+        return rows
+
+
+@torch.no_grad()
+def score(
+    model: torch.nn.Module,
+    task: Task,
+    dataset,
+    indices: list[int],
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    progress=None,
+    by_position: ByPosition | None = None,
+) -> Score:
+    """Sum the NLL (and, where the task counts them, argmax hits) of `dataset[i]` for i in
+    `indices`, `batch_size` at a time (and per bucket of positions into `by_position`)."""
+    was_training = model.training
+    model.eval()
+    total = Score()
+    try:
+        for start in range(0, len(indices), batch_size):
+            batch = [dataset[i] for i in indices[start : start + batch_size]]
+            *inputs, targets = (t.to(device) for t in task.collate(batch))
+            with autocast(device, precision):
+                hidden = model(*inputs)
+            nll = model.token_nll(hidden.float(), targets)
+            total.nll += nll.double().sum().item()
+            total.tokens += nll.numel()
+            if by_position is not None:
+                by_position.add(nll, targets)
+            if task.counts_correct:
+                scored = targets != IGNORE
+                guess = model.predict(hidden[scored].float())
+                total.correct += (guess == targets[scored]).sum().item()
+            if progress is not None:
+                progress.update(len(batch))
+    finally:
+        model.train(was_training)
+    return total
+
+
+def timed_score(
+    model: torch.nn.Module,
+    task: Task,
+    dataset,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    progress: bool,
+    buckets: ByPosition | None,
+) -> tuple[Score, float]:
+    """`score` of every item of `dataset` (a progress bar when `progress` and stderr is a
+    terminal); returns the score and the seconds it took."""
+    interactive = progress and sys.stderr.isatty()
+    with tqdm(
+        total=len(dataset), desc=f"eval {split}", unit="seq", disable=not interactive, leave=False
+    ) as bar:
+        start = time.perf_counter()
+        indices = list(range(len(dataset)))
+        s = score(model, task, dataset, indices, batch_size, device, precision, bar, buckets)
+        return s, time.perf_counter() - start
+
+
+class Validator:
+    """The validation set scored during training, split over processes and summed, and the best
+    loss so far (and how many validations since it improved: train.patience)."""
+
+    def __init__(
+        self, task: Task, dataset, batch_size: int, layout: Layout, precision: str,
+        max_batches: int | None,
+    ):  # fmt: skip
+        self.task, self.dataset, self.batch_size = task, dataset, batch_size
+        self.layout, self.precision, self.max_batches = layout, precision, max_batches
+        self.best, self.bad_validations = math.inf, 0
+
+    def validate(self, model: torch.nn.Module) -> tuple[Score | None, bool]:
+        """The validation score (None without a validation set) and whether it is the best so
+        far (without a validation set, every checkpoint is the latest and so the best)."""
+        if self.dataset is None:
+            return None, True
+        n = len(self.dataset)
+        if self.max_batches:
+            n = min(n, self.max_batches * self.batch_size * self.layout.world_size)
+        mine = list(range(self.layout.rank, n, self.layout.world_size))
+        device = self.layout.device
+        s = score(model, self.task, self.dataset, mine, self.batch_size, device, self.precision)
+        s.nll, tokens, correct = distributed.all_reduce_sum([s.nll, s.tokens, s.correct], device)
+        s.tokens, s.correct = int(tokens), int(correct)
+        improved = s.loss_nats < self.best
+        if improved:
+            self.best, self.bad_validations = s.loss_nats, 0
+        else:
+            self.bad_validations += 1
+        return s, improved
+
+    def record(self, s: Score) -> dict:
+        """The log record of a validation score (loss in bits, as fairseq logs it)."""
+        record = {"loss": s.loss_bits, "nll_nats": s.loss_nats, "ppl": s.ppl, "tokens": s.tokens,
+                  "best_loss": self.best / math.log(2)}  # fmt: skip
+        if self.task.counts_correct:
+            record["accuracy"] = s.accuracy
+        return record
+
+    def out_of_patience(self, patience: int | None) -> bool:
+        return patience is not None and self.bad_validations >= patience
+
+    def state_dict(self) -> dict:
+        return {"best_valid": self.best, "bad_validations": self.bad_validations}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_validations = state["best_valid"], state["bad_validations"]

@@ -1,0 +1,101 @@
+"""Tasks: what to preprocess, train on and score, one class per `recipe.task`, from one dict —
+the one place that knows task names.
+
+    recipe = load_recipe("recipes/debug.yaml", ["train.max_updates=20"])   # read and checked
+    task = get_task(recipe)
+    task.preprocess(inputs, force)            # sbtrain preprocess: write data.dir
+    data = task.training_data()               # .n_train, .valid, .train_set(epoch), .model_args
+    model = task.build_model(**data.model_args)
+    *inputs, targets = task.collate([dataset[i] for i in batch])
+    nll = model.token_nll(model(*inputs), targets)      # (N,) nats of the scored targets
+
+A task owns its recipe's shape (`Task.schema`): which data and model sections it reads and its
+own section, written under its name (`copy:`, `listops:`, ...). The trainer, the evaluator and
+checkpoints go through this interface only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sbtrain.attention import check_attention
+from sbtrain.config import ConfigError, Recipe, build_recipe, read_tree
+from sbtrain.model import prepare_model
+from sbtrain.tasks.base import Task, TrainingData
+from sbtrain.tasks.classify import Classification, Image, ListOps, Pathfinder, Retrieval, Text
+from sbtrain.tasks.lm import Copy, LanguageModelling
+
+__all__ = [
+    "TASKS", "Classification", "Task", "TrainingData", "build_model", "get_task", "load_recipe",
+    "recipe_from_dict",
+]  # fmt: skip
+
+TASKS: dict[str, type[Task]] = {
+    task.name: task
+    for task in (LanguageModelling, Copy, ListOps, Pathfinder, Text, Image, Retrieval)
+}
+DEFAULT_TASK = "lm"
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file (following `include:`), apply `key=value` overrides, validate.
+
+    Raises ConfigError with one line naming the file and key when anything is wrong.
+    """
+    return recipe_from_dict(read_tree(path, overrides), source=str(path))
+
+
+def recipe_from_dict(
+    tree: Mapping[str, Any], source: str = "<recipe>", trusted: bool = False
+) -> Recipe:
+    """Build and check the recipe of a nested mapping. `trusted`: a recipe an sbtrain checkpoint
+    holds, written by this or an earlier version: keys this version does not read are dropped
+    (earlier versions stored every task's settings in every recipe)."""
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{source}: a recipe must be a mapping of sections, got {tree!r}")
+    name = tree.get("task", DEFAULT_TASK)
+    if name not in TASKS:
+        raise ConfigError(f"{source}: task must be one of {' | '.join(TASKS)}, got {name!r}")
+    task = TASKS[name]
+    others = [key for key in tree if key in TASKS and key != name]
+    if others and not trusted:
+        raise ConfigError(
+            f"{source}: {others[0]}: settings of the {others[0]} task, but this recipe's task is "
+            f"{name}; remove the section (or set task: {others[0]})"
+        )
+    if tree.get("data") is not None and task.schema.data is None and not trusted:
+        raise ConfigError(
+            f"{source}: data: the {name} task reads no data files (it makes its samples); "
+            "remove the section"
+        )
+    recipe = build_recipe({**tree, "task": name}, task.schema, source, trusted)
+    check(recipe, task, source)
+    return recipe
+
+
+def check(recipe: Recipe, task: type[Task], source: str) -> None:
+    """What depends on the task: its attention (kind and options, causal or not) and the
+    contradictions the task names."""
+    model = recipe.model
+    try:
+        check_attention(
+            model.attention.kind, head_dim=model.head_dim, causal=task.causal,
+            **model.attention.options(),
+        )  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: model.attention: {e}") from None
+    for key, why in task.contradictions(recipe):
+        raise ConfigError(f"{source}: {key}: {why}")
+
+
+def get_task(recipe: Recipe) -> Task:
+    return TASKS[recipe.task](recipe)
+
+
+def build_model(recipe: Recipe, **model_args):
+    """The model of `recipe`'s task (`model_args`: what its data gives, e.g. vocab_size),
+    initialised from train.seed (the same on every process), with the recipe's attention_impl
+    and activation checkpointing."""
+    return prepare_model(recipe, lambda: get_task(recipe).build_model(**model_args))
