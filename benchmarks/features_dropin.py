@@ -52,7 +52,7 @@ def test_ppl(path: str, attention: dict | None, seed: int | None) -> float:
     length, vocab = task.context_length, int(state["vocab_size"])
     if spec is not None and spec.get("features") == "favor++":
         blocks = split_blocks(recipe.data.dir, "train", length, 4, vocab)
-        for block, (q, k, _) in zip(model.blocks, capture_attention_inputs(model, blocks)):
+        for block, (q, k, *_) in zip(model.blocks, capture_attention_inputs(model, blocks)):
             calibrate(block.attn.kernel, q, k)
     dataset, _ = task.eval_set("test", None, 0, length, task.fits(state["model_args"]))
     s = score(model, task, dataset, list(range(len(dataset))), 8, torch.device("cpu"), "fp32")

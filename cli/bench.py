@@ -11,12 +11,17 @@ examples:
   sbtrain bench generate --contexts 1024,4096,16384
   sbtrain bench kernels --out benchmarks/results/kernels-h100.json        # CUDA + Triton only
   sbtrain bench gpt --device cuda      # a plain GPT loop of the wt103-full shape, for comparison
+  sbtrain bench recall checkpoints/recall/mqar-full/checkpoint_best.pt --budgets 4,8,16,32
+  sbtrain bench approx --from-checkpoint checkpoints/recall/mqar-full/checkpoint_best.pt \
+      --attention scatterbrain sparse=local window=8 n_features=8   # where the top keys lie
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+
+from cli.flags import parse_attention
 
 
 def positive(text: str, least: int = 1) -> int:
@@ -99,6 +104,14 @@ def approx_flags(x: argparse.ArgumentParser) -> None:
     x.add_argument("--data", help="with --from-checkpoint: its data folder (default: its recipe's)")
     x.add_argument("--blocks", type=positive, default=2, help="validation blocks to capture")
     x.add_argument("--counts", type=ints, help="feature counts (default 16 ... 1024)")
+    x.add_argument(
+        "--attention",
+        nargs="+",
+        metavar="KIND|key=value",
+        help="with --from-checkpoint: per layer and head, how often each query's top key (exact "
+        "scores) lies in this kind's exact support, and its features' error outside it",
+    )
+    x.add_argument("--split", default="valid", help="with --attention: the samples to capture")
 
 
 def train_flags(t: argparse.ArgumentParser) -> None:
@@ -159,6 +172,14 @@ def gpt_flags(gpt: argparse.ArgumentParser) -> None:
     gpt.add_argument("--device", default="cuda")
 
 
+def recall_flags(r: argparse.ArgumentParser) -> None:
+    r.add_argument("checkpoint", help="a recall model trained with full attention")
+    r.add_argument("--budgets", type=ints, default=[4, 8, 16, 32], help="keys or features/query")
+    r.add_argument("--draws", type=positive, default=3, help="random draws of each kind")
+    r.add_argument("--split", default="valid")
+    r.add_argument("--data", help="its data folder (default: the recipe's data.dir)")
+
+
 BENCHMARKS = {  # WHAT -> (help, its flags); `run` calls sbtrain.bench.WHAT.main(**flags)
     "attention": ("forward+backward time and peak memory per kind vs length", attention_flags),
     "approx": ("relative error vs exact attention at an equal budget", approx_flags),
@@ -167,10 +188,13 @@ BENCHMARKS = {  # WHAT -> (help, its flags); `run` calls sbtrain.bench.WHAT.main
     "generate": ("time and cache memory per generated token vs context", generate_flags),
     "kernels": ("Triton kernels vs SDPA vs the PyTorch path (CUDA)", kernels_flags),
     "gpt": ("tokens/s of a plain GPT loop (bench train's yardstick)", gpt_flags),
+    "recall": ("drop-in sweep of a recall model: accuracy vs budget per kind", recall_flags),
 }
 
 
 def run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("what", "debug")}
+    if "attention" in options:
+        options["attention"] = parse_attention(options["attention"])
     importlib.import_module(f"sbtrain.bench.{args.what}").main(**options)
     return 0

@@ -161,6 +161,8 @@ def scores(task: Task, s: Score, seconds: float, stats: dict | None) -> dict:
     }
     if task.counts_correct:
         result["accuracy"] = s.accuracy
+    if task.exact_match:
+        result.update(sequences=s.samples, exact_match=s.exact_match)
     if stats and stats.get("tokenizer") != "word" and "words" in stats:
         words = stats["words"] + stats["lines"]  # each end-of-line counts as a word
         result["word_ppl"] = math.exp(min(s.nll / max(words, 1), 700.0))
@@ -209,6 +211,8 @@ def format_result(r: dict) -> str:
         parts.append(f"word ppl {r['word_ppl']:.2f}")
     if "accuracy" in r:
         parts.append(f"accuracy {100 * r['accuracy']:.2f}%")
+    if "exact_match" in r:
+        parts.append(f"exact match {100 * r['exact_match']:.2f}% of {r['sequences']:,}")
     parts.append(f"{r['tokens_per_s']:,.0f} tokens/s")
     lines = ["| " + " | ".join(parts)]
     if "by_position" in r:

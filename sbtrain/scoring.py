@@ -35,6 +35,8 @@ class Score:
     nll: float = 0.0  # summed negative log-likelihood, nats
     tokens: int = 0  # scored targets
     correct: int = 0  # scored targets predicted exactly (argmax), when counted
+    samples: int = 0  # samples with a scored target, when exact matches are counted
+    exact: int = 0  # of those, the samples whose every scored target is predicted exactly
 
     @property
     def loss_nats(self) -> float:
@@ -51,6 +53,14 @@ class Score:
     @property
     def accuracy(self) -> float:
         return self.correct / max(self.tokens, 1)
+
+    @property
+    def exact_match(self) -> float:
+        return self.exact / max(self.samples, 1)
+
+    def add(self, other: Score) -> None:
+        for name in ("nll", "tokens", "correct", "samples", "exact"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class ByPosition:
@@ -111,19 +121,32 @@ def score(
             with autocast(device, precision):
                 hidden = model(*inputs)
             nll = model.token_nll(hidden.float(), targets)
-            total.nll += nll.double().sum().item()
-            total.tokens += nll.numel()
             if by_position is not None:
                 by_position.add(nll, targets)
-            if task.counts_correct:
-                scored = targets != IGNORE
-                guess = model.predict(hidden[scored].float())
-                total.correct += (guess == targets[scored]).sum().item()
+            total.add(batch_score(model, task, hidden, targets, nll))
             if progress is not None:
                 progress.update(len(batch))
     finally:
         model.train(was_training)
     return total
+
+
+def batch_score(model, task: Task, hidden: torch.Tensor, targets: torch.Tensor, nll) -> Score:
+    """The score of one batch: `nll` (N,) of its scored `targets` (B, ...), and where the task
+    counts them, argmax hits and the samples whose every scored target is hit."""
+    s = Score(nll=nll.double().sum().item(), tokens=nll.numel())
+    if not task.counts_correct:
+        return s
+    scored = targets != IGNORE
+    hits = model.predict(hidden[scored].float()) == targets[scored]
+    s.correct = int(hits.sum())
+    if task.exact_match:
+        missed = torch.zeros_like(scored)
+        missed[scored] = ~hits
+        rows = scored.flatten(1).any(1)
+        s.samples = int(rows.sum())
+        s.exact = int((rows & ~missed.flatten(1).any(1)).sum())
+    return s
 
 
 def timed_score(
@@ -172,8 +195,10 @@ class Validator:
         mine = list(range(self.layout.rank, n, self.layout.world_size))
         device = self.layout.device
         s = score(model, self.task, self.dataset, mine, self.batch_size, device, self.precision)
-        s.nll, tokens, correct = distributed.all_reduce_sum([s.nll, s.tokens, s.correct], device)
-        s.tokens, s.correct = int(tokens), int(correct)
+        counts = distributed.all_reduce_sum(
+            [s.nll, s.tokens, s.correct, s.samples, s.exact], device
+        )
+        s = Score(counts[0], *map(int, counts[1:]))
         improved = s.loss_nats < self.best
         if improved:
             self.best, self.bad_validations = s.loss_nats, 0
@@ -187,6 +212,8 @@ class Validator:
                   "best_loss": self.best / math.log(2)}  # fmt: skip
         if self.task.counts_correct:
             record["accuracy"] = s.accuracy
+        if self.task.exact_match:
+            record["exact_match"] = s.exact_match
         return record
 
     def out_of_patience(self, patience: int | None) -> bool:

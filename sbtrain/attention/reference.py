@@ -46,22 +46,40 @@ def reference_matrix(
     if key_padding_mask is not None:
         raise ValueError("key_padding_mask is for non-causal modules only")
     past = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-    if module.kind == "full":
-        return _softmax_over(past, scores)
-    if module.kind == "local":
-        return _softmax_over(_window(length, module.window, q.device), scores)
-    if module.kind == "lsh":
-        support = _lsh_support(hash_q, hash_k, module.rotations, module.bucket_size)
+    support = exact_support(module, q, k, (hash_q, hash_k))
+    if module.kind in ("full", "local", "lsh"):
         return _softmax_over(support, scores)
-    if module.kind == "performer":
-        return _rows_normalised(_feature_products(q, k, module) * past)
-    if module.kind == "scatterbrain":
-        support = _window(length, module.window, q.device).expand_as(scores)
-        if module.lsh:
-            support = support | _lsh_support(hash_q, hash_k, module.rotations, module.bucket_size)
-        ahat = torch.where(support, scores.exp(), _feature_products(q, k, module))
-        return _rows_normalised(ahat * past)
-    raise TypeError(f"no reference for {type(module).__name__}")
+    ahat = torch.where(support, scores.exp(), feature_products(q, k, module))
+    return _rows_normalised(ahat * past)
+
+
+def exact_support(
+    module: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(B, H, L, L) bool: the keys a causal module scores exactly — full: every past key; local:
+    its window; lsh: its buckets; scatterbrain: its window and/or buckets; performer: none. The
+    other past keys get feature products (performer, scatterbrain) or no weight."""
+    hash_q, hash_k = (q, k) if hash_qk is None else hash_qk
+    batch, heads, length = q.shape[:3]
+    device = q.device
+    if module.kind == "full":
+        return (
+            torch.ones(length, length, dtype=torch.bool, device=device)
+            .tril()
+            .expand(batch, heads, -1, -1)
+        )
+    if module.kind == "lsh":
+        return _lsh_support(hash_q, hash_k, module.rotations, module.bucket_size)
+    if module.kind not in ("local", "performer", "scatterbrain"):
+        raise TypeError(f"no reference for {type(module).__name__}")
+    window = getattr(module, "window", 0)  # performer: none
+    support = _window(length, window, device).expand(batch, heads, -1, -1)
+    if getattr(module, "lsh", False):
+        support = support | _lsh_support(hash_q, hash_k, module.rotations, module.bucket_size)
+    return support
 
 
 def reference_attention(
@@ -95,13 +113,13 @@ def _bidirectional_matrix(
     elif module.kind == "lsh":
         support = _two_sided_lsh_support(*hashed, real, module.rotations, module.bucket_size)
     elif module.kind == "performer":
-        return _rows_normalised_or_zero(_feature_products(q, k, module) * visible)
+        return _rows_normalised_or_zero(feature_products(q, k, module) * visible)
     elif module.kind == "scatterbrain":
         support = _centred(length, module.window, q.device).expand_as(scores)
         if module.lsh:
             lsh = _two_sided_lsh_support(*hashed, real, module.rotations, module.bucket_size)
             support = support | lsh
-        ahat = torch.where(support, scores.exp(), _feature_products(q, k, module))
+        ahat = torch.where(support, scores.exp(), feature_products(q, k, module))
         return _rows_normalised_or_zero(ahat * visible)
     else:
         raise TypeError(f"no reference for {type(module).__name__}")
@@ -181,7 +199,7 @@ def _features(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return torch.exp(log_phi) / math.sqrt(w.shape[0])
 
 
-def _feature_products(q: torch.Tensor, k: torch.Tensor, module: nn.Module) -> torch.Tensor:
+def feature_products(q: torch.Tensor, k: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """(B, H, L, L): phi(q_i) . phi(k_j) with the module's feature map."""
     return _features(q, module) @ _features(k, module).transpose(-1, -2)
 

@@ -36,7 +36,8 @@ from sbtrain.attention import RANDOM_KINDS, build_attention
 from sbtrain.attention.features import FEATURES, input_statistic
 from sbtrain.attention.full import FullAttention
 from sbtrain.attention.performer import calibrate
-from sbtrain.attention.reference import reference_attention
+from sbtrain.attention.reference import exact_support, feature_products, reference_attention
+from sbtrain.batch import IGNORE
 from sbtrain.checkpoint import load_model
 from sbtrain.datasets import open_split
 from sbtrain.errors import UserError
@@ -184,8 +185,14 @@ def main(
     data: str | None = None,
     blocks: int = 2,
     counts: list[int] | None = None,
+    attention: dict | None = None,
+    split: str = "valid",
 ) -> dict:
     """`sbtrain bench approx`: measure, print the table, write JSON to `out`."""
+    if attention is not None:
+        if from_checkpoint is None:
+            raise UserError("--attention measures a trained model: give --from-checkpoint CKPT")
+        return main_support(from_checkpoint, attention, split, data, blocks, out)
     if from_checkpoint is not None:
         counts = tuple(counts or FEATURE_COUNTS)
         if any(n % 2 for n in counts):
@@ -223,19 +230,22 @@ def main(
 FEATURE_COUNTS = (16, 32, 64, 128, 256, 512, 1024)
 
 
-def capture_attention_inputs(model, blocks: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """(q, k, v) (B, H, L, D) float64 at every layer's attention kernel, for token `blocks`
-    (B, L): forward hooks on the kernels' inputs during one no-grad forward."""
-    captured: list[tuple[torch.Tensor, ...]] = []
+def capture_attention_inputs(model, *inputs: torch.Tensor) -> list[tuple]:
+    """(q, k, v, hash_qk) at every layer's attention kernel, (B, H, L, D) float64 (hash_qk: the
+    unrotated (q, k) LSH hashes with rotary positions, else None), for the model's `inputs`
+    (token blocks (B, L)): forward hooks on the kernels' inputs during one no-grad forward."""
+    captured: list[tuple] = []
     kernels = [block.attn.kernel for block in model.blocks]
 
-    def hook(module, inputs):
-        captured.append(tuple(x.detach().double() for x in inputs[:3]))
+    def hook(module, args, kwargs):
+        hashed = kwargs.get("hash_qk")
+        hashed = None if hashed is None else tuple(x.detach().double() for x in hashed)
+        captured.append((*(x.detach().double() for x in args[:3]), hashed))
 
-    handles = [kernel.register_forward_pre_hook(hook) for kernel in kernels]
+    handles = [kernel.register_forward_pre_hook(hook, with_kwargs=True) for kernel in kernels]
     try:
         with torch.no_grad():
-            model(blocks)
+            model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -274,7 +284,7 @@ def checkpoint_errors(
     train = capture_attention_inputs(model, split_blocks(folder, "train", length, blocks, vocab))
     head_dim = valid[0][0].shape[-1]
     rows = []
-    for layer, ((q, k, v), (cq, ck, _)) in enumerate(zip(valid, train)):
+    for layer, ((q, k, v, _), (cq, ck, _, _)) in enumerate(zip(valid, train)):
         exact = reference_attention(FullAttention(head_dim), q, k, v)
         statistic = float(input_statistic(cq, ck, head_dim**-0.5))  # favor++'s S of this layer
         for name in features:
@@ -329,3 +339,70 @@ def main_checkpoint(
         "stops_improving": stops_improving(rows),
     }
     return bench.report("approx-checkpoint", rows, out, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# where a trained model's top keys lie: inside a kind's exact support, or left to its features
+
+
+def support_rows(
+    path: str, attention: dict, split: str = "valid", data_dir: str | None = None, count: int = 64
+) -> list[dict]:
+    """Per layer and head of checkpoint `path` (its own attention), on the first `count` samples
+    of `split`: the share of queries whose highest-scoring past key (exact scores on the same
+    q, k) lies inside `attention`'s exact support (window, LSH buckets), over every query and
+    over the scored ones (a recall task's queries); the exact attention mass outside the support;
+    and, for kinds with features, their relative error on exp(scores) outside the support."""
+    device = torch.device("cpu")
+    model, _, task, state = load_model(path, device, attention_impl="pytorch")
+    swapped, *_ = load_model(path, device, attention, attention_impl="pytorch")
+    dataset, _ = task.eval_set(split, data_dir, 0, task.context_length,
+                               task.fits(state["model_args"]))  # fmt: skip
+    *inputs, targets = task.collate([dataset[i] for i in range(min(count, len(dataset)))])
+    scored = (targets != IGNORE).any(0) if targets.dim() == 1 else targets != IGNORE
+    rows = []
+    captured = capture_attention_inputs(model, *inputs)
+    for layer, ((q, k, _, hash_qk), block) in enumerate(zip(captured, swapped.blocks)):
+        kernel = block.attn.kernel
+        stats = support_stats(kernel, q, k, hash_qk, scored)
+        for head in range(q.shape[1]):
+            rows.append({"layer": layer, "head": head, **{n: v[head] for n, v in stats.items()}})
+    return rows
+
+
+def support_stats(kernel, q, k, hash_qk, scored: torch.Tensor) -> dict[str, list[float]]:
+    """Per head: top_in_support, top_in_support_scored, mass_outside and (kinds with
+    features) feature_error, as described in `support_rows`."""
+    length = q.shape[-2]
+    past = torch.ones(length, length, dtype=torch.bool).tril()
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, L, L) float64
+    scores = scores.masked_fill(~past, -math.inf)
+    support = exact_support(kernel, q, k, hash_qk) & past
+    top = scores.argmax(-1, keepdim=True)  # (B, H, L, 1)
+    inside = support.gather(-1, top).squeeze(-1).double()  # (B, H, L)
+    weights = torch.softmax(scores, -1)
+    outside = (weights * ~support).sum(-1)  # (B, H, L)
+    keep = scored[:, None, :].expand_as(inside)
+    stats = {
+        "top_in_support": inside.mean((0, 2)),
+        "top_in_support_scored": (inside * keep).sum((0, 2)) / keep.sum((0, 2)).clamp(min=1),
+        "mass_outside": outside.mean((0, 2)),
+        "mass_outside_scored": (outside * keep).sum((0, 2)) / keep.sum((0, 2)).clamp(min=1),
+    }
+    if hasattr(kernel, "projection"):
+        row_max = scores.amax(-1, keepdim=True)
+        exact = torch.exp(scores - row_max) * (past & ~support)
+        approx = feature_products(q, k, kernel) * torch.exp(-row_max) * (past & ~support)
+        error = (approx - exact).abs().sum(-1) / exact.sum(-1).clamp(min=1e-300)
+        has = exact.sum(-1) > 0
+        stats["feature_error"] = (error * has).sum((0, 2)) / has.sum((0, 2)).clamp(min=1)
+    return {name: value.tolist() for name, value in stats.items()}
+
+
+def main_support(path: str, attention: dict, split: str, data_dir, count_blocks: int, out):
+    rows = support_rows(path, attention, split, data_dir, count=32 * count_blocks)
+    means = {name: sum(r[name] for r in rows) / len(rows) for name in rows[0]
+             if name not in ("layer", "head")}  # fmt: skip
+    meta = {"machine": bench.machine(), "settings": {"checkpoint": str(path), "attention":
+            attention, "split": split, "samples": 32 * count_blocks}, "mean": means}  # fmt: skip
+    return bench.report("approx-support", rows, out, meta)

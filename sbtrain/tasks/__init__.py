@@ -26,16 +26,17 @@ from sbtrain.model import prepare_model
 from sbtrain.tasks.base import Task, TrainingData
 from sbtrain.tasks.classify import Classification, Image, ListOps, Pathfinder, Retrieval, Text
 from sbtrain.tasks.lm import Copy, LanguageModelling
+from sbtrain.tasks.recall import MQAR, Passkey, ScoredSequences, SelectiveCopy
 
 __all__ = [
     "TASKS", "Classification", "Task", "TrainingData", "build_model", "get_task", "load_recipe",
     "recipe_from_dict",
 ]  # fmt: skip
 
-TASKS: dict[str, type[Task]] = {
-    task.name: task
-    for task in (LanguageModelling, Copy, ListOps, Pathfinder, Text, Image, Retrieval)
-}
+LANGUAGE = (LanguageModelling, Copy)
+CLASSIFIERS = (ListOps, Pathfinder, Text, Image, Retrieval)
+RECALL = (ScoredSequences, MQAR, SelectiveCopy, Passkey)
+TASKS: dict[str, type[Task]] = {task.name: task for task in (*LANGUAGE, *CLASSIFIERS, *RECALL)}
 DEFAULT_TASK = "lm"
 
 

@@ -47,6 +47,7 @@ class Task:
     causal: ClassVar[bool] = True  # attention of its model
     unit: ClassVar[str] = "tokens"  # what one scored target is
     counts_correct: ClassVar[bool] = False  # report accuracy (argmax hits) beside the loss
+    exact_match: ClassVar[bool] = False  # and the fraction of samples with every target right
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe

@@ -55,10 +55,19 @@ def wiki_like(tmp_path_factory) -> Path:
 
 def test_every_script_is_covered_here():
     covered = {
-        "copy-demo.sh", "cpu.sh", "features.sh", "features_dropin.py", "gpu.sh",
-        "hf-dropin.sh", "length-generalisation.sh", "length_generalisation.py", "lra-cpu.sh",
-        "merge_train.py", "wiki-leads.sh", "wiki-leads-seeds.sh",
-    }  # fmt: skip
+        "copy-demo.sh",
+        "cpu.sh",
+        "features.sh",
+        "features_dropin.py",
+        "gpu.sh",
+        "hf-dropin.sh",
+        "length-generalisation.sh",
+        "length_generalisation.py",
+        "lra-cpu.sh",
+        "merge_train.py",
+        "wiki-leads.sh",
+        "wiki-leads-seeds.sh",
+    }
     assert {p.name for p in BENCHMARKS.iterdir() if p.is_file()} == covered
 
 
@@ -70,16 +79,23 @@ def test_every_shell_script_prints_its_help(script):
 
 def test_gpu_sh_refuses_without_a_gpu_in_one_line(tmp_path):
     env = {**subprocess_env(), "PYTHON": sys.executable}
-    result = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), str(tmp_path)], env=env,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu.sh"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if result.returncode == 0:
         pytest.skip("a CUDA GPU is here: gpu.sh ran (minutes); run it by hand")  # not on CPU
     assert result.returncode == 2 and "sees no CUDA GPU" in result.stderr
 
 
 def test_copy_demo(tmp_path):
-    extra = ("copy.length=8 copy.n_symbols=8 copy.train_size=16 copy.valid_size=8 "
-             "copy.test_size=8 train.batch_size=8 train.max_epochs=1 train.log_interval=1")  # fmt: skip
+    extra = (
+        "copy.length=8 copy.n_symbols=8 copy.train_size=16 copy.valid_size=8 "
+        "copy.test_size=8 train.batch_size=8 train.max_epochs=1 train.log_interval=1"
+    )
     out = tmp_path / "copy.jsonl"
     run("copy-demo.sh", ONLY="^(full|scatterbrain)$", EXTRA=extra, RUNS=str(tmp_path), OUT=str(out))
     rows = jsonl(out)
@@ -96,16 +112,27 @@ def test_cpu_sh_and_merge_train(tmp_path):
 
 
 def test_features_sh_and_features_dropin(tmp_path, wiki_like):
-    run("features.sh", DATA=str(wiki_like), RUNS=str(tmp_path), OUT_DIR=str(tmp_path),
-        DRAWS="1", EXTRA=TINY_LM)  # fmt: skip
+    run(
+        "features.sh",
+        DATA=str(wiki_like),
+        RUNS=str(tmp_path),
+        OUT_DIR=str(tmp_path),
+        DRAWS="1",
+        EXTRA=TINY_LM,
+    )
     result = json.loads((tmp_path / "features-dropin-cpu.json").read_text())
     assert {row["label"] for row in result["rows"]} >= {"full", "local 64"}
     assert json.loads((tmp_path / "approx-checkpoint-cpu.json").read_text())["rows"]
 
 
 def test_wiki_leads_sh(tmp_path, wiki_like):
-    run("wiki-leads.sh", DATA=str(wiki_like), RUNS=str(tmp_path), OUT_DIR=str(tmp_path),
-        EXTRA=TINY_LM)  # fmt: skip
+    run(
+        "wiki-leads.sh",
+        DATA=str(wiki_like),
+        RUNS=str(tmp_path),
+        OUT_DIR=str(tmp_path),
+        EXTRA=TINY_LM,
+    )
     for study in ("train", "dropin"):
         rows = jsonl(tmp_path / f"wiki-leads-{study}-cpu.jsonl")
         assert [r["name"] for r in rows] == ["full", "scatterbrain", "performer", "local", "lsh"]
@@ -113,20 +140,40 @@ def test_wiki_leads_sh(tmp_path, wiki_like):
 
 def test_wiki_leads_seeds_sh(tmp_path, wiki_like):
     out = tmp_path / "seeds.jsonl"
-    run("wiki-leads-seeds.sh", "2", DATA=str(wiki_like), RUNS=str(tmp_path), OUT=str(out),
-        SEEDS="1", ONLY="^(full|32/32|scatterbrain redraw 100)$", EXTRA=TINY_LM)  # fmt: skip
+    run(
+        "wiki-leads-seeds.sh",
+        "2",
+        DATA=str(wiki_like),
+        RUNS=str(tmp_path),
+        OUT=str(out),
+        SEEDS="1",
+        ONLY="^(full|32/32|scatterbrain redraw 100)$",
+        EXTRA=TINY_LM,
+    )
     rows = jsonl(out)
     assert [(r["study"], r["name"]) for r in rows] == [
-        ("train", "full"), ("dropin", "full"), ("budget", "32/32"),
+        ("train", "full"),
+        ("dropin", "full"),
+        ("budget", "32/32"),
         ("redraw", "scatterbrain redraw 100"),
-    ]  # fmt: skip
+    ]
     assert (tmp_path / "seeds.md").is_file()
 
 
 def test_length_generalisation_sh_and_its_table(tmp_path, wiki_like):
     out = tmp_path / "lg.jsonl"
-    run("length-generalisation.sh", "2", DATA=str(wiki_like), RUNS=str(tmp_path), OUT=str(out),
-        KINDS="scatterbrain", POSITIONS="rope", LENGTHS="64 128", BUCKET="32", EXTRA=TINY_LM)  # fmt: skip
+    run(
+        "length-generalisation.sh",
+        "2",
+        DATA=str(wiki_like),
+        RUNS=str(tmp_path),
+        OUT=str(out),
+        KINDS="scatterbrain",
+        POSITIONS="rope",
+        LENGTHS="64 128",
+        BUCKET="32",
+        EXTRA=TINY_LM,
+    )
     assert [r["tokens_per_sample"] for r in jsonl(out)] == [64, 128]
     assert (tmp_path / "lg.png").is_file()
 
@@ -134,22 +181,39 @@ def test_length_generalisation_sh_and_its_table(tmp_path, wiki_like):
 def test_hf_dropin_sh(tmp_path, wiki_like):
     pytest.importorskip("transformers")  # the hf extra: `make test` installs it
     save = tmp_path / "run"
-    args = ["train", str(ROOT / "recipes" / "wiki-leads.yaml"), f"data.dir={wiki_like}",
-            f"train.save_dir={save}", *TINY_LM.split()]  # fmt: skip
+    args = [
+        "train",
+        str(ROOT / "recipes" / "wiki-leads.yaml"),
+        f"data.dir={wiki_like}",
+        f"train.save_dir={save}",
+        *TINY_LM.split(),
+    ]
     assert main(args) == 0
     out = tmp_path / "hf.jsonl"
-    run("hf-dropin.sh", str(save / "checkpoint_best.pt"), str(wiki_like), str(out),
-        ONLY="^$|^local")  # fmt: skip
+    run(
+        "hf-dropin.sh", str(save / "checkpoint_best.pt"), str(wiki_like), str(out), ONLY="^$|^local"
+    )
     rows = jsonl(out)
     assert len(rows) == 2 and all(r["rel_diff"] < 1e-4 for r in rows)
 
 
 def test_lra_cpu_sh(tmp_path):
     out = tmp_path / "lra.jsonl"
-    tiny = ("listops.train=64 listops.valid=16 listops.test=16 listops.min_tokens=8 "
-            "listops.max_tokens=32 listops.max_depth=3")  # fmt: skip
-    run("lra-cpu.sh", TASKS="listops", KINDS="full", SEEDS="1", UPDATES="2", OUT=str(out),
-        RUNS=str(tmp_path), DATA=str(tmp_path / "data"), PREPROCESS=tiny,
-        EXTRA="train.batch_size=8 model.d_model=32 model.d_ff=32")  # fmt: skip
+    tiny = (
+        "listops.train=64 listops.valid=16 listops.test=16 listops.min_tokens=8 "
+        "listops.max_tokens=32 listops.max_depth=3"
+    )
+    run(
+        "lra-cpu.sh",
+        TASKS="listops",
+        KINDS="full",
+        SEEDS="1",
+        UPDATES="2",
+        OUT=str(out),
+        RUNS=str(tmp_path),
+        DATA=str(tmp_path / "data"),
+        PREPROCESS=tiny,
+        EXTRA="train.batch_size=8 model.d_model=32 model.d_ff=32",
+    )
     (row,) = jsonl(out)
     assert row["study"] == "listops" and row["name"] == "full" and row["examples"] == 16

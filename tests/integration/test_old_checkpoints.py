@@ -19,14 +19,23 @@ EXPECTED = json.loads((ASSETS / "evals-33422c6.json").read_text())
 SMALL = ["model.d_model=32", "model.d_ff=64", "model.n_heads=2", "train.tensorboard=false"]
 LISTOPS = ROOT / "recipes" / "lra" / "listops-cpu.yaml"
 LISTOPS_DATA = [
-    "listops.train=64", "listops.valid=16", "listops.test=16", "listops.min_tokens=8",
-    "listops.max_tokens=32", "listops.max_depth=3", "data.tokens_per_sample=32",
-]  # fmt: skip
+    "listops.train=64",
+    "listops.valid=16",
+    "listops.test=16",
+    "listops.min_tokens=8",
+    "listops.max_tokens=32",
+    "listops.max_depth=3",
+    "data.tokens_per_sample=32",
+]
 COPY = [
-    "copy.length=8", "copy.n_symbols=8", "copy.train_size=64", "copy.valid_size=16",
-    "copy.test_size=16", "train.batch_size=8",
+    "copy.length=8",
+    "copy.n_symbols=8",
+    "copy.train_size=64",
+    "copy.valid_size=16",
+    "copy.test_size=16",
+    "train.batch_size=8",
     "model.attention={kind: scatterbrain, sparse: local, window: 4, n_features: 4}",
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +48,18 @@ def listops_folder(tmp_path_factory):
 def cases(token_folder, listops_folder):
     """name -> (recipe, its overrides, the eval-ppl keyword arguments of the expected figures)."""
     return {
-        "lm": (DEBUG_RECIPE, [f"data.dir={token_folder}"],
-               {"split": "valid", "data_dir": str(token_folder)}),
+        "lm": (
+            DEBUG_RECIPE,
+            [f"data.dir={token_folder}"],
+            {"split": "valid", "data_dir": str(token_folder)},
+        ),
         "copy": (ROOT / "recipes" / "copy-demo.yaml", COPY, {"split": "test"}),
-        "listops": (LISTOPS, [*LISTOPS_DATA, f"data.dir={listops_folder}"],
-                    {"split": "test", "data_dir": str(listops_folder)}),
-    }  # fmt: skip
+        "listops": (
+            LISTOPS,
+            [*LISTOPS_DATA, f"data.dir={listops_folder}"],
+            {"split": "test", "data_dir": str(listops_folder)},
+        ),
+    }
 
 
 @pytest.mark.parametrize("name", ["lm", "copy", "listops"])
@@ -60,16 +75,37 @@ def test_an_old_checkpoint_evaluates_as_it_did(name, token_folder, listops_folde
 def test_an_old_checkpoint_resumes(name, token_folder, listops_folder, tmp_path):
     recipe, overrides, _ = cases(token_folder, listops_folder)[name]
     shutil.copy(ASSETS / f"{name}-33422c6.pt", tmp_path / "checkpoint_last.pt")
-    args = [str(recipe), *overrides, *SMALL, f"train.save_dir={tmp_path}", "train.max_updates=6",
-            "train.log_interval=1"]  # fmt: skip
+    args = [
+        str(recipe),
+        *overrides,
+        *SMALL,
+        f"train.save_dir={tmp_path}",
+        "train.max_updates=6",
+        "train.log_interval=1",
+    ]
     assert main(["train", *args]) == 0
     assert [r["update"] for r in read_jsonl(tmp_path / "train.jsonl")] == [5, 6]
     assert checkpoint.load(tmp_path / "checkpoint_last.pt")["counters"]["updates"] == 6
 
 
 def test_an_old_copy_checkpoint_generates(capsys):
-    assert main(["generate", str(ASSETS / "copy-33422c6.pt"), "--prompt", "0 3 1 4", "--max-tokens",
-                 "3", "--temperature", "0", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                str(ASSETS / "copy-33422c6.pt"),
+                "--prompt",
+                "0 3 1 4",
+                "--max-tokens",
+                "3",
+                "--temperature",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     words = capsys.readouterr().out.split()
     assert len(words) == 3 and all(0 <= int(w) <= 8 for w in words)
 
