@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sbtrain.attention import dispatch
 from sbtrain.config import AttentionConfig, Recipe
 from sbtrain.distributed import Layout
 from sbtrain.errors import UserError
@@ -251,4 +252,5 @@ def load_model(
         ) from None
     if any(".kernel." not in key for key in missing):
         raise UserError(f"{path}: weights missing for {missing[0]}; use another checkpoint")
+    dispatch.check_device(recipe.train.attention_impl, device)
     return Loaded(model.to(device).eval(), recipe, task, state)

@@ -45,7 +45,9 @@ class Encoder(nn.Module):
             self.pos_emb = nn.Embedding(self.max_len, cfg.d_model)
         elif cfg.positions == "sinusoidal":
             self.register_buffer(
-                "pos_table", sinusoids(self.max_len, cfg.d_model), persistent=False
+                "pos_table",
+                sinusoids(self.max_len, cfg.d_model, cfg.sinusoid_scale),
+                persistent=False,
             )
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(

@@ -78,6 +78,13 @@ class Section:
 # ---------------------------------------------------------------------------------------------
 # the shared sections
 
+# The sinusoid table added to the token embeddings is scaled to their initial rms (N(0, 0.02),
+# GPT-2's init, which the blocks are initialised for): sin and cos have rms 1/sqrt(2), so the
+# table is multiplied by 0.02 * sqrt(2), the scale a learned position table starts at. At
+# amplitude 1 (before) the positions swamped the tokens 35 to 1 and such models trained ~2.5x
+# worse (README, length generalisation).
+SINUSOID_SCALE = 0.02 * 2**0.5
+
 
 @dataclass(frozen=True)
 class AttentionConfig(Section):
@@ -170,6 +177,11 @@ class ModelConfig(Section):
         "learned (a table of the context length) | sinusoidal (added, any length) | rope (rotary "
         "on queries and keys, any length)",
     )
+    sinusoid_scale: float = opt(
+        SINUSOID_SCALE,
+        "sinusoidal: the table's scale (checkpoints before it existed: 1.0)",
+        "positive",
+    )
     attention: AttentionConfig = opt(AttentionConfig(), "attention of every layer")
 
     @property
@@ -181,6 +193,9 @@ class ModelConfig(Section):
             yield "d_model", f"{self.d_model} is not divisible by model.n_heads={self.n_heads}"
         elif self.positions == "rope" and self.head_dim % 2:
             yield "positions", f"rope needs an even head size, d_model/n_heads is {self.head_dim}"
+
+    def unread(self) -> set[str]:
+        return set() if self.positions == "sinusoidal" else {"sinusoid_scale"}
 
 
 @dataclass(frozen=True)
@@ -201,7 +216,8 @@ class DecoderConfig(ModelConfig):
             yield "adaptive_cutoffs", "must be increasing positive integers"
 
     def unread(self) -> set[str]:
-        return {"adaptive_cutoffs", "adaptive_div_value"} if self.output == "softmax" else set()
+        adaptive = {"adaptive_cutoffs", "adaptive_div_value"} if self.output == "softmax" else set()
+        return super().unread() | adaptive
 
 
 @dataclass(frozen=True)
@@ -263,6 +279,11 @@ class TrainConfig(Section):
     keep_last: int = opt(3, "numbered checkpoints to keep (0: keep all)", "non-negative")
     patience: int | None = opt(
         None, "stop after this many validations without improvement", "positive"
+    )
+    best_checkpoint_metric: Literal["loss", "accuracy"] | None = opt(
+        None,
+        "what checkpoint_best.pt and patience follow: loss | accuracy (default: accuracy for tasks "
+        "that count correct predictions, else loss)",
     )
     loss_scale_init: float = opt(
         2.0**16, "fp16: initial loss scale (halved on overflow)", "positive"

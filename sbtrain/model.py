@@ -109,14 +109,14 @@ class Block(nn.Module):
         return self.feed_forward(x + self.drop(y)), cache
 
 
-def sinusoids(length: int, dim: int) -> torch.Tensor:
-    """(length, dim) fixed position encodings of "Attention is all you need"."""
+def sinusoids(length: int, dim: int, scale: float = 1.0) -> torch.Tensor:
+    """(length, dim) fixed position encodings of "Attention is all you need", times `scale`."""
     pos = torch.arange(length, dtype=torch.float32)[:, None]
     freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
     table = torch.zeros(length, dim)
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
-    return table
+    return table * scale
 
 
 ROPE_BASE = 10000.0  # rotary angles: position * ROPE_BASE ** (-2i / head_dim)
@@ -154,7 +154,8 @@ class TransformerLM(nn.Module):
         if cfg.positions == "learned":
             self.pos_emb = nn.Embedding(max_len, cfg.d_model)
         elif cfg.positions == "sinusoidal":
-            self.register_buffer("pos_table", sinusoids(max_len, cfg.d_model), persistent=False)
+            table = sinusoids(max_len, cfg.d_model, cfg.sinusoid_scale)
+            self.register_buffer("pos_table", table, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cfg.attention) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -186,7 +187,9 @@ class TransformerLM(nn.Module):
                 )
             x = x + self.pos_emb.weight[start:stop]
         elif self.cfg.positions == "sinusoidal":  # sinusoids extend past the training length
-            table = self.pos_table if stop <= len(self.pos_table) else sinusoids(stop, x.shape[-1])
+            table = self.pos_table
+            if stop > len(table):
+                table = sinusoids(stop, x.shape[-1], self.cfg.sinusoid_scale)
             x = x + table[start:stop].to(x.device)
         return self.drop(x)
 

@@ -173,8 +173,9 @@ def timed_score(
 
 
 class Validator:
-    """The validation set scored during training, split over processes and summed, and the best
-    loss so far (and how many validations since it improved: train.patience)."""
+    """The validation set scored during training, split over processes and summed; the best value
+    so far of the task's metric (`Task.best_metric`: loss, lower is better, or accuracy, higher),
+    which checkpoint_best.pt follows, and the validations since it improved (train.patience)."""
 
     def __init__(
         self, task: Task, dataset, batch_size: int, layout: Layout, precision: str,
@@ -182,7 +183,14 @@ class Validator:
     ):  # fmt: skip
         self.task, self.dataset, self.batch_size = task, dataset, batch_size
         self.layout, self.precision, self.max_batches = layout, precision, max_batches
-        self.best, self.bad_validations = math.inf, 0
+        self.metric = task.best_metric
+        self.best, self.bad_validations = self.worst(), 0
+
+    def worst(self) -> float:
+        return math.inf if self.metric == "loss" else -math.inf
+
+    def value(self, s: Score) -> float:
+        return s.loss_nats if self.metric == "loss" else s.accuracy
 
     def validate(self, model: torch.nn.Module) -> tuple[Score | None, bool]:
         """The validation score (None without a validation set) and whether it is the best so
@@ -195,32 +203,47 @@ class Validator:
         mine = list(range(self.layout.rank, n, self.layout.world_size))
         device = self.layout.device
         s = score(model, self.task, self.dataset, mine, self.batch_size, device, self.precision)
-        counts = distributed.all_reduce_sum(
-            [s.nll, s.tokens, s.correct, s.samples, s.exact], device
-        )
+        summed = [s.nll, s.tokens, s.correct, s.samples, s.exact]
+        counts = distributed.all_reduce_sum(summed, device)
         s = Score(counts[0], *map(int, counts[1:]))
-        improved = s.loss_nats < self.best
+        value = self.value(s)
+        improved = value < self.best if self.metric == "loss" else value > self.best
         if improved:
-            self.best, self.bad_validations = s.loss_nats, 0
+            self.best, self.bad_validations = value, 0
         else:
             self.bad_validations += 1
         return s, improved
 
     def record(self, s: Score) -> dict:
         """The log record of a validation score (loss in bits, as fairseq logs it)."""
-        record = {"loss": s.loss_bits, "nll_nats": s.loss_nats, "ppl": s.ppl, "tokens": s.tokens,
-                  "best_loss": self.best / math.log(2)}  # fmt: skip
+        record = {"loss": s.loss_bits, "nll_nats": s.loss_nats, "ppl": s.ppl, "tokens": s.tokens}
         if self.task.counts_correct:
             record["accuracy"] = s.accuracy
         if self.task.exact_match:
             record["exact_match"] = s.exact_match
+        if self.metric == "loss":
+            record["best_loss"] = self.best / math.log(2)
+        else:
+            record["best_accuracy"] = self.best
         return record
+
+    def best_text(self) -> str:
+        if self.metric == "loss":
+            return f"best valid loss {self.best / math.log(2):.4f} bits"
+        return f"best valid accuracy {100 * self.best:.2f}%"
 
     def out_of_patience(self, patience: int | None) -> bool:
         return patience is not None and self.bad_validations >= patience
 
     def state_dict(self) -> dict:
-        return {"best_valid": self.best, "bad_validations": self.bad_validations}
+        return {"best_valid": self.best, "best_metric": self.metric,
+                "bad_validations": self.bad_validations}  # fmt: skip
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> bool:
+        """Continue from `state`; False (and a fresh best) when it followed another metric
+        (checkpoints before best_checkpoint_metric followed the loss)."""
+        if state.get("best_metric", "loss") != self.metric:
+            self.best, self.bad_validations = self.worst(), 0
+            return False
         self.best, self.bad_validations = state["best_valid"], state["bad_validations"]
+        return True

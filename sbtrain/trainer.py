@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sbtrain import __version__, checkpoint, distributed
+from sbtrain.attention import dispatch
 from sbtrain.batch import IGNORE
 from sbtrain.config import Recipe
 from sbtrain.datasets import EpochSampler
@@ -88,6 +89,7 @@ class Trainer:
         self.task = get_task(recipe)
         t = recipe.train
         self.save_dir = Path(t.save_dir)
+        dispatch.check_device(t.attention_impl, layout.device)
         model = build_model(recipe, **data.model_args)
         self.model = model.to(layout.device)
         self.optimizer = build_optimizer(self.model, recipe.optim)
@@ -107,6 +109,7 @@ class Trainer:
             self.task, data.valid, self.micro, layout, t.precision, t.max_valid_batches
         )
         self.interval = Interval()
+        self.same_best_metric = True  # whether a resumed checkpoint's best followed this metric
         self.validated_at = -1
         self.stop_signal = None
 
@@ -141,7 +144,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             counters = state["counters"]
             self.updates, self.overflows.skipped = counters["updates"], counters["skipped"]
-            self.validator.load_state_dict(counters)
+            self.same_best_metric = self.validator.load_state_dict(counters)
             self.interval.load_state_dict(state["meters"])
         if not reset_dataloader:
             self.sampler.load_state_dict(state["sampler"])
@@ -282,7 +285,8 @@ class Trainer:
             self._stop_if_asked()
         return {
             "updates": self.updates,
-            "best_valid_nats": self.validator.best,
+            "best_valid": self.validator.best,
+            "best_metric": self.validator.metric,
             "skipped": self.overflows.skipped,
         }
 
@@ -392,6 +396,9 @@ def _train(recipe, layout, restore_file, reset_optimizer, reset_dataloader) -> d
             f"{layout.device} | {where}",
             flush=True,
         )
+        metric = trainer.validator.metric
+        note = "" if trainer.same_best_metric else " (the checkpoint followed another: anew)"
+        print(f"| checkpoint_best.pt and patience follow the valid {metric}{note}", flush=True)
         logger = Logger(save_dir, recipe.train.tensorboard, trainer.total_updates, trainer.updates)
     handlers = {s: signal.signal(s, trainer._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -403,8 +410,7 @@ def _train(recipe, layout, restore_file, reset_optimizer, reset_dataloader) -> d
             logger.close()
     if layout.is_main:
         print(
-            f"| done: {summary['updates']} updates, best valid loss "
-            f"{summary['best_valid_nats'] / math.log(2):.4f} bits",
+            f"| done: {summary['updates']} updates, {trainer.validator.best_text()}",
             flush=True,
         )
     return summary

@@ -20,7 +20,9 @@ from dataclasses import fields
 
 from torch import nn
 
+from sbtrain.attention import dispatch
 from sbtrain.attention.common import Options
+from sbtrain.attention.features import fusable
 from sbtrain.attention.full import FullAttention
 from sbtrain.attention.local import LocalAttention
 from sbtrain.attention.lsh import LSHAttention
@@ -60,3 +62,23 @@ def check_attention(kind: str, head_dim: int, **options) -> Options:
             f"(it takes: {', '.join(takes)})"
         )
     return KINDS[kind].Options(**options).checked(head_dim)
+
+
+def fused_obstacle(kind: str, head_dim: int, **options) -> str | None:
+    """Why `attention_impl: fused` can never run this attention, whatever the device, or None:
+    the fused kernels compute causal performer and scatterbrain with `sparse: local`, with the
+    favor+ or simplex map, windows a multiple of 16, head sizes up to dispatch.MAX_HEAD_DIM,
+    with Triton and torch at their floors."""
+    o = check_attention(kind, head_dim, **options)
+    if kind not in ("performer", "scatterbrain") or getattr(o, "sparse", "local") != "local":
+        what = f"scatterbrain with sparse={o.sparse}" if kind == "scatterbrain" else kind
+        return f"{what} has no fused kernel (scatterbrain with sparse=local and performer have)"
+    if not o.causal:
+        return "the fused kernels are causal only (a classifier's attention is not)"
+    if not fusable(o.features):
+        return f"the {o.features} feature map has no fused kernel (favor+ and simplex have)"
+    if kind == "scatterbrain" and o.window % 16:
+        return f"window {o.window} is not a multiple of 16"
+    if head_dim > dispatch.MAX_HEAD_DIM:
+        return f"head size {head_dim} is over {dispatch.MAX_HEAD_DIM}"
+    return dispatch.version_problem()

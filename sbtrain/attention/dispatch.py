@@ -64,6 +64,15 @@ def check_impl(impl: str) -> None:
         raise ValueError(f"attention_impl must be one of {', '.join(IMPLS)}, got {impl!r}")
 
 
+def check_device(impl: str, device: torch.device) -> None:
+    """Refuse `fused` on a device the kernels cannot run on (CUDA; CPU under TRITON_INTERPRET)."""
+    if impl == "fused" and device.type != "cuda" and not triton_kernels.interpreting():
+        raise FusedUnavailable(
+            f"attention_impl=fused: the fused kernels need a CUDA device, this run is on "
+            f"{device.type}; use attention_impl auto or pytorch"
+        )
+
+
 def fallbacks() -> list[str]:
     """The reasons `auto` has warned about in this process (benchmarks record them)."""
     return sorted(_warned)

@@ -40,6 +40,7 @@ class ModelSpec:
     """The recipe's `model` section as TransformerLM reads it (attributes)."""
 
     def __init__(self, section: dict):
+        self.sinusoid_scale = 1.0  # folders exported before the key existed: amplitude 1
         self.__dict__.update(section)
         self.attention = AttentionSpec(**section["attention"])
 
@@ -59,7 +60,7 @@ class SbtrainForCausalLM(PreTrainedModel, GenerationMixin):
         """The sinusoid table, which is computed, not saved (transformers builds the model on
         the meta device); every weight and random projection comes from model.safetensors."""
         if isinstance(module, TransformerLM) and hasattr(module, "pos_table"):
-            module.pos_table = sinusoids(*module.pos_table.shape)
+            module.pos_table = sinusoids(*module.pos_table.shape, module.cfg.sinusoid_scale)
 
     def forward(
         self,

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sbtrain.attention import check_attention
+from sbtrain.attention import check_attention, fused_obstacle
 from sbtrain.config import ConfigError, Recipe, build_recipe, read_tree
 from sbtrain.model import prepare_model
 from sbtrain.tasks.base import Task, TrainingData
@@ -71,9 +71,20 @@ def recipe_from_dict(
             f"{source}: data: the {name} task reads no data files (it makes its samples); "
             "remove the section"
         )
+    if trusted:
+        tree = upgrade(tree)
     recipe = build_recipe({**tree, "task": name}, task.schema, source, trusted)
     check(recipe, task, source)
     return recipe
+
+
+def upgrade(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe an earlier sbtrain stored, in today's spelling: where a default changed, the value
+    the earlier version used (sinusoidal tables had amplitude 1 before `sinusoid_scale`)."""
+    model = dict(tree.get("model") or {})
+    if model.get("positions") == "sinusoidal" and "sinusoid_scale" not in model:
+        model["sinusoid_scale"] = 1.0
+    return {**tree, "model": model}
 
 
 def check(recipe: Recipe, task: type[Task], source: str) -> None:
@@ -87,6 +98,19 @@ def check(recipe: Recipe, task: type[Task], source: str) -> None:
         )  # fmt: skip
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: model.attention: {e}") from None
+    if recipe.train.attention_impl == "fused":
+        options = {**model.attention.options(), "causal": task.causal}
+        why = fused_obstacle(model.attention.kind, model.head_dim, **options)
+        if why is not None:
+            raise ConfigError(
+                f"{source}: train.attention_impl: fused cannot run this model: {why}; use auto "
+                "(fused where it serves) or pytorch"
+            )
+    if recipe.train.best_checkpoint_metric == "accuracy" and not task.counts_correct:
+        raise ConfigError(
+            f"{source}: train.best_checkpoint_metric: the {recipe.task} task counts no correct "
+            "predictions; use loss"
+        )
     for key, why in task.contradictions(recipe):
         raise ConfigError(f"{source}: {key}: {why}")
 

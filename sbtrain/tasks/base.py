@@ -65,6 +65,13 @@ class Task:
         return tuple(f.name for f in fields(cls.schema.model) if f.name != "dropout")
 
     @property
+    def best_metric(self) -> str:
+        """What checkpoint_best.pt follows: train.best_checkpoint_metric, else accuracy where
+        the task counts correct predictions (as classifiers are chosen), else loss."""
+        chosen = self.recipe.train.best_checkpoint_metric
+        return chosen or ("accuracy" if self.counts_correct else "loss")
+
+    @property
     def context_length(self) -> int:
         """Tokens the model sees per sample (its learned position table's size)."""
         return self.recipe.data.tokens_per_sample
