@@ -4,6 +4,8 @@
 loss in nats. wps: target tokens per second; ups: updates per second; wpb: target tokens per
 update; bsz: sequences per update; gnorm: gradient norm before clipping; clip: % of updates
 clipped; loss_scale: fp16 loss scale; wall: seconds since the start of this process.
+Tasks that score examples (classifiers) log eps, examples per second, instead of wps and wpb
+(their bsz is the examples per update).
 """
 
 from __future__ import annotations
@@ -48,21 +50,20 @@ class Interval:
         self.gnorm += gnorm
         self.clipped += int(clipped)
 
-    def summary(self) -> dict[str, float]:
+    def summary(self, unit: str = "tokens") -> dict[str, float]:
+        """The interval's averages; `unit` (the task's: tokens or examples) names the rates."""
         seconds = max(time.perf_counter() - self.start, 1e-9)
         n = max(self.updates, 1)
         loss_nats = self.nll / max(self.tokens, 1)
-        return {
-            "loss": loss_nats / LN2,
-            "nll_nats": loss_nats,
-            "ppl": math.exp(min(loss_nats, 700.0)),
-            "wps": self.tokens / seconds,
-            "ups": self.updates / seconds,
-            "wpb": self.tokens / n,
-            "bsz": self.sequences / n,
-            "gnorm": self.gnorm / n,
-            "clip": 100.0 * self.clipped / n,
-        }
+        loss = {"loss": loss_nats / LN2, "nll_nats": loss_nats,
+                "ppl": math.exp(min(loss_nats, 700.0))}  # fmt: skip
+        if unit == "examples":
+            rates = {"eps": self.tokens / seconds, "ups": self.updates / seconds}
+        else:
+            rates = {"wps": self.tokens / seconds, "ups": self.updates / seconds,
+                     "wpb": self.tokens / n}  # fmt: skip
+        return {**loss, **rates, "bsz": self.sequences / n, "gnorm": self.gnorm / n,
+                "clip": 100.0 * self.clipped / n}  # fmt: skip
 
 
 def peak_memory_gb(device: torch.device) -> float | None:

@@ -65,6 +65,16 @@ class Tokenizer(ABC):
     def decode_line(self, ids: Sequence[int]) -> str:
         """Text of the ids of one line (no end-of-line ids among them)."""
 
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of a text of any number of lines: each line encoded alone, each newline the
+        end-of-line id, as binarization (and so the exported tokenizer.json) maps a text."""
+        ids: list[int] = []
+        for number, line in enumerate(text.split("\n")):
+            if number:
+                ids.append(self.eol_id)
+            ids.extend(self.encode(line))
+        return ids
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ids; each end-of-line id becomes a newline."""
         lines, line = [], []

@@ -310,7 +310,7 @@ class Trainer:
         record = {
             "update": self.updates,
             "epoch": self.sampler.epoch,
-            **self.interval.summary(),
+            **self.interval.summary(self.task.unit),
             "lr": lr,
         }
         if self.scaler.is_enabled():

@@ -89,9 +89,10 @@ class LanguageModelling(Task):
         return tokenizer
 
     def encode_prompt(self, prompt: str, data_dir: str | None, vocab_size: int) -> Prompt:
-        """A text prompt's ids, preceded by an end-of-line token as every training stream is."""
+        """A text prompt's ids (each newline an end-of-line token, as in training and in the
+        exported tokenizer), preceded by an end-of-line token as every training stream is."""
         tokenizer = self.tokenizer(data_dir, vocab_size)
-        return [tokenizer.eol_id, *tokenizer.encode(prompt)], 1, tokenizer.decode
+        return [tokenizer.eol_id, *tokenizer.encode_text(prompt)], 1, tokenizer.decode
 
 
 class Copy(LanguageModelling):

@@ -382,3 +382,28 @@ def test_exported_folder_loads_without_sbtrain(word_corpus, tmp_path):
     with torch.no_grad():
         expected = ours.log_probs(ours(torch.tensor([got["ids"]])))[0]
     torch.testing.assert_close(torch.tensor(got["logits"]), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["word", "sentencepiece", "bpe"])
+def test_generate_encodes_a_multi_line_prompt_as_the_exported_tokenizer(kind, tmp_path):
+    """`sbtrain generate` feeds the ids the exported tokenizer.json gives the same prompt
+    (special tokens added: an end-of-line first), multi-line prompts included."""
+    from tokenizers import Tokenizer
+
+    from sbtrain.export import build_tokenizer
+    from sbtrain.tasks import get_task
+
+    raw = write_corpus(tmp_path / "raw")
+    data = tmp_path / "bin"
+    extra = [] if kind == "word" else [f"data.tokenizer={kind}", "data.vocab_size=300"]
+    args = ["preprocess", str(DEBUG_RECIPE), f"data.raw={raw}", f"data.dir={data}", *extra]
+    assert main(args) == 0
+    ours = load_tokenizer(data)
+    fast, _ = build_tokenizer(ours, 64)
+    fast.save(str(tmp_path / "tokenizer.json"))
+    theirs = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    task = get_task(load_recipe(DEBUG_RECIPE, [f"data.dir={data}"]))
+    for prompt in ("w1 w2", "w1 w2\nw3  w4\n\nw5", "w7\n"):
+        ids, hidden, _ = task.encode_prompt(prompt, None, ours.vocab_size)
+        assert ids == theirs.encode(prompt).ids and hidden == 1
+        assert ids.count(ours.eol_id) == 1 + prompt.count("\n")

@@ -52,7 +52,9 @@ def test_an_older_sinusoidal_checkpoint_keeps_its_amplitude(token_folder, tmp_pa
     assert model.pos_table.abs().max() == pytest.approx(1.0, abs=1e-3)
 
 
-def test_a_classifier_keeps_its_best_checkpoint_by_accuracy(tmp_path, capsys):
+def test_a_classifier_keeps_its_best_checkpoint_by_accuracy_and_logs_examples(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     data = tmp_path / "bin"
     tiny = ["listops.train=256", "listops.valid=64", "listops.test=16", "listops.min_tokens=8",
             "listops.max_tokens=32", "listops.max_depth=3", f"data.dir={data}",
@@ -61,10 +63,17 @@ def test_a_classifier_keeps_its_best_checkpoint_by_accuracy(tmp_path, capsys):
     run = [str(LISTOPS), *tiny, f"train.save_dir={tmp_path / 'run'}", "train.batch_size=16",
            "train.validate_interval=4", "train.log_interval=4", "model.d_model=32"]  # fmt: skip
     capsys.readouterr()
-    assert main(["train", *run, "train.max_updates=16"]) == 0
+    assert main(["train", *run, "train.max_updates=16", "train.tensorboard=true"]) == 0
     out = capsys.readouterr().out
     assert "checkpoint_best.pt and patience follow the valid accuracy" in out
     assert "best valid accuracy" in out
+    train_log = read_jsonl(tmp_path / "run" / "train.jsonl")
+    assert all("eps" in r and "wps" not in r and "wpb" not in r for r in train_log)
+    assert "| eps " in out and "| bsz 16 |" in out  # examples/s; examples per update
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/eps", "train/bsz", "valid/accuracy"} <= tags and "train/wps" not in tags
     valid = read_jsonl(tmp_path / "run" / "valid.jsonl")
     best = max(r["accuracy"] for r in valid)
     assert valid[-1]["best_accuracy"] == best
