@@ -8,6 +8,7 @@ the resolved recipe and versions, with `format` marking it as ours.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -22,6 +23,7 @@ from sbtrain.attention import dispatch
 from sbtrain.config import AttentionConfig, Recipe
 from sbtrain.distributed import Layout
 from sbtrain.errors import UserError
+from sbtrain.staging import disk_error
 from sbtrain.tasks import Task, build_model, get_task, recipe_from_dict
 
 FORMAT = "sbtrain-checkpoint-1"
@@ -35,18 +37,30 @@ def save(state: dict, path: Path, also: list[Path] = ()) -> None:
     A reader sees either the old file or the complete new one, whenever the process dies.
     """
     path = Path(path)
-    remove_temps(path.parent)
     tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    for other in also:  # a hard link of the finished file, renamed into place: also atomic
-        link = other.parent / f"{TEMP_PREFIX}{other.name}.{os.getpid()}"
-        os.link(path, link)
-        os.replace(link, other)
-    _fsync_dir(path.parent)
+    try:
+        remove_temps(path.parent)
+        with open(tmp, "wb") as f:
+            recorded = Recorded(f)
+            try:
+                torch.save({"format": FORMAT, **state}, recorded)
+            except RuntimeError:
+                if recorded.error is None:
+                    raise  # not a failed write
+                raise recorded.error from None
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        for other in also:  # a hard link of the finished file, renamed into place: also atomic
+            link = other.parent / f"{TEMP_PREFIX}{other.name}.{os.getpid()}"
+            os.link(path, link)
+            os.replace(link, other)
+        _fsync_dir(path.parent)
+    except OSError as error:
+        _clean(path.parent)
+        advice = ("free space on its disk (or fix the folder) and rerun the same command: it "
+                  "resumes from the last checkpoint saved, which is intact")  # fmt: skip
+        raise disk_error(error, path, advice) from None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -55,6 +69,29 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Recorded:
+    """A file whose failed write is kept: torch.save reports one as a RuntimeError without the
+    system's reason ("unexpected pos"), which `error` holds."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _clean(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # a folder gone or unreadable holds nothing of ours
+        remove_temps(folder)
 
 
 def remove_temps(folder: Path) -> None:

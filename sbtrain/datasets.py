@@ -6,6 +6,7 @@ Every dataset yields `(inputs, targets)`: two int64 tensors of the same length; 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,22 @@ def open_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, dict]:
     dtype = DTYPES.get(meta.get("dtype"))
     if dtype is None:
         raise UserError(f"{Path(data_dir) / 'meta.json'}: unknown dtype {meta.get('dtype')!r}")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise UserError(f"{path} is empty: split {split!r} holds no tokens")
+    redo = f"run `sbtrain preprocess --force` on its recipe to write {data_dir} again"
+    if size % np.dtype(dtype).itemsize:
+        raise UserError(f"{path} is cut short ({size} bytes is no whole number of {meta['dtype']} "
+                        f"ids); {redo}")  # fmt: skip
+    stats = Path(data_dir) / f"{split}.json"
+    if stats.is_file():
+        try:
+            expected = int(json.loads(stats.read_text(encoding="utf-8"))["tokens"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{stats} is not a preprocess record; {redo}") from None
+        found = size // np.dtype(dtype).itemsize
+        if found != expected:
+            raise UserError(f"{path} holds {found} tokens, {stats} says {expected}; {redo}")
     return np.memmap(path, dtype=dtype, mode="r"), meta
 
 

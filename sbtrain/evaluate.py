@@ -15,6 +15,7 @@ from sbtrain.config import Recipe, TextDataConfig
 from sbtrain.distributed import pick_device
 from sbtrain.errors import UserError
 from sbtrain.scoring import ByPosition, Score, timed_score
+from sbtrain.staging import save_figure
 from sbtrain.tasks import Task
 from sbtrain.tasks.base import Fits
 from sbtrain.tasks.lm import LanguageModelling
@@ -191,7 +192,7 @@ def plot_by_position(rows: list[dict], path: str | Path, title: str) -> None:
     ax.set(xlabel="position in the block", ylabel="perplexity", yscale="log", title=title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from sbtrain.staging import disk_error
+
 LN2 = math.log(2)
 
 
@@ -114,10 +116,15 @@ class Logger:
     def log(self, record: dict, prefix: str = "train") -> None:
         """Append a record (must hold `update`) to {prefix}.jsonl, TensorBoard and the console."""
         record = {**record, "wall": round(time.perf_counter() - self.start, 3)}
-        if prefix not in self.files:
-            self.files[prefix] = open(self.save_dir / f"{prefix}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self.files[prefix].write(json.dumps(record) + "\n")
-        self.files[prefix].flush()
+        path = self.save_dir / f"{prefix}.jsonl"
+        try:
+            if prefix not in self.files:
+                self.files[prefix] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            self.files[prefix].write(json.dumps(record) + "\n")
+            self.files[prefix].flush()
+        except OSError as e:
+            advice = "free space and rerun the same command: it resumes from the last checkpoint"
+            raise disk_error(e, path, advice) from None
         step = record["update"]
         if self.writer is not None:
             for key, value in record.items():

@@ -73,16 +73,28 @@ def is_output(folder: Path) -> bool:
     return isinstance(found, str) and found.startswith("sbtrain-")
 
 
+def disk_error(error: OSError, target: Path | str, advice: str) -> UserError:
+    """One line for a failed write (no space, a read-only or vanished folder, an I/O error):
+    the path, the system's reason, and what to do."""
+    where = error.filename or target
+    return UserError(f"{where}: {error.strerror or error} while writing {target}; {advice}")
+
+
 @contextmanager
 def staging(target: Path, force: bool) -> Iterator[Path]:
     """A new folder beside `target` that takes its place once the block completes; on any
-    error or interrupt it is removed and `target` is left as it was."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    error or interrupt it is removed and `target` is left as it was. A failed write (no space,
+    read-only, I/O error) becomes a UserError naming the path."""
     folder = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    folder.mkdir()  # the usual permissions (a tempfile folder would be private)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()  # the usual permissions (a tempfile folder would be private)
         yield folder
         replace_folder(folder, target, force)
+    except OSError as e:
+        kept = "it is as it was" if target.exists() else "nothing was written"
+        advice = f"free space or choose a writable folder and run again ({target}: {kept})"
+        raise disk_error(e, target, advice) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # gone already when the rename succeeded
 
@@ -125,6 +137,31 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """`obj` as indented JSON with a final newline."""
-    Path(path).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+def write_json(path: Path, obj: object, indent: int = 2) -> None:
+    """`obj` as indented JSON with a final newline, written whole (see `write_file`)."""
+    write_file(path, lambda f: f.write((json.dumps(obj, indent=indent) + "\n").encode()))
+
+
+def write_file(path: str | Path, write: Callable[[object], object]) -> None:
+    """`write(f)` into a temporary file beside `path`, renamed to `path` once complete: a reader
+    sees the old file or the whole new one, and a failed write (no space, read-only, I/O error)
+    leaves no partial file and raises a UserError naming the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise disk_error(
+            e, path, "free space or choose a writable folder, then run again"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_figure(fig, path: str | Path, **options) -> None:
+    """A matplotlib figure saved as `write_file` writes (PNG, from the name)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    write_file(path, lambda f: fig.savefig(f, format=fmt, **options))

@@ -28,6 +28,7 @@ from sbtrain.metrics import Interval, Logger, peak_memory_gb
 from sbtrain.model import count_parameters
 from sbtrain.optim import build_optimizer, lr_at
 from sbtrain.scoring import Validator, autocast
+from sbtrain.staging import write_file
 from sbtrain.tasks import TrainingData, build_model, get_task
 
 MAX_OVERFLOWS = 25  # consecutive fp16 overflows before we give up
@@ -387,7 +388,7 @@ def _train(recipe, layout, restore_file, reset_optimizer, reset_dataloader) -> d
     logger = None
     if layout.is_main:
         checkpoint.prepare_save_dir(save_dir)
-        (save_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        write_file(save_dir / "recipe.yaml", lambda f: f.write(recipe.to_yaml().encode()))
         print(recipe.to_yaml(), end="")
         n_params = count_parameters(trainer.model)
         where = f"resuming from {path} at update {trainer.updates}" if state else "starting"

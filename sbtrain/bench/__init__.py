@@ -7,7 +7,6 @@ JSON with the machine they ran on, so results can be committed under benchmarks/
 from __future__ import annotations
 
 import importlib.util
-import json
 import multiprocessing
 import os
 import platform
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sbtrain.errors import UserError
+from sbtrain.staging import save_figure, write_json
 
 # The kinds at the WikiText-103 recipes' per-query budget (256 keys or features for length 2048):
 # label -> (kind, options). The benchmarks that compare kinds use these.
@@ -106,8 +106,7 @@ def report(
     result = {"benchmark": name, **meta, "rows": rows}
     print(text or table(rows), flush=True)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(Path(out), result, indent=1)
         print(f"| wrote {out}", file=sys.stderr)
         if name in PLOTS and importlib.util.find_spec("matplotlib") is not None:
             png = Path(out).with_suffix(".png")
@@ -141,5 +140,5 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
     axes[0][0].legend(fontsize="small")
     fig.suptitle(f"sbtrain bench {name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

@@ -22,6 +22,7 @@ from sbtrain.attention import RANDOM_KINDS
 from sbtrain.checkpoint import load_model
 from sbtrain.errors import UserError
 from sbtrain.scoring import score
+from sbtrain.staging import save_figure
 
 
 def specs(budget: int) -> dict[str, dict]:
@@ -112,7 +113,7 @@ def plot(table: list[dict], budgets: list[int], path: Path, title: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

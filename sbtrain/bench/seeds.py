@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from sbtrain.errors import UserError
+from sbtrain.staging import write_file, write_json
 
 
 def read_runs(paths: list[str | Path]) -> list[dict]:
@@ -180,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows, args.metric)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+        write_file(args.out, lambda f: f.write((text + "\n").encode()))
+        write_json(Path(args.out).with_suffix(".json"), rows, indent=1)
     return 0
 
 
