@@ -45,11 +45,12 @@ SOURCES = {
         for name in ("common", "features", "full", "local", "lsh", "performer", "scatterbrain")
     },
     "dispatch.py": "attention/dispatch.py",
+    "context_parallel.py": "attention/context_parallel.py",
     "triton_kernels.py": "attention/triton_kernels.py",
     "configuration_sbtrain.py": "hf/configuration_sbtrain.py",
     "modeling_sbtrain.py": "hf/modeling_sbtrain.py",
 }
-ATTENTION_MODULES = ("dispatch", "triton_kernels", "triton_jit")  # imported as modules
+ATTENTION_MODULES = ("dispatch", "triton_kernels", "triton_jit", "context_parallel")  # modules
 INSTALL_HINT = f"sbtrain export needs safetensors: {HF_INSTALL}"
 
 

@@ -19,12 +19,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sbtrain.attention import build_attention, dispatch
+from sbtrain.attention import build_attention, context_parallel, dispatch
+from sbtrain.attention.context_parallel import Shard
 from sbtrain.batch import IGNORE
 from sbtrain.config import AttentionConfig, DecoderConfig, ModelConfig, Recipe
 from sbtrain.errors import UserError
 
 OUTPUT_CHUNK_ELEMENTS = 2**25  # scores (128 MiB in fp32) one chunk of the output layer may form
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout; on a chunk of a context-parallel sequence (`shard`), the chunk of the mask the
+    whole sequence would draw, so every process applies the masks one process would."""
+
+    def forward(self, x: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
+        if shard is None or not self.training or self.p == 0:
+            return super().forward(x)
+        b, t, c = x.shape  # the whole sequence's mask, from the same generator state everywhere
+        whole = F.dropout(x.new_ones(b, t * shard.size, c), self.p, True)
+        start = shard.start(t)
+        return x * whole[:, start : start + t]
 
 
 class SelfAttention(nn.Module):
@@ -59,12 +73,18 @@ class SelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, h * d))
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        shard: Shard | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C); `key_padding_mask` (B, T) bool, True = a real token (non-causal only)."""
-        q, k, v, extra = self._heads(x, 0)
+        """x (B, T, C); `key_padding_mask` (B, T) bool, True = a real token (non-causal only);
+        `shard`: x is chunk shard.rank of each sequence (context parallelism)."""
+        q, k, v, extra = self._heads(x, shard.start(x.shape[1]) if shard else 0)
         if key_padding_mask is not None:
             extra["key_padding_mask"] = key_padding_mask
+        if shard is not None:
+            return self._merge(context_parallel.attend(self.kernel, q, k, v, extra, shard))
         return self._merge(self.kernel(q, k, v, **extra))
 
     def decode(self, x: torch.Tensor, cache: dict | None, start: int) -> tuple[torch.Tensor, dict]:
@@ -84,25 +104,30 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg, attention, causal)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.d_ff),
-            nn.GELU(),
-            nn.Linear(cfg.d_ff, cfg.d_model),
-            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model)
         )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)  # after the attention and after the feed-forward
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        shard: Shard | None = None,
     ) -> torch.Tensor:
-        return self.feed_forward(self.attend(x, key_padding_mask))
+        return self.feed_forward(self.attend(x, key_padding_mask, shard), shard)
 
-    def attend(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        shard: Shard | None = None,
+    ) -> torch.Tensor:
         """The attention sublayer with its residual: (B, T, d_model) -> the same."""
-        return x + self.drop(self.attn(self.ln1(x), key_padding_mask))
+        return x + self.drop(self.attn(self.ln1(x), key_padding_mask, shard), shard)
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
         """The feed-forward sublayer with its residual: (B, T, d_model) -> the same."""
-        return x + self.mlp(self.ln2(x))
+        return x + self.drop(self.mlp(self.ln2(x)), shard)
 
     def decode(self, x: torch.Tensor, cache: dict | None, start: int) -> tuple[torch.Tensor, dict]:
         y, cache = self.attn.decode(self.ln1(x), cache, start)
@@ -156,7 +181,7 @@ class TransformerLM(nn.Module):
         elif cfg.positions == "sinusoidal":
             table = sinusoids(max_len, cfg.d_model, cfg.sinusoid_scale)
             self.register_buffer("pos_table", table, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cfg.attention) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.adaptive = None
@@ -171,13 +196,16 @@ class TransformerLM(nn.Module):
                 cfg.d_model, vocab_size, cutoffs, div_value=cfg.adaptive_div_value
             )
         self.activation_checkpointing = False  # set from train.activation_checkpointing
+        self.shard: Shard | None = None  # set for context parallelism: the chunk it computes
         self.output_chunk_elements = OUTPUT_CHUNK_ELEMENTS
         self.apply(init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections
             if name.endswith(("attn.proj.weight", "mlp.2.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
-    def _embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def _embed(
+        self, tokens: torch.Tensor, start: int = 0, shard: Shard | None = None
+    ) -> torch.Tensor:
         stop = start + tokens.shape[1]
         x = self.tok_emb(tokens)  # (B, T, C)
         if self.cfg.positions == "learned":
@@ -191,17 +219,20 @@ class TransformerLM(nn.Module):
             if stop > len(table):
                 table = sinusoids(stop, x.shape[-1], self.cfg.sinusoid_scale)
             x = x + table[start:stop].to(x.device)
-        return self.drop(x)
+        return self.drop(x, shard)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int64 -> final hidden states (B, T, C)."""
-        x = self._embed(tokens)
+        """tokens (B, T) int64 -> final hidden states (B, T, C). With `self.shard` set, tokens
+        are chunk shard.rank of each sequence (positions shard.start(T)..), computed as one
+        process computes them for the whole sequence (context parallelism)."""
+        shard = self.shard
+        x = self._embed(tokens, shard.start(tokens.shape[1]) if shard else 0, shard)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:  # keep only the block's input; the same dropout masks in recompute
-                x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=True)
+                x = checkpoint(block, x, None, shard, use_reentrant=False, preserve_rng_state=True)
             else:
-                x = block(x)
+                x = block(x, None, shard)
         return self.ln_f(x)
 
     def decode(
