@@ -22,6 +22,25 @@ def collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     return inputs, targets
 
 
+def chunk(batch: tuple[torch.Tensor, ...], shard) -> tuple[torch.Tensor, ...]:
+    """A batch's chunk of every sequence (the inputs and targets of positions shard.start..),
+    or the batch itself without context parallelism."""
+    if shard is None:
+        return batch
+    length = batch[0].shape[1] // shard.size
+    start = shard.start(length)
+    return tuple(t[:, start : start + length] for t in batch)
+
+
+def unscored(sample: tuple) -> tuple:
+    """`sample` with nothing scored: its targets (the last item: a tensor, or a label) IGNORE.
+    Fills a process's share of a validation set up to the others' (their collectives match)."""
+    *inputs, targets = sample
+    if torch.is_tensor(targets):
+        return (*inputs, torch.full_like(targets, IGNORE))
+    return (*inputs, IGNORE)
+
+
 def pad(documents: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad documents to the longest: (B, T) int64 tokens and (B,) int64 lengths."""
     lengths = torch.tensor([len(d) for d in documents], dtype=torch.long)

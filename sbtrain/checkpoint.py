@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sbtrain import sharded
 from sbtrain.attention import dispatch
 from sbtrain.config import AttentionConfig, Recipe
 from sbtrain.distributed import Layout
@@ -103,6 +104,11 @@ def remove_temps(folder: Path) -> None:
 def load(path: str | Path) -> dict:
     """Read a checkpoint to CPU; a UserError for anything that is not a whole sbtrain checkpoint."""
     path = Path(path)
+    if sharded.is_sharded(path):  # a folder of shards (train.parallel: fsdp)
+        state = sharded.read_state(path)
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise UserError(f"{path}: not an sbtrain checkpoint (no {FORMAT!r} marker)")
+        return {**state, "sharded": str(path.resolve())}
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
@@ -149,7 +155,7 @@ def resume_point(
     """Which checkpoint a run starts from, its contents, and whether it is the run's own:
     save_dir/checkpoint_last.pt when it exists, else `restore_file` if given, else none."""
     last = Path(save_dir) / "checkpoint_last.pt"
-    if last.is_file():
+    if last.exists():  # a file, or a link to a sharded checkpoint's folder
         return last, load(last), True
     if restore_file:
         return Path(restore_file), load(restore_file), False
@@ -173,18 +179,22 @@ def check_compatible(state: dict, recipe: Recipe, model: nn.Module, path: Path) 
                 f"has {_shown(getattr(recipe.model, key))}: use another train.save_dir, or a "
                 "matching --restore-file"
             )
-    mine = model.state_dict()
-    missing = sorted(set(mine) - set(state["model"]))
+    mine = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if "sharded" in state:
+        theirs = sharded.shapes(Path(state["sharded"]))
+    else:
+        theirs = {name: tuple(t.shape) for name, t in state["model"].items()}
+    missing = sorted(set(mine) - set(theirs))
     if missing:
         raise UserError(
             f"{path} lacks {missing[0]} of this recipe's model: use another train.save_dir"
         )
-    for name, tensor in state["model"].items():
-        if name not in mine or mine[name].shape != tensor.shape:
-            want = tuple(mine[name].shape) if name in mine else "no such tensor"
+    for name, shape in theirs.items():
+        if mine.get(name) != shape:
+            want = mine.get(name, "no such tensor")
             raise UserError(
-                f"{path}: {name} has shape {tuple(tensor.shape)}, this recipe's model has "
-                f"{want} (another vocabulary or context length?): use another train.save_dir"
+                f"{path}: {name} has shape {shape}, this recipe's model has {want} (another "
+                "vocabulary or context length?): use another train.save_dir"
             )
 
 
@@ -232,17 +242,19 @@ def restore_rng(rngs: list[dict], layout: Layout) -> None:
 
 
 def save_training(
-    state: dict, save_dir: Path, numbered_as: tuple[int, int] | None, best: bool, keep_last: int
+    state: dict, save_dir: Path, names: list[str], keep_last: int, main: bool, shards=None
 ) -> None:
-    """checkpoint_last.pt, also named checkpoint_{epoch}_{updates}.pt (`numbered_as`) and
-    checkpoint_best.pt where due; old numbered ones beyond `keep_last` removed."""
-    also = []
-    if numbered_as is not None:
-        also.append(save_dir / "checkpoint_{}_{}.pt".format(*numbered_as))
-    if best:
-        also.append(save_dir / "checkpoint_best.pt")
-    save(state, save_dir / "checkpoint_last.pt", also)
-    prune(save_dir, keep_last)
+    """`state` as save_dir/names[0], also named names[1:] (numbered, best); old numbered ones
+    beyond `keep_last` removed. The main process writes it; with `shards` (model, optimizer),
+    a sharded checkpoint (sbtrain.sharded) that every process writes its part of, `state`
+    holding the rest."""
+    if shards is not None:
+        sharded.save({"format": FORMAT, **state}, *shards, save_dir, names, main)
+    elif main:
+        save(state, save_dir / names[0], [save_dir / name for name in names[1:]])
+    if main:
+        prune(save_dir, keep_last)
+        sharded.remove_unnamed(save_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,16 +282,23 @@ def load_model(
     """
     state = load(path)
     tree = recipe_from_dict(state["recipe"], str(path), trusted=True).to_dict()
-    weights = state["model"]
+
+    def kept(name: str) -> bool:  # a swap drops the old kernel's buffers
+        return attention is None or ".kernel." not in name
+
     if attention is not None:
         tree["model"] = {**tree["model"], "attention": attention}
-        weights = {k: v for k, v in weights.items() if ".kernel." not in k}  # the old kernel's
     if attention_impl is not None:
         tree["train"] = {**tree["train"], "attention_impl": attention_impl}
     recipe = recipe_from_dict(tree, source=f"{path} (--attention)" if attention else str(path))
     task = get_task(recipe)
     model_args = state.get("model_args") or {"vocab_size": int(state["vocab_size"])}
     model = build_model(recipe, **model_args)
+    if "sharded" in state:  # a folder of shards: read whole, into this one process's model
+        sharded.load(Path(state["sharded"]), model, keep=kept)
+        dispatch.check_device(recipe.train.attention_impl, device)
+        return Loaded(model.to(device).eval(), recipe, task, state)
+    weights = {name: t for name, t in state["model"].items() if kept(name)}
     try:
         missing, _ = model.load_state_dict(weights, strict=attention is None)
     except RuntimeError:

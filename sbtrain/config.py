@@ -289,6 +289,14 @@ class TrainConfig(Section):
         2.0**16, "fp16: initial loss scale (halved on overflow)", "positive"
     )
     compile: bool = opt(False, "torch.compile the model")
+    parallel: Literal["ddp", "fsdp"] = opt(
+        "ddp",
+        "several processes: ddp (each holds the whole model) | fsdp (FSDP2: parameters, "
+        "gradients and optimizer states sharded; checkpoints as torch.distributed.checkpoint)",
+    )
+    context_parallel: int = opt(
+        1, "processes sharing each sequence, a contiguous chunk each (language models)", "positive"
+    )
     attention_impl: Literal["auto", "pytorch", "fused"] = opt(
         "auto", "scatterbrain (local), performer: auto (fused where it serves) | pytorch | fused"
     )

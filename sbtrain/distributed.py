@@ -2,26 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from sbtrain.attention.context_parallel import Shard
 from sbtrain.errors import UserError
 
 
 @dataclass(frozen=True)
 class Layout:
+    """Where this process sits: `rank` of `world_size`, its device, and the context-parallel
+    group of `context_parallel` consecutive ranks sharing each sequence (chunk `cp_rank` each);
+    the groups split the batch between them (data parallelism: `dp_rank` of `dp_size`)."""
+
     rank: int
     world_size: int
     device: torch.device
+    context_parallel: int = 1
+    cp_group: object = field(default=None, compare=False)
 
     @property
     def is_main(self) -> bool:
         """Only the main process writes files and prints."""
         return self.rank == 0
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank % self.context_parallel
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.context_parallel
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.context_parallel
+
+    def shard(self) -> Shard | None:
+        """The chunk of every sequence this process computes (None: whole sequences)."""
+        if self.context_parallel == 1:
+            return None
+        return Shard(self.cp_rank, self.context_parallel, self.cp_group)
 
 
 # glibc mallopt parameters
@@ -76,24 +103,69 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(device_name: str) -> Layout:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+def setup(device_name: str, context_parallel: int = 1, group_needed: bool = False) -> Layout:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1, or always with
+    `group_needed`: FSDP shards over a group even of one), and make the context-parallel groups."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if world_size % context_parallel:
+        raise UserError(
+            f"train.context_parallel={context_parallel} does not divide the {world_size} "
+            "processes; start a multiple of it"
+        )
+    if world_size == 1 and not group_needed:
         return Layout(0, 1, pick_device(device_name))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Layout(dist.get_rank(), world_size, device)
+        if world_size == 1:  # a group of one (no torchrun): a private rendezvous
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1
+            )
+        else:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, mine = dist.get_rank(), None
+    for first in range(0, world_size, context_parallel):  # every process makes every group
+        ranks = list(range(first, first + context_parallel))
+        group = dist.new_group(ranks) if context_parallel > 1 else None
+        if rank in ranks:
+            mine = group
+    return Layout(rank, world_size, device, context_parallel, mine)
 
 
-def data_parallel(objective: torch.nn.Module, layout: Layout) -> torch.nn.Module:
-    """`objective` wrapped for the process group (DDP), or itself on one process. Parameters
-    a batch may leave without gradient (an adaptive softmax's tail cluster no target fell in)
-    are allowed when the model has an adaptive softmax."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parallelize(
+    objective: torch.nn.Module,
+    layout: Layout,
+    parallel: str,
+    precision: str,
+    blocks: list[torch.nn.Module],
+) -> torch.nn.Module:
+    """The module a training step calls. `ddp`: `objective` wrapped in DDP (itself on one
+    process; parameters a batch may leave without gradient, an adaptive softmax's tail cluster
+    no target fell in, allowed). `fsdp`: its model sharded with FSDP2 (`fully_shard` on each of
+    `blocks`, then on the whole), bf16/fp16 parameters in compute and fp32 gradient reduction
+    under those precisions; the objective itself around it."""
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dtype = PRECISIONS.get(precision)
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(objective.model, mp_policy=policy)
+        return objective
     if layout.world_size == 1:
         return objective
     ids = [layout.device.index] if layout.device.type == "cuda" else None
@@ -101,6 +173,22 @@ def data_parallel(objective: torch.nn.Module, layout: Layout) -> torch.nn.Module
     return torch.nn.parallel.DistributedDataParallel(
         objective, device_ids=ids, find_unused_parameters=unused
     )
+
+
+def gradient_sync(wrapped: torch.nn.Module, sync: bool):
+    """A context in which backward passes reduce gradients over processes (`sync`) or only
+    accumulate them (the micro-batches before the last of an update)."""
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if sync else wrapped.no_sync()
+    model = getattr(wrapped, "model", None)
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def as_float(x) -> float:
+    """A scalar tensor (FSDP2: a DTensor, replicated) as a float."""
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
 
 
 def synchronize() -> None:

@@ -251,9 +251,10 @@ class TransformerLM(nn.Module):
         """(..., C) hidden states -> (..., vocab) log-probabilities in fp32 (all at once)."""
         flat = hidden.reshape(-1, hidden.shape[-1])
         if self.adaptive is not None:
-            out = self.adaptive.log_prob(flat.float())
+            out = self.adaptive.log_prob(flat.to(self.adaptive.head.weight.dtype)).float()
         else:
-            out = F.log_softmax((flat @ self.tok_emb.weight.t()).float(), dim=-1)
+            weight = self.tok_emb.weight
+            out = F.log_softmax((flat.to(weight.dtype) @ weight.t()).float(), dim=-1)
         return out.view(*hidden.shape[:-1], -1)
 
     def predict(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -271,10 +272,13 @@ class TransformerLM(nn.Module):
         return over_chunks(self._nll, self._chunk_rows(), flat, targets.reshape(-1)[keep])
 
     def _nll(self, flat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The unchunked loss: (N, C), (N,) -> (N,) nats."""
+        """The unchunked loss: (N, C), (N,) -> (N,) nats. The output layer's weights set the
+        product's dtype: fp32, or FSDP's compute dtype (bf16/fp16 under its precision policy)."""
         if self.adaptive is not None:
-            return -self.adaptive(flat.float(), target).output
-        logits = flat @ self.tok_emb.weight.t()  # tied output embedding
+            head = self.adaptive.head.weight
+            return -self.adaptive(flat.to(head.dtype), target).output.float()
+        weight = self.tok_emb.weight
+        logits = flat.to(weight.dtype) @ weight.t()  # tied output embedding
         return F.cross_entropy(logits.float(), target, reduction="none")
 
     def _chunk_rows(self) -> int:

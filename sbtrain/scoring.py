@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from sbtrain import distributed
-from sbtrain.batch import IGNORE
+from sbtrain.batch import IGNORE, chunk, unscored
 from sbtrain.distributed import Layout
 from sbtrain.tasks import Task
 
@@ -108,16 +108,23 @@ def score(
     precision: str,
     progress=None,
     by_position: ByPosition | None = None,
+    shard=None,
 ) -> Score:
     """Sum the NLL (and, where the task counts them, argmax hits) of `dataset[i]` for i in
-    `indices`, `batch_size` at a time (and per bucket of positions into `by_position`)."""
+    `indices`, `batch_size` at a time (and per bucket of positions into `by_position`). An
+    index None stands for a sample with nothing scored; with a context-parallel `shard`, this
+    process scores its chunk of each sequence."""
     was_training = model.training
     model.eval()
     total = Score()
     try:
         for start in range(0, len(indices), batch_size):
-            batch = [dataset[i] for i in indices[start : start + batch_size]]
-            *inputs, targets = (t.to(device) for t in task.collate(batch))
+            batch = [
+                dataset[i] if i is not None else unscored(dataset[0])
+                for i in indices[start : start + batch_size]
+            ]
+            collated = chunk(task.collate(batch), shard)
+            *inputs, targets = (t.to(device) for t in collated)
             with autocast(device, precision):
                 hidden = model(*inputs)
             nll = model.token_nll(hidden.float(), targets)
@@ -197,12 +204,17 @@ class Validator:
         far (without a validation set, every checkpoint is the latest and so the best)."""
         if self.dataset is None:
             return None, True
+        layout = self.layout
         n = len(self.dataset)
         if self.max_batches:
-            n = min(n, self.max_batches * self.batch_size * self.layout.world_size)
-        mine = list(range(self.layout.rank, n, self.layout.world_size))
-        device = self.layout.device
-        s = score(model, self.task, self.dataset, mine, self.batch_size, device, self.precision)
+            n = min(n, self.max_batches * self.batch_size * layout.dp_size)
+        # the same number of samples on every process (their collectives must match): the
+        # shares of the last ones are filled with samples that score nothing
+        mine = list(range(layout.dp_rank, n, layout.dp_size))
+        mine += [None] * (-(-n // layout.dp_size) - len(mine))
+        device, shard = layout.device, getattr(model, "shard", None)
+        s = score(model, self.task, self.dataset, mine, self.batch_size, device, self.precision,
+                  shard=shard)  # fmt: skip
         summed = [s.nll, s.tokens, s.correct, s.samples, s.exact]
         counts = distributed.all_reduce_sum(summed, device)
         s = Score(counts[0], *map(int, counts[1:]))

@@ -8,7 +8,6 @@ dropout and losses as a run that was never stopped (bit for bit on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -17,15 +16,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sbtrain import __version__, checkpoint, distributed
+from sbtrain import __version__, checkpoint, distributed, sharded
 from sbtrain.attention import dispatch
-from sbtrain.batch import IGNORE
+from sbtrain.batch import IGNORE, chunk
 from sbtrain.config import Recipe
 from sbtrain.datasets import EpochSampler
 from sbtrain.distributed import Layout
 from sbtrain.errors import UserError
 from sbtrain.metrics import Interval, Logger, peak_memory_gb
-from sbtrain.model import count_parameters
+from sbtrain.model import Block, count_parameters
 from sbtrain.optim import build_optimizer, lr_at
 from sbtrain.scoring import Validator, autocast
 from sbtrain.staging import write_file
@@ -93,16 +92,20 @@ class Trainer:
         dispatch.check_device(t.attention_impl, layout.device)
         model = build_model(recipe, **data.model_args)
         self.model = model.to(layout.device)
-        self.optimizer = build_optimizer(self.model, recipe.optim)
+        self.model.shard = layout.shard()  # context parallelism: this process's chunk
+        blocks = [m for m in self.model.modules() if isinstance(m, Block)]
+        objective = distributed.parallelize(
+            Objective(self.model), layout, t.parallel, t.precision, blocks
+        )
+        self.optimizer = build_optimizer(self.model, recipe.optim)  # sharded parameters, if so
         self.scaler = torch.amp.GradScaler(
             layout.device.type, init_scale=t.loss_scale_init, enabled=t.precision == "fp16"
         )
-        objective = distributed.data_parallel(Objective(self.model), layout)
         self.objective = torch.compile(objective) if t.compile else objective
         self.sampler = EpochSampler(
-            data.n_train, t.batch_size, t.seed, layout.rank, layout.world_size
+            data.n_train, t.batch_size, t.seed, layout.dp_rank, layout.dp_size
         )
-        self.micro = micro_batch_size(recipe, layout.world_size)
+        self.micro = micro_batch_size(recipe, layout.dp_size)
         self.total_updates = t.max_updates or t.max_epochs * len(self.sampler)
         self.updates = 0
         self.overflows = Overflows(self.scaler)
@@ -116,11 +119,12 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        """Everything needed to continue exactly (one process gathers the RNG of all)."""
+    def state_dict(self, tensors: bool = True) -> dict:
+        """Everything needed to continue exactly (one process gathers the RNG of all); without
+        the model and optimizer `tensors` when those are saved sharded."""
+        weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **(weights if tensors else {}),
             "scaler": self.scaler.state_dict(),
             "rng": checkpoint.rng_states(self.layout),
             "sampler": self.sampler.state_dict(),
@@ -139,9 +143,14 @@ class Trainer:
 
     def load_state_dict(self, state: dict, reset_optimizer: bool, reset_dataloader: bool) -> None:
         """Continue from `state`; the reset flags start optimizer/counters or data order anew."""
-        self.model.load_state_dict(state["model"])
+        if "sharded" in state:  # shards re-cut for this run's processes
+            optimizer = None if reset_optimizer else self.optimizer
+            sharded.load(Path(state["sharded"]), self.model, optimizer)
+        else:
+            self.model.load_state_dict(state["model"])
+            if not reset_optimizer:
+                self.optimizer.load_state_dict(state["optimizer"])
         if not reset_optimizer:
-            self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             counters = state["counters"]
             self.updates, self.overflows.skipped = counters["updates"], counters["skipped"]
@@ -153,16 +162,21 @@ class Trainer:
             checkpoint.restore_rng(state["rng"], self.layout)
 
     def save(self, end_of_epoch: int | None = None, is_best: bool = False) -> None:
-        """checkpoint_last.pt, plus the numbered and best names where due (main process writes)."""
-        state = self.state_dict()  # a collective under DDP: every process takes part
-        if not self.layout.is_main:
-            return
+        """checkpoint_last.pt, plus the numbered and best names where due (the main process
+        writes, or every process its shards under fsdp)."""
         t = self.recipe.train
-        numbered = None
+        names = ["checkpoint_last.pt"]
         if end_of_epoch is not None or (t.save_interval and self.updates % t.save_interval == 0):
             epoch = end_of_epoch if end_of_epoch is not None else self.sampler.epoch
-            numbered = (epoch, self.updates)
-        checkpoint.save_training(state, self.save_dir, numbered, is_best, t.keep_last)
+            names.append(f"checkpoint_{epoch}_{self.updates}.pt")
+        if is_best:
+            names.append("checkpoint_best.pt")
+        fsdp = t.parallel == "fsdp"
+        state = self.state_dict(tensors=not fsdp)  # a collective: every process takes part
+        shards = (self.model, self.optimizer) if fsdp else None
+        checkpoint.save_training(
+            state, self.save_dir, names, t.keep_last, self.layout.is_main, shards
+        )
 
     # -- one update -------------------------------------------------------------------------
 
@@ -170,23 +184,19 @@ class Trainer:
         """One update from this process's share of a global batch; None if fp16 skipped it."""
         t, device = self.recipe.train, self.layout.device
         batches = [
-            self.task.collate([dataset[i] for i in indices[s : s + self.micro]])
+            chunk(self.task.collate([dataset[i] for i in indices[s : s + self.micro]]),
+                  self.model.shard)
             for s in range(0, len(indices), self.micro)
-        ]
+        ]  # fmt: skip
         local_tokens = sum(int((batch[-1] != IGNORE).sum()) for batch in batches)
         global_tokens, sequences = distributed.all_reduce_sum([local_tokens, len(indices)], device)
+        sequences /= self.layout.context_parallel  # each process of a group holds every sequence
         lr = lr_at(self.updates + 1, self.recipe.optim, self.total_updates)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         nll_total = 0.0
         for j, batch in enumerate(batches):
-            last = j == len(batches) - 1
-            sync = (
-                contextlib.nullcontext()
-                if last or self.layout.world_size == 1
-                else self.objective.no_sync()
-            )
-            with sync:
+            with distributed.gradient_sync(self.objective, sync=j == len(batches) - 1):
                 with autocast(device, t.precision):
                     nll = self.objective(*(t.to(device) for t in batch))
                 # DDP averages gradients over processes: scale so they sum to the global mean
@@ -206,7 +216,7 @@ class Trainer:
         self.updates += 1
         if t.redraw_interval and self.updates % t.redraw_interval == 0:
             redraw_attention(self.model, t.seed, self.updates)
-        gnorm = float(gnorm)
+        gnorm = distributed.as_float(gnorm)
         return {
             "nll": nll_total,
             "tokens": int(global_tokens),
@@ -339,15 +349,16 @@ def redraw_attention(model: nn.Module, seed: int, update: int) -> None:
             redraw(int(torch.randint(0, 2**62, (), generator=seeds, dtype=torch.int64)))
 
 
-def micro_batch_size(recipe: Recipe, world_size: int) -> int:
-    """Sequences per forward pass per process; a UserError if the batch cannot be split."""
+def micro_batch_size(recipe: Recipe, groups: int) -> int:
+    """Sequences per forward pass per process when `groups` share each batch (the processes, or
+    the context-parallel groups); a UserError if the batch cannot be split."""
     t = recipe.train
-    if t.batch_size % world_size:
+    if t.batch_size % groups:
         raise UserError(
-            f"train.batch_size={t.batch_size} cannot be split over {world_size} processes; "
-            "make it a multiple of the number of processes"
+            f"train.batch_size={t.batch_size} cannot be split over {groups} processes (or "
+            "context-parallel groups); make it a multiple of their number"
         )
-    share = t.batch_size // world_size
+    share = t.batch_size // groups
     micro = t.micro_batch_size or share
     if share % micro:
         raise UserError(
@@ -365,8 +376,10 @@ def main(
 ) -> dict:
     """Train `recipe`. Resumes from save_dir/checkpoint_last.pt when it exists; otherwise
     starts from `restore_file` (with the reset flags) if given, or from scratch."""
-    micro_batch_size(recipe, int(os.environ.get("WORLD_SIZE", "1")))  # before joining a group
-    layout = distributed.setup(recipe.train.device)
+    t = recipe.train
+    groups = int(os.environ.get("WORLD_SIZE", "1")) // t.context_parallel
+    micro_batch_size(recipe, max(groups, 1))  # before joining a group
+    layout = distributed.setup(t.device, t.context_parallel, group_needed=t.parallel == "fsdp")
     try:
         result = _train(recipe, layout, restore_file, reset_optimizer, reset_dataloader)
         distributed.synchronize()  # no process leaves the group while another still uses it

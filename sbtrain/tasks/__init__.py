@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sbtrain.attention import check_attention, fused_obstacle
+from sbtrain.attention.context_parallel import CONTEXT_PARALLEL_KINDS
 from sbtrain.config import ConfigError, Recipe, build_recipe, read_tree
 from sbtrain.model import prepare_model
 from sbtrain.tasks.base import Task, TrainingData
@@ -111,8 +112,36 @@ def check(recipe: Recipe, task: type[Task], source: str) -> None:
             f"{source}: train.best_checkpoint_metric: the {recipe.task} task counts no correct "
             "predictions; use loss"
         )
+    if recipe.train.context_parallel > 1:
+        why = context_parallel_obstacle(recipe, task)
+        if why is not None:
+            raise ConfigError(f"{source}: train.context_parallel: {why}")
     for key, why in task.contradictions(recipe):
         raise ConfigError(f"{source}: {key}: {why}")
+
+
+def context_parallel_obstacle(recipe: Recipe, task: type[Task]) -> str | None:
+    """Why this recipe's sequences cannot be split over train.context_parallel processes."""
+    parts, attention = recipe.train.context_parallel, recipe.model.attention
+    if task.unit != "tokens" or not task.causal or task.exact_match:
+        return (
+            f"it splits the sequences of language models; the {recipe.task} task scores whole ones"
+        )
+    if attention.kind not in CONTEXT_PARALLEL_KINDS or attention.sparse not in (None, "local"):
+        what = attention.kind + (f" with sparse={attention.sparse}" if attention.sparse else "")
+        return (
+            f"{what} cannot be split (an LSH support reaches any earlier key); full, local, "
+            "performer and scatterbrain with sparse=local can"
+        )
+    if recipe.train.attention_impl == "fused":
+        return "the chunks run on the PyTorch path; use attention_impl auto or pytorch"
+    length = task(recipe).context_length
+    if length % parts:
+        return f"{parts} does not divide the {length} positions of a sequence"
+    window = attention.window or 0
+    if length // parts < window:
+        return f"chunks of {length // parts} positions are shorter than the window of {window}"
+    return None
 
 
 def get_task(recipe: Recipe) -> Task:

@@ -1,0 +1,140 @@
+"""Sharded checkpoints (`train.parallel: fsdp`): each process writes its shards of the model and
+optimizer with torch.distributed.checkpoint, so a checkpoint never passes through one process's
+memory, and a run saved with P processes loads with any number (the shards are re-cut on load).
+
+A checkpoint is a folder `.sharded-<updates>-<token>/` of `save_dir` holding the shards, DCP's
+`.metadata` and `state.pt` (everything else a run resumes from: plain data, torch.save'd). The
+names users see, `checkpoint_last.pt`, `checkpoint_best.pt` and the numbered ones, are symbolic
+links to such folders, each replaced atomically once its folder is complete: a crash mid-save
+leaves them pointing at the last complete checkpoint, and a folder no name points to is removed
+by the next save. `eval-ppl`, `generate`, `export` and `--restore-file` read them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+from sbtrain.errors import UserError
+from sbtrain.staging import disk_error
+
+STATE_FILE = "state.pt"
+PREFIX = ".sharded-"
+TEMP = ".tmp-"
+
+
+def is_sharded(path: str | Path) -> bool:
+    return Path(path).is_dir()
+
+
+def save(state: dict, model, optimizer, save_dir: Path, names: list[str], main: bool) -> None:
+    """Write a checkpoint of `model` and `optimizer` (this process's shards) and `state` (plain
+    data, from the main process) into a new folder, then point `names` at it. Every process calls
+    this; a failed write becomes one UserError naming the folder."""
+    token = [uuid.uuid4().hex[:8]]
+    if dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)  # one folder for every process
+    updates = state["counters"]["updates"]
+    folder = save_dir / f"{PREFIX}{updates:09d}-{token[0]}"
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+        if dist.is_initialized():
+            dist.barrier()
+        if main:  # DCP unpickles .metadata: only ever one whose digest we wrote beside it
+            torch.save({**state, "metadata_sha256": digest(folder)}, folder / STATE_FILE)
+            for name in names:
+                link = save_dir / f"{TEMP}{name}.{os.getpid()}"
+                link.unlink(missing_ok=True)
+                link.symlink_to(folder.name, target_is_directory=True)
+                os.replace(link, save_dir / name)
+            remove_unnamed(save_dir)
+    except OSError as e:
+        if main:
+            shutil.rmtree(folder, ignore_errors=True)
+        advice = ("free space on its disk and rerun the same command: it resumes from the last "
+                  "checkpoint saved, which is intact")  # fmt: skip
+        raise disk_error(e, folder, advice) from None
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def remove_unnamed(save_dir: Path) -> None:
+    """Delete checkpoint folders no name points to (a crashed save's, or superseded ones)."""
+    named = {p.resolve() for p in save_dir.iterdir() if p.is_symlink()}
+    for folder in save_dir.glob(f"{PREFIX}*"):
+        if folder.resolve() not in named:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def digest(folder: Path) -> str:
+    return hashlib.sha256((folder / ".metadata").read_bytes()).hexdigest()
+
+
+def read_state(path: Path) -> dict:
+    """The plain state of a sharded checkpoint (read without unpickling anything but plain
+    data), once its DCP `.metadata` (which DCP unpickles) is known to be the one sbtrain wrote:
+    a UserError for a torn or foreign folder."""
+    state_file = path / STATE_FILE
+    if not (path / ".metadata").is_file() or not state_file.is_file():
+        raise UserError(
+            f"{path}: not a complete sharded checkpoint (no .metadata or {STATE_FILE}: a save "
+            "cut short, or another tool's folder); use another checkpoint"
+        )
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file: torch raises many types
+        raise UserError(
+            f"{state_file}: not readable ({type(e).__name__}); use another checkpoint"
+        ) from None
+    if not isinstance(state, dict) or state.get("metadata_sha256") != digest(path):
+        raise UserError(
+            f"{path}: its .metadata is not the one sbtrain wrote with {STATE_FILE} (it is not "
+            "read: DCP would unpickle it); use another checkpoint"
+        )
+    return state
+
+
+def shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every model tensor a sharded checkpoint holds."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {
+        key.removeprefix("model."): tuple(item.size)
+        for key, item in metadata.items()
+        if key.startswith("model.") and hasattr(item, "size")
+    }
+
+
+def load(path: Path, model, optimizer=None, keep=lambda name: True) -> None:
+    """Fill `model` (sharded or not) and `optimizer` from checkpoint folder `path`, re-cutting
+    shards for this process count; only the model tensors `keep(name)` accepts are read."""
+    model_state, optimizer_state = get_state_dict(model, optimizer or [])
+    model_state = {name: t for name, t in model_state.items() if keep(name)}
+    wanted = {"model": model_state}
+    if optimizer is not None:
+        wanted["optimizer"] = optimizer_state
+    try:
+        dcp.load(wanted, checkpoint_id=path)
+    except (Exception, CheckpointException):  # DCP's report holds remote tracebacks
+        raise UserError(
+            f"{path}: its shards cannot be read (one is missing, cut short or not from this "
+            "checkpoint); use another checkpoint"
+        ) from None
+    options = StateDictOptions(strict=False)
+    set_state_dict(
+        model, optimizer or [], model_state_dict=model_state,
+        optim_state_dict=optimizer_state if optimizer is not None else {}, options=options,
+    )  # fmt: skip
