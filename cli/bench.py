@@ -137,6 +137,11 @@ def train_flags(t: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also time attention, feed-forward and output layer of a step, each alone",
     )
+    t.add_argument("--processes", type=positive, default=1, help="torchrun processes per case")
+    t.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="train.parallel")
+    t.add_argument(
+        "--context-parallel", type=ints, help="train.context_parallel sizes, a case each"
+    )
 
 
 def preprocess_flags(p: argparse.ArgumentParser) -> None:

@@ -164,3 +164,28 @@ def _state_and_halo(
     if window:
         cache.update(_halo(k, v, window, shard, used))
     return cache
+
+
+def traffic(
+    kind: str,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    length: int,
+    parts: int,
+    window: int = 0,
+    n_features: int = 0,
+    itemsize: int = 4,
+) -> int:
+    """Bytes one process sends for one layer's forward and backward pass under `parts`-way
+    context parallelism, as `Shard.gather` counts them: full gathers its chunk's keys and values
+    (growing with `length`); local its halo; performer and scatterbrain their state (and halo)."""
+    chunk = length // parts
+    send = lambda n, grad=True: n * itemsize * (parts - 1) * (3 if grad else 1)  # noqa: E731
+    if kind == "full":
+        return 2 * send(batch * heads * chunk * head_dim)
+    halo = send(2 * batch * heads * min(max(window - 1, 0), chunk) * head_dim) if window else 0
+    if kind == "local":
+        return halo
+    states = batch * heads * n_features
+    return send(2 * states * (head_dim + 1)) + send(2 * states, grad=False) + halo

@@ -20,6 +20,7 @@ import torch
 
 from sbtrain.errors import UserError
 from sbtrain.staging import save_figure, write_json
+from sbtrain.tasks import TrainingData, get_task
 
 # The kinds at the WikiText-103 recipes' per-query budget (256 keys or features for length 2048):
 # label -> (kind, options). The benchmarks that compare kinds use these.
@@ -30,6 +31,25 @@ PAPER_BUDGET: dict[str, tuple[str, dict]] = {
     "lsh": ("lsh", {"n_hashes": 2, "bucket_size": 128}),
     "scatterbrain": ("scatterbrain", {"sparse": "local", "window": 128, "n_features": 128}),
 }
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, vocab_size: int, length: int, size: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, vocab_size, (size, length + 1), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[i, :-1], self.data[i, 1:]
+
+
+def synthetic_data(recipe, vocab_size: int, n_samples: int) -> TrainingData:
+    """Stands in for a task's training data: random tokens, no validation set."""
+    length = get_task(recipe).context_length
+    dataset = RandomTokens(vocab_size, length, n_samples, recipe.train.seed)
+    return TrainingData(n_samples, None, lambda epoch: dataset, {"vocab_size": vocab_size})
 
 
 def machine(device: torch.device | None = None) -> dict:
@@ -95,6 +115,11 @@ PLOTS = {
     "approx-checkpoint": ("n_features", ("error",), ("features", "layer")),
     "train": ("length", ("tokens_per_s", "peak_kib_per_token"), ("recipe", "checkpointing")),
     "generate": ("context", ("ms_per_token", "cache_mib"), ("kind",)),
+    "train-parallel": (
+        "length",
+        ("peak_rss_mib", "tokens_per_s"),
+        ("attention", "parallel", "context_parallel"),
+    ),
 }
 
 

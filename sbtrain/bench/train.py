@@ -18,31 +18,13 @@ from torch.utils.checkpoint import checkpoint
 
 from sbtrain import bench
 from sbtrain.attention import dispatch
+from sbtrain.bench import parallel as bench_parallel
 from sbtrain.config import Recipe
 from sbtrain.distributed import Layout, pick_device
 from sbtrain.errors import UserError
 from sbtrain.model import TransformerLM, count_parameters
-from sbtrain.tasks import TrainingData, get_task, load_recipe
+from sbtrain.tasks import get_task, load_recipe
 from sbtrain.trainer import Trainer
-
-
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, vocab_size: int, length: int, size: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.data = torch.randint(0, vocab_size, (size, length + 1), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data[i, :-1], self.data[i, 1:]
-
-
-def synthetic_data(recipe: Recipe, vocab_size: int, n_samples: int) -> TrainingData:
-    """Stands in for a task's training data: random tokens, no validation set."""
-    length = get_task(recipe).context_length
-    dataset = RandomTokens(vocab_size, length, n_samples, recipe.train.seed)
-    return TrainingData(n_samples, None, lambda epoch: dataset, {"vocab_size": vocab_size})
 
 
 def bench_train(
@@ -55,7 +37,7 @@ def bench_train(
 ) -> dict:
     """Time `steps` updates after `warmup` ones; returns one row (`name`: the recipe's)."""
     device = pick_device(recipe.train.device)
-    data = synthetic_data(recipe, vocab_size, recipe.train.batch_size * (steps + warmup))
+    data = bench.synthetic_data(recipe, vocab_size, recipe.train.batch_size * (steps + warmup))
     trainer = Trainer(recipe, Layout(0, 1, device), data)
     batches = trainer.sampler.epoch_batches()
     dataset = data.train_set(1)
@@ -155,13 +137,26 @@ def main(
     checkpointing: str | None = None,
     breakdown: bool = False,
     out: str | None = None,
+    processes: int = 1,
+    parallel: str = "ddp",
+    context_parallel: list[int] | None = None,
 ) -> dict:
     """`sbtrain bench train RECIPE... [key=value...]`: one row per recipe, length and
-    checkpointing setting (`on`, `off`, `both`; default: the recipe's), side by side."""
+    checkpointing setting (`on`, `off`, `both`; default: the recipe's), side by side. With
+    `processes` > 1, fsdp or `context_parallel` sizes: multi-process rows (bench.parallel)."""
     paths = [r for r in recipes if "=" not in r]
     overrides = [r for r in recipes if "=" in r]
     if not paths:
         raise UserError("bench train: give at least one recipe")
+    if processes > 1 or parallel == "fsdp" or context_parallel:
+        found = bench_parallel.rows(
+            paths, overrides, lengths or [None], processes, parallel, context_parallel or [1],
+            steps, warmup, vocab_size,
+        )  # fmt: skip
+        settings = dict(recipes=paths, overrides=overrides, steps=steps, warmup=warmup,
+                        vocab_size=vocab_size, processes=processes, parallel=parallel)  # fmt: skip
+        meta = {"machine": bench.machine(), "settings": settings}
+        return bench.report("train-parallel", found, out, meta)
     settings = {"on": ["true"], "off": ["false"], "both": ["false", "true"], None: [None]}
     cases = []  # all loaded and checked before any run
     for path in paths:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sbtrain.attention.context_parallel import Shard
+from sbtrain.attention.context_parallel import Shard, traffic
 from sbtrain.config import AttentionConfig, DecoderConfig
 from sbtrain.model import TransformerLM
 
@@ -88,7 +88,7 @@ def test_chunks_on_processes_equal_one_process(size):
     mp.spawn(worker, args=(size, free_port()), nprocs=size, join=True)
 
 
-def traffic(rank: int, size: int, port: int, lengths: list[int], out) -> None:
+def count_traffic(rank: int, size: int, port: int, lengths: list[int], out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=size)
     try:
@@ -107,7 +107,7 @@ def traffic(rank: int, size: int, port: int, lengths: list[int], out) -> None:
 
 def test_bytes_sent_stay_flat_for_scatterbrain_and_grow_for_full():
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(traffic, args=(2, free_port(), [32, 64, 128], queue), nprocs=2, join=True)
+    mp.spawn(count_traffic, args=(2, free_port(), [32, 64, 128], queue), nprocs=2, join=True)
     sent = {}
     while not queue.empty():
         name, length, nbytes = queue.get()
@@ -118,3 +118,6 @@ def test_bytes_sent_stay_flat_for_scatterbrain_and_grow_for_full():
     # gradients back (a ring all-reduce of both chunks: 2 x (P - 1) / P of their bytes)
     chunk = 2 * (128 // 2) * 8 * 4
     assert sent["full", 128] == 2 * 2 * (chunk + 2 * chunk)
+    for (name, length), nbytes in sent.items():  # the formula the benchmark reports with
+        options = {"window": 8, "n_features": 16} if name == "scatterbrain" else {}
+        assert 2 * traffic(name, 1, 2, 8, length, 2, **options) == nbytes

@@ -1,0 +1,141 @@
+"""`sbtrain bench train --processes N [--parallel fsdp] [--context-parallel 1,2]`: real training
+steps on N processes (torchrun, gloo on CPU), per process: peak RSS, the memory of the model and
+optimizer it holds (parameters, gradients, AdamW moments: its shards under fsdp) and what the
+step adds on top of it (activations and temporaries), the step time and tokens/s, and the bytes it
+sends per step in context-parallel exchanges (counted at the collectives). Each case runs in its
+own torchrun; the other processes' rows are gathered into rank 0's.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from sbtrain import bench, distributed
+from sbtrain.attention.context_parallel import traffic
+from sbtrain.errors import UserError
+from sbtrain.tasks import load_recipe
+from sbtrain.trainer import Trainer
+
+MARK = "sbtrain-bench-parallel "  # the line of results a worker's rank 0 prints
+
+
+def state_mib(trainer) -> float:
+    """MiB of this process's parameters, gradients and optimizer states (local shards)."""
+
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    total = sum(2 * local(p) for p in trainer.model.parameters())  # the parameter, its gradient
+    for state in trainer.optimizer.state.values():
+        total += sum(local(v) for v in state.values() if torch.is_tensor(v) and v.dim())
+    return total / 2**20
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def worker(case: dict) -> None:
+    """One case, inside torchrun: build the trainer, run the steps, print rank 0's gather."""
+    recipe = load_recipe(case["recipe"], case["overrides"])
+    t = recipe.train
+    layout = distributed.setup(t.device, t.context_parallel, group_needed=t.parallel == "fsdp")
+    steps, warmup = case["steps"], case["warmup"]
+    data = bench.synthetic_data(recipe, case["vocab_size"], t.batch_size * (steps + warmup))
+    trainer = Trainer(recipe, layout, data)
+    batches, dataset = trainer.sampler.epoch_batches(), data.train_set(1)
+    for _ in range(warmup):
+        trainer.train_step(next(batches), dataset)
+    base, shard = rss_mib(), trainer.model.shard
+    sent_before = shard.sent[0] if shard else 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(next(batches), dataset)
+    seconds = (time.perf_counter() - start) / steps
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row = {
+        "rank": layout.rank,
+        "step_s": seconds,
+        "tokens_per_s": t.batch_size * trainer.task.context_length / seconds,
+        "peak_rss_mib": peak,
+        "state_mib": state_mib(trainer),
+        "rss_before_steps_mib": base,
+        "sent_bytes_per_step": ((shard.sent[0] - sent_before) / steps) if shard else 0,
+    }
+    rows = [None] * layout.world_size
+    dist.all_gather_object(rows, row) if dist.is_initialized() else rows.__setitem__(0, row)
+    if layout.is_main:
+        print(MARK + json.dumps(rows), flush=True)
+    distributed.teardown()
+
+
+def run_case(case: dict, processes: int) -> list[dict]:
+    """Every process's row of one case, run under torchrun (one thread per process)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", "-m", "sbtrain.bench.parallel",
+               json.dumps(case)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(MARK)]
+    if result.returncode != 0 or not lines:
+        tail = " ".join(result.stderr.strip().splitlines()[-3:])[:300]
+        raise UserError(f"bench train on {processes} processes failed: {tail}")
+    return json.loads(lines[-1][len(MARK) :])
+
+
+def rows(
+    paths: list[str], overrides: list[str], lengths: list[int | None], processes: int,
+    parallel: str, context_parallel: list[int], steps: int, warmup: int, vocab_size: int,
+) -> list[dict]:  # fmt: skip
+    """One row per recipe, length and context-parallel size: the mean over processes of the
+    step, the largest peak RSS, state and extra memory of one process, bytes sent per process."""
+    out = []
+    for path in paths:
+        for length in lengths:
+            for parts in context_parallel:
+                extra = [f"train.parallel={parallel}", f"train.context_parallel={parts}"]
+                if length is not None:
+                    extra.append(f"data.tokens_per_sample={length}")
+                recipe = load_recipe(path, [*overrides, *extra])  # checked before any run
+                case = {"recipe": path, "overrides": [*overrides, *extra], "steps": steps,
+                        "warmup": warmup, "vocab_size": vocab_size}  # fmt: skip
+                per_process = run_case(case, max(processes, parts))
+                out.append(summary(path, recipe, parts, per_process))
+    return out
+
+
+def summary(path: str, recipe, parts: int, per_process: list[dict]) -> dict:
+    a = recipe.model.attention
+    length = recipe.data.tokens_per_sample
+    heads, head_dim = recipe.model.n_heads, recipe.model.head_dim
+    formula = recipe.model.n_layers * traffic(
+        a.kind, recipe.train.batch_size, heads, head_dim, length, parts, a.window or 0,
+        a.n_features or 0,
+    ) if parts > 1 else 0  # fmt: skip
+    return {
+        "recipe": path,
+        "attention": a.kind,
+        "parallel": recipe.train.parallel,
+        "processes": len(per_process),
+        "context_parallel": parts,
+        "length": length,
+        "step_s": sum(r["step_s"] for r in per_process) / len(per_process),
+        "tokens_per_s": per_process[0]["tokens_per_s"],
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in per_process),
+        "state_mib": max(r["state_mib"] for r in per_process),
+        "step_extra_mib": max(r["peak_rss_mib"] - r["rss_before_steps_mib"] for r in per_process),
+        "sent_bytes_per_step": max(r["sent_bytes_per_step"] for r in per_process),
+        "sent_bytes_formula": formula,
+    }
+
+
+if __name__ == "__main__":
+    worker(json.loads(sys.argv[1]))
