@@ -354,9 +354,11 @@ def micro_batch_size(recipe: Recipe, groups: int) -> int:
     the context-parallel groups); a UserError if the batch cannot be split."""
     t = recipe.train
     if t.batch_size % groups:
+        over = (f"{groups} data-parallel groups (processes / train.context_parallel)"
+                if t.context_parallel > 1 else f"{groups} processes")  # fmt: skip
         raise UserError(
-            f"train.batch_size={t.batch_size} cannot be split over {groups} processes (or "
-            "context-parallel groups); make it a multiple of their number"
+            f"train.batch_size={t.batch_size} cannot be split over {over}; "
+            "make it a multiple of that number"
         )
     share = t.batch_size // groups
     micro = t.micro_batch_size or share

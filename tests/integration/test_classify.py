@@ -88,7 +88,9 @@ def test_listops_learns_and_eval_reports_accuracy(listops_folder, tmp_path, caps
     assert main(train_args(listops_folder, save, "train.max_updates=200",
                            "train.validate_interval=50")) == 0  # fmt: skip
     records = read_jsonl(save / "train.jsonl")
-    assert records[0]["bsz"] == records[0]["wpb"] == 20  # one scored target per example
+    # one scored target per example: examples, not tokens, per update and per second
+    assert records[0]["bsz"] == 20 and "eps" in records[0]
+    assert not {"wpb", "wps"} & records[0].keys()
     assert records[-1]["nll_nats"] < records[0]["nll_nats"] - 0.5
     valid = read_jsonl(save / "valid.jsonl")
     # at every epoch's end (10 updates) and every 50: once each

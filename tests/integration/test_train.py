@@ -436,9 +436,18 @@ def test_batch_that_cannot_be_split_over_processes(token_folder, tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         "sbtrain train: error: train.batch_size=7 cannot be split over 2 processes; "
-        "make it a multiple of the number of processes"
+        "make it a multiple of that number"
     ]
     assert not (tmp_path / "x").exists()
+    env["WORLD_SIZE"] = "4"  # two groups of two processes each sharing a sequence
+    cp = train_args(token_folder, tmp_path / "y", "train.batch_size=3", "train.context_parallel=2")
+    run = run_child(cp, env=env)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "sbtrain train: error: train.batch_size=3 cannot be split over 2 data-parallel groups "
+        "(processes / train.context_parallel); make it a multiple of that number"
+    ]
+    assert not (tmp_path / "y").exists()
 
 
 def test_finetune_starts_from_the_checkpoint_and_a_rerun_resumes_it(token_folder, tmp_path, capsys):
