@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from sbtrain import __version__
+from sbtrain import __version__, allocator
 from sbtrain.errors import UserError
 
 COMMANDS = {
@@ -34,7 +34,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit status (the console script exits with it)."""
+    """Run one command; returns the exit status (the console script exits with it). From the
+    command line (`argv` None) the process first re-executes itself with the CPU allocator
+    preloaded (sbtrain.allocator); a call from Python runs in the calling process as it is."""
+    if argv is None:
+        try:
+            allocator.preload(sys.argv[1:])
+        except UserError as e:
+            print(f"sbtrain: error: {e}", file=sys.stderr)
+            return 2
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -42,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        print(f"sbtrain {__version__}")
+        print(f"sbtrain {__version__} (allocator: {allocator.loaded()})")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
