@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import socket
 from dataclasses import dataclass, field
@@ -198,7 +199,11 @@ def synchronize() -> None:
 
 
 def teardown() -> None:
+    """Leave the group. Whatever still holds a group (DDP's reducer, kept by a reference cycle)
+    is collected first, while the group is registered: a gloo group destroyed from such an object
+    joins its worker threads holding the GIL, and hangs when a worker needs it (seen at exit)."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -52,13 +52,11 @@ class Shard:
 
     def gather(self, x: torch.Tensor, used: list) -> torch.Tensor:
         """(size, *x.shape): every process's `x`, differentiable (appended to `used`, see
-        `attend`). Counted as sent: x to each of the others, and in the backward pass (when x
-        needs gradients) a ring all-reduce of the gathered gradient, 2 (size - 1) / size of
-        its bytes."""
-        nbytes = x.numel() * x.element_size()
-        self.sent[0] += nbytes * (self.size - 1)
-        if x.requires_grad:
-            self.sent[0] += 2 * (self.size - 1) * nbytes
+        `attend`). Counted as sent, where the exchange runs: x to each of the others, and in
+        the backward pass (when x needs gradients) a ring all-reduce of the gathered gradient,
+        2 (size - 1) / size of its bytes (so a forward pass recomputed under activation
+        checkpointing counts again, its backward once)."""
+        self.sent[0] += x.numel() * x.element_size() * (self.size - 1)
         gathered = _Gather.apply(x, self)
         used.append(gathered)
         return gathered
@@ -77,6 +75,8 @@ class _Gather(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()  # every process's gradient for every summary, summed
         dist.all_reduce(grad, group=ctx.shard.group)
+        size = ctx.shard.size
+        ctx.shard.sent[0] += 2 * (size - 1) * grad.numel() * grad.element_size() // size
         return grad[ctx.shard.rank], None
 
 
@@ -176,12 +176,14 @@ def traffic(
     window: int = 0,
     n_features: int = 0,
     itemsize: int = 4,
+    forwards: int = 1,
 ) -> int:
     """Bytes one process sends for one layer's forward and backward pass under `parts`-way
     context parallelism, as `Shard.gather` counts them: full gathers its chunk's keys and values
-    (growing with `length`); local its halo; performer and scatterbrain their state (and halo)."""
+    (growing with `length`); local its halo; performer and scatterbrain their state (and halo).
+    `forwards` 2: the forward pass run again in the backward (activation checkpointing)."""
     chunk = length // parts
-    send = lambda n, grad=True: n * itemsize * (parts - 1) * (3 if grad else 1)  # noqa: E731
+    send = lambda n, grad=True: n * itemsize * (parts - 1) * (forwards + 2 * grad)  # noqa: E731
     if kind == "full":
         return 2 * send(batch * heads * chunk * head_dim)
     halo = send(2 * batch * heads * min(max(window - 1, 0), chunk) * head_dim) if window else 0

@@ -83,6 +83,12 @@ def in_fresh_process(what: str, function, *args):
             ) from None
 
 
+def rss_mib() -> float:
+    """Resident memory of this process now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -113,7 +119,11 @@ PLOTS = {
     "attention": ("length", ("ms", "peak_mib"), ("kind",)),
     "approx": ("temperature", ("error",), ("kind", "regime")),
     "approx-checkpoint": ("n_features", ("error",), ("features", "layer")),
-    "train": ("length", ("tokens_per_s", "peak_kib_per_token"), ("recipe", "checkpointing")),
+    "train": (
+        "length",
+        ("tokens_per_s", "peak_kib_per_token"),
+        ("recipe", "checkpointing", "allocator"),
+    ),
     "generate": ("context", ("ms_per_token", "cache_mib"), ("kind",)),
     "train-parallel": (
         "length",

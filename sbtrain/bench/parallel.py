@@ -39,11 +39,6 @@ def state_mib(trainer) -> float:
     return total / 2**20
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def worker(case: dict) -> None:
     """One case, inside torchrun: build the trainer, run the steps, print rank 0's gather."""
     recipe = load_recipe(case["recipe"], case["overrides"])
@@ -55,7 +50,7 @@ def worker(case: dict) -> None:
     batches, dataset = trainer.sampler.epoch_batches(), data.train_set(1)
     for _ in range(warmup):
         trainer.train_step(next(batches), dataset)
-    base, shard = rss_mib(), trainer.model.shard
+    base, shard = bench.rss_mib(), trainer.model.shard
     sent_before = shard.sent[0] if shard else 0
     start = time.perf_counter()
     for _ in range(steps):
@@ -75,7 +70,6 @@ def worker(case: dict) -> None:
     dist.all_gather_object(rows, row) if dist.is_initialized() else rows.__setitem__(0, row)
     if layout.is_main:
         print(MARK + json.dumps(rows), flush=True)
-    distributed.teardown()
 
 
 def run_case(case: dict, processes: int) -> list[dict]:
@@ -86,8 +80,10 @@ def run_case(case: dict, processes: int) -> list[dict]:
     result = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith(MARK)]
     if result.returncode != 0 or not lines:
-        tail = " ".join(result.stderr.strip().splitlines()[-3:])[:300]
-        raise UserError(f"bench train on {processes} processes failed: {tail}")
+        said = [line.split("UserError: ", 1)[1] for line in result.stderr.splitlines()
+                if "UserError: " in line]  # fmt: skip
+        why = said[0] if said else " ".join(result.stderr.strip().splitlines()[-3:])[:300]
+        raise UserError(f"bench train on {processes} processes failed: {why}")
     return json.loads(lines[-1][len(MARK) :])
 
 
@@ -118,7 +114,7 @@ def summary(path: str, recipe, parts: int, per_process: list[dict]) -> dict:
     heads, head_dim = recipe.model.n_heads, recipe.model.head_dim
     formula = recipe.model.n_layers * traffic(
         a.kind, recipe.train.batch_size, heads, head_dim, length, parts, a.window or 0,
-        a.n_features or 0,
+        a.n_features or 0, forwards=1 + recipe.train.activation_checkpointing,
     ) if parts > 1 else 0  # fmt: skip
     return {
         "recipe": path,
@@ -138,4 +134,6 @@ def summary(path: str, recipe, parts: int, per_process: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    worker(json.loads(sys.argv[1]))
+    worker(json.loads(sys.argv[1]))  # its trainer freed here, before the group (teardown)
+    distributed.synchronize()  # no process leaves the group while another still uses it
+    distributed.teardown()

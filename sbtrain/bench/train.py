@@ -10,13 +10,15 @@ what remains of the step (embeddings, final LayerNorm's share, clipping, the opt
 
 from __future__ import annotations
 
+import os
+import resource
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from sbtrain import bench
+from sbtrain import allocator, bench
 from sbtrain.attention import dispatch
 from sbtrain.bench import parallel as bench_parallel
 from sbtrain.config import Recipe
@@ -36,6 +38,7 @@ def bench_train(
     name: str = "",
 ) -> dict:
     """Time `steps` updates after `warmup` ones; returns one row (`name`: the recipe's)."""
+    load = os.getloadavg()[0]  # the machine's load before this case (others' work skews it)
     device = pick_device(recipe.train.device)
     data = bench.synthetic_data(recipe, vocab_size, recipe.train.batch_size * (steps + warmup))
     trainer = Trainer(recipe, Layout(0, 1, device), data)
@@ -46,12 +49,15 @@ def bench_train(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    rss = []  # after each timed step: whether memory keeps growing
     for _ in range(steps):
         trainer.train_step(next(batches), dataset)
+        rss.append(round(bench.rss_mib()))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - start) / steps
+    after = resource.getrusage(resource.RUSAGE_SELF)
     length = trainer.task.context_length
     tokens = recipe.train.batch_size * length
     row = {
@@ -67,6 +73,13 @@ def bench_train(
         "checkpointing": recipe.train.activation_checkpointing,
         "step_ms": 1000 * seconds,
         "tokens_per_s": tokens / seconds,
+        # per step: CPU time in user space and in the kernel (page faults' share), minor faults
+        "user_s": (after.ru_utime - usage.ru_utime) / steps,
+        "sys_s": (after.ru_stime - usage.ru_stime) / steps,
+        "minor_faults": (after.ru_minflt - usage.ru_minflt) / steps,
+        "allocator": allocator.loaded(),
+        "rss_mib_after_steps": rss,
+        "load_before": load,
     }
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20

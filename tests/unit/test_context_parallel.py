@@ -94,13 +94,14 @@ def count_traffic(rank: int, size: int, port: int, lengths: list[int], out) -> N
     try:
         for name in ("full", "scatterbrain"):
             for length in lengths:
-                model = model_of(KINDS[name], "rope")
-                model.max_len = length
-                shard = model.shard = Shard(rank, size, None)
-                tokens = torch.randint(0, 50, (1, length // size))
-                model(tokens).sum().backward()
-                if rank == 0:
-                    out.put((name, length, shard.sent[0]))
+                for recompute in (False, True):
+                    model = model_of(KINDS[name], "rope")
+                    model.max_len, model.activation_checkpointing = length, recompute
+                    shard = model.shard = Shard(rank, size, None)
+                    tokens = torch.randint(0, 50, (1, length // size))
+                    model(tokens).sum().backward()
+                    if rank == 0:
+                        out.put((name, length, recompute, shard.sent[0]))
     finally:
         dist.destroy_process_group()
 
@@ -108,10 +109,10 @@ def count_traffic(rank: int, size: int, port: int, lengths: list[int], out) -> N
 def test_bytes_sent_stay_flat_for_scatterbrain_and_grow_for_full():
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(count_traffic, args=(2, free_port(), [32, 64, 128], queue), nprocs=2, join=True)
-    sent = {}
+    sent, recomputed = {}, {}
     while not queue.empty():
-        name, length, nbytes = queue.get()
-        sent[name, length] = nbytes
+        name, length, recompute, nbytes = queue.get()
+        (recomputed if recompute else sent)[name, length] = nbytes
     assert sent["scatterbrain", 32] == sent["scatterbrain", 64] == sent["scatterbrain", 128]
     assert sent["full", 128] == 2 * sent["full", 64] == 4 * sent["full", 32]
     # full: 2 layers x (k, v) of (1, 2 heads, L/2, 8) fp32 to the other process, and their
@@ -121,3 +122,6 @@ def test_bytes_sent_stay_flat_for_scatterbrain_and_grow_for_full():
     for (name, length), nbytes in sent.items():  # the formula the benchmark reports with
         options = {"window": 8, "n_features": 16} if name == "scatterbrain" else {}
         assert 2 * traffic(name, 1, 2, 8, length, 2, **options) == nbytes
+        # activation checkpointing: the forward exchanges once more, the backward once
+        again = 2 * traffic(name, 1, 2, 8, length, 2, **options, forwards=2)
+        assert recomputed[name, length] == again > nbytes
