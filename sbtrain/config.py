@@ -168,7 +168,11 @@ class ModelConfig(Section):
     n_layers: int = opt(16, "transformer blocks", "positive")
     n_heads: int = opt(8, "attention heads per block", "positive")
     d_model: int = opt(512, "residual stream width", "positive")
-    d_ff: int = opt(2048, "feed-forward hidden width", "positive")
+    d_ff: int = opt(
+        2048,
+        "feed-forward hidden width (0: attention-only blocks, as Zoology's MQAR models)",
+        "non-negative",
+    )
     dropout: float = opt(
         0.1, "dropout on embeddings, attention output and feed-forward", "fraction"
     )

@@ -102,10 +102,12 @@ class Block(nn.Module):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = SelfAttention(cfg, attention, causal)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model)
-        )
+        self.ln2 = self.mlp = None  # d_ff 0: an attention-only block
+        if cfg.d_ff:
+            self.ln2 = nn.LayerNorm(cfg.d_model)
+            self.mlp = nn.Sequential(
+                nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model)
+            )
         self.drop = Dropout(cfg.dropout)  # after the attention and after the feed-forward
 
     def forward(
@@ -127,6 +129,8 @@ class Block(nn.Module):
 
     def feed_forward(self, x: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
         """The feed-forward sublayer with its residual: (B, T, d_model) -> the same."""
+        if self.mlp is None:
+            return x
         return x + self.drop(self.mlp(self.ln2(x)), shard)
 
     def decode(self, x: torch.Tensor, cache: dict | None, start: int) -> tuple[torch.Tensor, dict]:

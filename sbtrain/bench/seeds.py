@@ -120,8 +120,14 @@ def record_main(argv: list[str]) -> int:
     return 0
 
 
-def summarise(runs: list[dict], metric: str = "ppl") -> list[dict]:
-    """One row per (study, name): n, the seeds, and mean / std of `metric` and of loss_nats."""
+def first_reaching(curve: list[list[float]], level: float) -> int | None:
+    """The first validation update whose accuracy (a curve point's third value) is >= level."""
+    return next((p[0] for p in curve if len(p) > 2 and p[2] >= level), None)
+
+
+def summarise(runs: list[dict], metric: str = "ppl", reach: float | None = None) -> list[dict]:
+    """One row per (study, name): n, the seeds, and mean / std of `metric` and of loss_nats;
+    with `reach`, each run's first validation update whose accuracy reaches it (or None)."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         if "name" not in run:
@@ -136,6 +142,8 @@ def summarise(runs: list[dict], metric: str = "ppl") -> list[dict]:
                 raise UserError(f"a run has no {key!r} field")
             mean, std = mean_std([float(m[key]) for m in members])
             row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+        if reach is not None:
+            row["reaches"] = [first_reaching(m.get("valid_curve", []), reach) for m in members]
         drops = [late_drop(m["valid_curve"]) for m in members if m.get("valid_curve")]
         drops = [d for d in drops if d is not None]
         if drops:
@@ -144,14 +152,18 @@ def summarise(runs: list[dict], metric: str = "ppl") -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], metric: str = "ppl") -> str:
+def markdown(rows: list[dict], metric: str = "ppl", reach: float | None = None) -> str:
     """The rows as a markdown table: study, name, runs, metric as mean ± std (and the mean late
-    drop of the validation loss when the runs carry their curves)."""
+    drop of the validation loss when the runs carry their curves; with `reach`, the update each
+    run first reached that accuracy, "-" for never)."""
     curves = any("late_drop_mean" in r for r in rows)
     scale, label = (100.0, "accuracy %") if metric == "accuracy" else (1.0, metric)
+    reached = f" reaches {100 * reach:g}% at update |" if reach is not None else ""
     lines = [
-        f"| study | name | runs | {label} (mean ± std) |" + (" late drop |" if curves else ""),
-        "|---|---|---:|---:|" + ("---:|" if curves else ""),
+        f"| study | name | runs | {label} (mean ± std) |"
+        + (" late drop |" if curves else "")
+        + reached,
+        "|---|---|---:|---:|" + ("---:|" if curves else "") + ("---|" if reach else ""),
     ]
     for r in rows:
         mean, std = r[f"{metric}_mean"] * scale, r[f"{metric}_std"]
@@ -160,6 +172,8 @@ def markdown(rows: list[dict], metric: str = "ppl") -> str:
         if curves:
             drop = r.get("late_drop_mean")
             line += f" {drop:.2f}% |" if drop is not None else " |"
+        if reach is not None:
+            line += " " + ", ".join("-" if u is None else str(u) for u in r["reaches"]) + " |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -172,13 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("jsonl", nargs="+", help="JSON lines of evaluated runs")
     parser.add_argument("--metric", default="ppl", help="the figure to summarise (default: ppl)")
     parser.add_argument("--out", help="also write the markdown table here, and the rows as JSON")
+    parser.add_argument(
+        "--reach", type=float, help="also: the update each run reached this accuracy"
+    )
     args = parser.parse_args(argv)
     try:
-        rows = summarise(read_runs(args.jsonl), args.metric)
+        rows = summarise(read_runs(args.jsonl), args.metric, args.reach)
     except UserError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    text = markdown(rows, args.metric)
+    text = markdown(rows, args.metric, args.reach)
     print(text)
     if args.out:
         write_file(args.out, lambda f: f.write((text + "\n").encode()))
