@@ -55,6 +55,7 @@ def wiki_like(tmp_path_factory) -> Path:
 
 def test_every_script_is_covered_here():
     covered = {
+        "allocator.sh",
         "copy-demo.sh",
         "cpu.sh",
         "features.sh",
@@ -65,6 +66,8 @@ def test_every_script_is_covered_here():
         "length_generalisation.py",
         "lra-cpu.sh",
         "merge_train.py",
+        "parallel.sh",
+        "recall.sh",
         "wiki-leads.sh",
         "wiki-leads-seeds.sh",
     }
@@ -217,3 +220,59 @@ def test_lra_cpu_sh(tmp_path):
     )
     (row,) = jsonl(out)
     assert row["study"] == "listops" and row["name"] == "full" and row["examples"] == 16
+
+
+def test_recall_sh(tmp_path):
+    out = tmp_path / "results"
+    run(
+        "recall.sh",
+        SMOKE="1",
+        RUNS=str(tmp_path / "runs"),
+        DATA=str(tmp_path / "data"),
+        OUT_DIR=str(out),
+        KINDS="local scatterbrain",
+        LENGTHS="64",
+    )
+    sweep = json.loads((out / "recall-dropin-64-cpu.json").read_text())
+    swapped = {(r["kind"], r["budget"]) for r in sweep["rows"]}
+    assert {("local", 4), ("local", 8), ("scatterbrain", 4), ("scatterbrain", 8)} <= swapped
+    mechanism = jsonl(out / "recall-mechanism-cpu.jsonl")
+    assert [r["kind"] for r in mechanism] == ["local", "lsh", "scatterbrain", "scatterbrain-lsh"]
+    trained = jsonl(out / "recall-train-cpu.jsonl")
+    assert [(r["name"], r["seed"]) for r in trained] == [("local", 1), ("scatterbrain", 1)]
+    assert all(0 <= r["accuracy"] <= 1 for r in trained)
+    tasks = jsonl(out / "recall-tasks-cpu.jsonl")
+    assert [(r["study"], r["name"]) for r in tasks] == [
+        ("selective-copy-cpu", "local"),
+        ("selective-copy-cpu", "scatterbrain"),
+        ("passkey-cpu", "local"),
+        ("passkey-cpu", "scatterbrain"),
+    ]
+    assert "accuracy" in (out / "recall-train-cpu.md").read_text()
+
+
+def test_parallel_sh(tmp_path):
+    run("parallel.sh", SMOKE="1", OUT_DIR=str(tmp_path))
+    cp = json.loads((tmp_path / "parallel-cp-cpu.json").read_text())["rows"]
+    assert sorted((r["attention"], r["context_parallel"]) for r in cp) == [
+        ("full", 1),
+        ("full", 2),
+        ("scatterbrain", 1),
+        ("scatterbrain", 2),
+    ]
+    for name in ("ddp", "fsdp"):
+        (row,) = json.loads((tmp_path / f"parallel-{name}-cpu.json").read_text())["rows"]
+        assert row["processes"] == 2 and row["parallel"] == name
+    sent = json.loads((tmp_path / "parallel-bytes.json").read_text())["rows"]
+    full = [r["sent_bytes_per_step"] for r in sent if r["attention"] == "full"]
+    flat = {r["sent_bytes_per_step"] for r in sent if r["attention"] == "scatterbrain"}
+    assert full == sorted(full) and full[-1] == 8 * full[0] and len(flat) == 1
+
+
+def test_allocator_sh(tmp_path):
+    run("allocator.sh", SMOKE="1", OUT_DIR=str(tmp_path), ALLOCATORS="glibc")
+    rows = json.loads((tmp_path / "allocator-cpu.json").read_text())["rows"]
+    assert len(rows) == 2 * 3 + 2 and {r["allocator"] for r in rows} == {"glibc"}
+    assert all(r["minor_faults"] > 0 and r["sys_s"] >= 0 for r in rows)
+    (steps,) = json.loads((tmp_path / "allocator-steps-cpu.json").read_text())["rows"][:1]
+    assert len(steps["rss_mib_after_steps"]) == 3
