@@ -46,18 +46,8 @@ def bench_train(
     dataset = data.train_set(1)
     for _ in range(warmup):
         trainer.train_step(next(batches), dataset)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    rss = []  # after each timed step: whether memory keeps growing
-    for _ in range(steps):
-        trainer.train_step(next(batches), dataset)
-        rss.append(round(bench.rss_mib()))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
-    after = resource.getrusage(resource.RUSAGE_SELF)
+    seconds, usage, rss = timed_steps(lambda: trainer.train_step(next(batches), dataset), steps,
+                                      device)  # fmt: skip
     length = trainer.task.context_length
     tokens = recipe.train.batch_size * length
     row = {
@@ -73,10 +63,7 @@ def bench_train(
         "checkpointing": recipe.train.activation_checkpointing,
         "step_ms": 1000 * seconds,
         "tokens_per_s": tokens / seconds,
-        # per step: CPU time in user space and in the kernel (page faults' share), minor faults
-        "user_s": (after.ru_utime - usage.ru_utime) / steps,
-        "sys_s": (after.ru_stime - usage.ru_stime) / steps,
-        "minor_faults": (after.ru_minflt - usage.ru_minflt) / steps,
+        **usage,
         "allocator": allocator.loaded(),
         "rss_mib_after_steps": rss,
         "load_before": load,
@@ -94,6 +81,30 @@ def bench_train(
         row.update({f"{name}_ms": 1000 * s for name, s in parts.items()})
         row["other_ms"] = row["step_ms"] - 1000 * sum(parts.values())
     return {"machine": bench.machine(device), "device": str(device), "row": row}
+
+
+def timed_steps(step, steps: int, device: torch.device) -> tuple[float, dict, list[int]]:
+    """Seconds per call of `step` over `steps` calls; per call the CPU time in user space and in
+    the kernel (page faults' share) and the minor page faults; resident MiB after each call
+    (whether memory keeps growing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    rss = []
+    for _ in range(steps):
+        step()
+        rss.append(round(bench.rss_mib()))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    usage = {
+        "user_s": (after.ru_utime - before.ru_utime) / steps,
+        "sys_s": (after.ru_stime - before.ru_stime) / steps,
+        "minor_faults": (after.ru_minflt - before.ru_minflt) / steps,
+    }
+    return seconds, usage, rss
 
 
 def time_parts(
@@ -170,25 +181,7 @@ def main(
                         vocab_size=vocab_size, processes=processes, parallel=parallel)  # fmt: skip
         meta = {"machine": bench.machine(), "settings": settings}
         return bench.report("train-parallel", found, out, meta)
-    settings = {"on": ["true"], "off": ["false"], "both": ["false", "true"], None: [None]}
-    cases = []  # all loaded and checked before any run
-    for path in paths:
-        if lengths and load_recipe(path, overrides).data is None:
-            raise UserError(
-                f"bench train --lengths: {path} is a copy-task recipe; "
-                "set its length with copy.length=N instead"
-            )
-        for length in lengths or [None]:
-            for setting in settings[checkpointing]:
-                extra = [] if length is None else [f"data.tokens_per_sample={length}"]
-                extra += [] if setting is None else [f"train.activation_checkpointing={setting}"]
-                recipe = load_recipe(path, [*overrides, *extra])
-                if get_task(recipe).unit != "tokens":
-                    raise UserError(
-                        f"bench train: {path} is a {recipe.task} classifier; bench train times "
-                        "language models (lm, copy)"
-                    )
-                cases.append((Path(path).stem, recipe))
+    cases = load_cases(paths, overrides, lengths, checkpointing)  # all checked before any run
     rows, where = [], None
     for name, recipe in cases:  # a fresh process each, so peak memory is each case's own
         task = get_task(recipe)  # a task without data files makes its own vocabulary (copy)
@@ -208,3 +201,30 @@ def main(
         "checkpointing": checkpointing,
     }
     return bench.report("train", rows, out, {"machine": where, "settings": settings})
+
+
+def load_cases(
+    paths: list[str], overrides: list[str], lengths: list[int] | None, checkpointing: str | None
+) -> list[tuple[str, Recipe]]:
+    """(name, recipe) for each recipe x length x checkpointing setting (`on`, `off`, `both`;
+    default: the recipe's); a UserError for a recipe bench train cannot time."""
+    settings = {"on": ["true"], "off": ["false"], "both": ["false", "true"], None: [None]}
+    cases = []
+    for path in paths:
+        if lengths and load_recipe(path, overrides).data is None:
+            raise UserError(
+                f"bench train --lengths: {path} is a copy-task recipe; "
+                "set its length with copy.length=N instead"
+            )
+        for length in lengths or [None]:
+            for setting in settings[checkpointing]:
+                extra = [] if length is None else [f"data.tokens_per_sample={length}"]
+                extra += [] if setting is None else [f"train.activation_checkpointing={setting}"]
+                recipe = load_recipe(path, [*overrides, *extra])
+                if get_task(recipe).unit != "tokens":
+                    raise UserError(
+                        f"bench train: {path} is a {recipe.task} classifier; bench train times "
+                        "language models (lm, copy)"
+                    )
+                cases.append((Path(path).stem, recipe))
+    return cases
