@@ -10,7 +10,7 @@
 #   benchmarks/allocator.sh          -> benchmarks/results/allocator-cpu.{json,png}, allocator-steps-cpu.json
 #   SMOKE=1 OUT_DIR=/tmp/a benchmarks/allocator.sh      toy sizes (seconds)
 # ALLOCATORS: which in 1 (default: glibc jemalloc jemalloc-default tcmalloc mimalloc
-# mimalloc-default); WHOLE: which in 2 and 3 (default: glibc jemalloc mimalloc).
+# mimalloc-default); WHOLE: which in 2 and 3 (default: glibc tcmalloc mimalloc).
 set -euo pipefail
 case ${1:-} in -h | --help) sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ sbtrain=${SBTRAIN:-sbtrain}
 python=${PYTHON:-python3}
 r=${OUT_DIR:-benchmarks/results}
 allocators=${ALLOCATORS:-glibc jemalloc jemalloc-default tcmalloc mimalloc mimalloc-default}
-whole=${WHOLE:-glibc jemalloc mimalloc}
+whole=${WHOLE:-glibc tcmalloc mimalloc}
 lengths=(2048 8192 32768) slice=(model.n_layers=4) vocab=267744 steps=20
 if [ -n "${SMOKE:-}" ]; then
   lengths=(256 512 1024) slice=(model.n_layers=1 model.d_model=32 model.n_heads=2 model.d_ff=64

@@ -1,6 +1,7 @@
 """The CPU allocator: the command re-executes itself with it preloaded (LD_PRELOAD and its
-settings), SBTRAIN_ALLOCATOR=glibc keeps the C library's, a missing library is one line and glibc,
-and the losses are the same bit for bit whichever allocates the memory."""
+settings), the default is the first installed of the preference, SBTRAIN_ALLOCATOR=glibc keeps
+the C library's, a missing library is one line and glibc, and the losses are the same bit for
+bit whichever allocates the memory."""
 
 from __future__ import annotations
 
@@ -37,16 +38,40 @@ def test_the_command_reexecutes_with_the_library_and_its_settings(no_exec, monke
     library = tmp_path / "libjemalloc.so.2"
     library.write_bytes(b"")
     fake = allocator.Allocator((str(library),), {"MALLOC_CONF": "x:1"}, "it")
-    monkeypatch.setitem(allocator.ALLOCATORS, allocator.DEFAULT, fake)
+    monkeypatch.setitem(allocator.ALLOCATORS, "jemalloc", fake)
+    monkeypatch.setenv(allocator.ENV, "jemalloc")
     monkeypatch.setenv("LD_PRELOAD", "/other.so")
     with pytest.raises(Executed) as e:
         allocator.preload(["train", "r.yaml"])
     path, args, env = e.value.args
     assert path == sys.executable and args == [sys.executable, "-m", "sbtrain", "train", "r.yaml"]
     assert env["LD_PRELOAD"] == f"{library} /other.so" and env["MALLOC_CONF"] == "x:1"
-    assert env[allocator.ACTIVE] == allocator.DEFAULT
-    monkeypatch.setenv(allocator.ACTIVE, allocator.DEFAULT)  # the re-executed process: no loop
+    assert env[allocator.ACTIVE] == "jemalloc"
+    monkeypatch.setenv(allocator.ACTIVE, "jemalloc")  # the re-executed process: no loop
     allocator.preload(["train"])
+
+
+def test_the_default_is_the_first_installed_of_the_preference(no_exec, monkeypatch, tmp_path,
+                                                              capsys):  # fmt: skip
+    first, second = allocator.PREFERENCE
+    present = tmp_path / "lib.so"
+    present.write_bytes(b"")
+    missing = allocator.Allocator(("/nowhere/lib.so",), {}, "package X")
+    monkeypatch.setitem(allocator.ALLOCATORS, first, missing)
+    monkeypatch.setitem(allocator.ALLOCATORS, second, allocator.Allocator((str(present),), {}, ""))
+    with pytest.raises(Executed) as e:  # the first missing: the second, without a word
+        allocator.preload(["train"])
+    assert e.value.args[2][allocator.ACTIVE] == second and capsys.readouterr().err == ""
+    monkeypatch.setitem(allocator.ALLOCATORS, first, allocator.Allocator((str(present),), {}, ""))
+    with pytest.raises(Executed) as e:
+        allocator.preload(["train"])
+    assert e.value.args[2][allocator.ACTIVE] == first
+    monkeypatch.setitem(allocator.ALLOCATORS, first, missing)
+    monkeypatch.setitem(allocator.ALLOCATORS, second, missing)
+    allocator.preload(["train"])  # neither: one line naming the first's package, glibc serves
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"the {first} allocator is not installed (install package X" in line
+    assert os.environ[allocator.ACTIVE] == "glibc"
 
 
 def test_glibc_keeps_the_process_and_a_missing_library_says_what_to_install(no_exec, monkeypatch,
@@ -73,16 +98,18 @@ def version(env: dict) -> subprocess.CompletedProcess:
 
 def test_the_version_line_names_the_allocator_the_process_has_mapped():
     env = subprocess_env()
-    default = allocator.find(allocator.ALLOCATORS[allocator.DEFAULT])
+    default = allocator.default()
     result = version(env)
-    expected = allocator.DEFAULT if default else "glibc"
+    expected = default if allocator.find(allocator.ALLOCATORS[default]) else "glibc"
     assert f"(allocator: {expected})" in result.stdout
     assert version({**env, allocator.ENV: "glibc"}).stdout.endswith("(allocator: glibc)\n")
 
 
-def test_losses_are_the_same_bit_for_bit_under_both_allocators(token_folder, tmp_path):
+def test_losses_are_the_same_bit_for_bit_under_every_installed_allocator(token_folder, tmp_path):
+    installed = [n for n in allocator.PREFERENCE if allocator.find(allocator.ALLOCATORS[n])]
+    assert "mimalloc" in installed  # the wheel is a dependency on Linux
     losses = {}
-    for name in ("glibc", allocator.DEFAULT):
+    for name in ("glibc", *installed):
         save = tmp_path / name
         args = [
             "train",
@@ -97,4 +124,5 @@ def test_losses_are_the_same_bit_for_bit_under_both_allocators(token_folder, tmp
         result = subprocess.run(sbtrain_command(*args), env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
         losses[name] = [(r["update"], r["loss"]) for r in read_jsonl(save / "train.jsonl")]
-    assert len(losses["glibc"]) == 6 and losses["glibc"] == losses[allocator.DEFAULT]
+    assert len(losses["glibc"]) == 6
+    assert all(losses[name] == losses["glibc"] for name in installed)
