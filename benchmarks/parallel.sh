@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # More than one process on this CPU (gloo): the wt103 model's 4-layer slice (recipes/wt103*.yaml,
-# model.n_layers=4; fp32, batch 1, activation checkpointing) at 16k and 32k tokens on 1 process
-# and split over 2 (train.context_parallel=2), scatterbrain and full: peak RSS, the model and
-# optimizer's memory and what a step adds, tokens/s and bytes sent per step; then FSDP2 against
-# DDP on 2 processes (what each holds of the model and optimizer).
-#   benchmarks/parallel.sh            -> benchmarks/results/parallel-cp-cpu.json, parallel-fsdp-cpu.json
+# model.n_layers=4; fp32, batch 1, activation checkpointing) at 16k and 32k tokens (full attention:
+# 16k) on 1 process and split over 2 (train.context_parallel=2): peak RSS, the model and
+# optimizer's memory and what a step adds (after a warmup step, SBTRAIN_ALLOCATOR=glibc), tokens/s
+# and bytes sent per step; then FSDP2 against DDP on 2 processes (what each holds of the model
+# and optimizer).
+#   benchmarks/parallel.sh   -> benchmarks/results/parallel-{cp,cp-full,ddp,fsdp}-cpu.json,
+#                               parallel-bytes.json
 #   SMOKE=1 OUT_DIR=/tmp/r benchmarks/parallel.sh      every case at a toy size (seconds)
 # The bytes for 8k-64k tokens (scatterbrain flat, full growing) come from the collective sizes:
 # python -m sbtrain.bench.parallel is the worker; sbtrain.attention.context_parallel.traffic
@@ -24,12 +26,19 @@ if [ -n "${SMOKE:-}" ]; then
 fi
 common=(train.precision=fp32 train.device=cpu train.activation_checkpointing=true model.dropout=0.0
   "${model[@]}")
-flags=(--vocab-size $vocab --steps $steps --warmup 0)
-$sbtrain bench train recipes/wt103.yaml recipes/wt103-full.yaml "${common[@]}" train.batch_size=1 \
-  "${flags[@]}" --lengths $lengths --context-parallel 1,2 --out "$r/parallel-cp-cpu.json"
+flags=(--vocab-size $vocab --steps $steps)
+# after one untimed step, under glibc (which returns freed blocks), so that what a timed step adds
+# above what the process holds between steps is its activations and temporaries
+# (full attention at the shorter length only: its counted bytes against the formula's)
+SBTRAIN_ALLOCATOR=glibc $sbtrain bench train recipes/wt103.yaml "${common[@]}" train.batch_size=1 \
+  "${flags[@]}" --warmup 1 --lengths $lengths --context-parallel 1,2 --out "$r/parallel-cp-cpu.json"
+SBTRAIN_ALLOCATOR=glibc $sbtrain bench train recipes/wt103-full.yaml "${common[@]}" \
+  train.batch_size=1 "${flags[@]}" --warmup 1 --lengths "${lengths%%,*}" --context-parallel 1,2 \
+  --out "$r/parallel-cp-full-cpu.json"
 for parallel in ddp fsdp; do  # a sequence per process
   $sbtrain bench train recipes/wt103.yaml "${common[@]}" train.batch_size=2 "${flags[@]}" \
-    --lengths "${lengths%%,*}" --processes 2 --parallel $parallel --out "$r/parallel-$parallel-cpu.json"
+    --warmup 0 --lengths "${lengths%%,*}" --processes 2 --parallel $parallel \
+    --out "$r/parallel-$parallel-cpu.json"
 done
 $python - "$r" <<'PY'
 import json, sys

@@ -1,9 +1,11 @@
 """`sbtrain bench train --processes N [--parallel fsdp] [--context-parallel 1,2]`: real training
 steps on N processes (torchrun, gloo on CPU), per process: peak RSS, the memory of the model and
 optimizer it holds (parameters, gradients, AdamW moments: its shards under fsdp) and what the
-step adds on top of it (activations and temporaries), the step time and tokens/s, and the bytes it
-sends per step in context-parallel exchanges (counted at the collectives). Each case runs in its
-own torchrun; the other processes' rows are gathered into rank 0's.
+step adds on top of what the process holds before it (activations and temporaries: with a
+warmup step, under an allocator that returns freed memory: SBTRAIN_ALLOCATOR=glibc), the step
+time and tokens/s, and the bytes it sends per step in context-parallel exchanges (counted at the
+collectives). Each case runs in its own torchrun; the other processes' rows are gathered into
+rank 0's.
 """
 
 from __future__ import annotations
@@ -39,6 +41,26 @@ def state_mib(trainer) -> float:
     return total / 2**20
 
 
+def reset_peak_rss() -> bool:
+    """Restart the kernel's record of this process's peak resident memory (Linux 4.0 on), so a
+    peak read later is the timed steps' own, not the warmup's; False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since the start or the last reset_peak_rss."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(case: dict) -> None:
     """One case, inside torchrun: build the trainer, run the steps, print rank 0's gather."""
     recipe = load_recipe(case["recipe"], case["overrides"])
@@ -50,13 +72,16 @@ def worker(case: dict) -> None:
     batches, dataset = trainer.sampler.epoch_batches(), data.train_set(1)
     for _ in range(warmup):
         trainer.train_step(next(batches), dataset)
+    # after a warmup step the process holds gradients and AdamW moments: the peak of the timed
+    # steps above what it holds before them is what a step adds (activations, temporaries)
+    since_warmup = warmup > 0 and reset_peak_rss()
     base, shard = bench.rss_mib(), trainer.model.shard
     sent_before = shard.sent[0] if shard else 0
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step(next(batches), dataset)
     seconds = (time.perf_counter() - start) / steps
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     row = {
         "rank": layout.rank,
         "step_s": seconds,
@@ -64,6 +89,7 @@ def worker(case: dict) -> None:
         "peak_rss_mib": peak,
         "state_mib": state_mib(trainer),
         "rss_before_steps_mib": base,
+        "peak_since_warmup": since_warmup,
         "sent_bytes_per_step": ((shard.sent[0] - sent_before) / steps) if shard else 0,
     }
     rows = [None] * layout.world_size
@@ -128,6 +154,7 @@ def summary(path: str, recipe, parts: int, per_process: list[dict]) -> dict:
         "peak_rss_mib": max(r["peak_rss_mib"] for r in per_process),
         "state_mib": max(r["state_mib"] for r in per_process),
         "step_extra_mib": max(r["peak_rss_mib"] - r["rss_before_steps_mib"] for r in per_process),
+        "peak_since_warmup": all(r["peak_since_warmup"] for r in per_process),
         "sent_bytes_per_step": max(r["sent_bytes_per_step"] for r in per_process),
         "sent_bytes_formula": formula,
     }
