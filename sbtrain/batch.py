@@ -22,12 +22,19 @@ def collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     return inputs, targets
 
 
-def chunk(batch: tuple[torch.Tensor, ...], shard) -> tuple[torch.Tensor, ...]:
+def chunk(batch: tuple[torch.Tensor, ...], shard, width: int) -> tuple[torch.Tensor, ...]:
     """A batch's chunk of every sequence (the inputs and targets of positions shard.start..),
-    or the batch itself without context parallelism."""
+    or the batch itself without context parallelism. A batch narrower than `width` (the context
+    length: an evaluation set's last, shorter block) is first right-padded to it, unscored, so
+    that every chunk is whole (a chunk shorter than the window would break the halo)."""
     if shard is None:
         return batch
-    length = batch[0].shape[1] // shard.size
+    *inputs, targets = batch
+    if targets.shape[1] < width:
+        short = width - targets.shape[1]
+        pad = torch.nn.functional.pad
+        batch = (*(pad(x, (0, short)) for x in inputs), pad(targets, (0, short), value=IGNORE))
+    length = width // shard.size
     start = shard.start(length)
     return tuple(t[:, start : start + length] for t in batch)
 

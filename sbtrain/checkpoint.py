@@ -24,7 +24,7 @@ from sbtrain.attention import dispatch
 from sbtrain.config import AttentionConfig, Recipe
 from sbtrain.distributed import Layout
 from sbtrain.errors import UserError
-from sbtrain.staging import disk_error
+from sbtrain.staging import disk_error, torch_save
 from sbtrain.tasks import Task, build_model, get_task, recipe_from_dict
 
 FORMAT = "sbtrain-checkpoint-1"
@@ -42,13 +42,7 @@ def save(state: dict, path: Path, also: list[Path] = ()) -> None:
     try:
         remove_temps(path.parent)
         with open(tmp, "wb") as f:
-            recorded = Recorded(f)
-            try:
-                torch.save({"format": FORMAT, **state}, recorded)
-            except RuntimeError:
-                if recorded.error is None:
-                    raise  # not a failed write
-                raise recorded.error from None
+            torch_save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -72,24 +66,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-class Recorded:
-    """A file whose failed write is kept: torch.save reports one as a RuntimeError without the
-    system's reason ("unexpected pos"), which `error` holds."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 def _clean(folder: Path) -> None:
     with contextlib.suppress(OSError):  # a folder gone or unreadable holds nothing of ours
         remove_temps(folder)
@@ -109,6 +85,11 @@ def load(path: str | Path) -> dict:
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise UserError(f"{path}: not an sbtrain checkpoint (no {FORMAT!r} marker)")
         return {**state, "sharded": str(path.resolve())}
+    if path.is_symlink() and not path.exists():
+        raise UserError(
+            f"{path}: a link to {os.readlink(path)}, which is gone; restore that folder, or "
+            "remove the link to start afresh"
+        )
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
@@ -155,7 +136,8 @@ def resume_point(
     """Which checkpoint a run starts from, its contents, and whether it is the run's own:
     save_dir/checkpoint_last.pt when it exists, else `restore_file` if given, else none."""
     last = Path(save_dir) / "checkpoint_last.pt"
-    if last.exists():  # a file, or a link to a sharded checkpoint's folder
+    if last.exists() or last.is_symlink():  # a file, or a link to a sharded checkpoint's folder
+        # (a link whose folder is gone: load says so, rather than a silent fresh start)
         return last, load(last), True
     if restore_file:
         return Path(restore_file), load(restore_file), False

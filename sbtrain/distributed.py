@@ -179,6 +179,7 @@ def parallelize(
 def gradient_sync(wrapped: torch.nn.Module, sync: bool):
     """A context in which backward passes reduce gradients over processes (`sync`) or only
     accumulate them (the micro-batches before the last of an update)."""
+    wrapped = getattr(wrapped, "_orig_mod", wrapped)  # under torch.compile, the module compiled
     if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext() if sync else wrapped.no_sync()
     model = getattr(wrapped, "model", None)

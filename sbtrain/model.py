@@ -38,7 +38,7 @@ class Dropout(nn.Dropout):
         b, t, c = x.shape  # the whole sequence's mask, from the same generator state everywhere
         whole = F.dropout(x.new_ones(b, t * shard.size, c), self.p, True)
         start = shard.start(t)
-        return x * whole[:, start : start + t]
+        return x * whole[:, start : start + t].clone()  # a copy: backward keeps the chunk only
 
 
 class SelfAttention(nn.Module):

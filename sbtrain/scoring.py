@@ -123,7 +123,7 @@ def score(
                 dataset[i] if i is not None else unscored(dataset[0])
                 for i in indices[start : start + batch_size]
             ]
-            collated = chunk(task.collate(batch), shard)
+            collated = chunk(task.collate(batch), shard, task.context_length)
             *inputs, targets = (t.to(device) for t in collated)
             with autocast(device, precision):
                 hidden = model(*inputs)

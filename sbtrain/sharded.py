@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from sbtrain.errors import UserError
-from sbtrain.staging import disk_error
+from sbtrain.staging import disk_error, torch_save
 
 STATE_FILE = "state.pt"
 PREFIX = ".sharded-"
@@ -50,26 +50,51 @@ def save(state: dict, model, optimizer, save_dir: Path, names: list[str], main: 
     updates = state["counters"]["updates"]
     folder = save_dir / f"{PREFIX}{updates:09d}-{token[0]}"
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    error = None
     try:
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
-        if dist.is_initialized():
-            dist.barrier()
-        if main:  # DCP unpickles .metadata: only ever one whose digest we wrote beside it
-            torch.save({**state, "metadata_sha256": digest(folder)}, folder / STATE_FILE)
+    except (OSError, CheckpointException) as e:  # DCP reports any process's failed write
+        error = system_error(e)
+    if not any_failed(error) and main:
+        try:  # DCP unpickles .metadata: only ever one whose digest we wrote beside it
+            with open(folder / STATE_FILE, "wb") as f:
+                torch_save({**state, "metadata_sha256": digest(folder)}, f)
             for name in names:
                 link = save_dir / f"{TEMP}{name}.{os.getpid()}"
                 link.unlink(missing_ok=True)
                 link.symlink_to(folder.name, target_is_directory=True)
                 os.replace(link, save_dir / name)
             remove_unnamed(save_dir)
-    except OSError as e:
+        except OSError as e:
+            error = e
+    if any_failed(error):  # every process stops here, with the same advice
         if main:
             shutil.rmtree(folder, ignore_errors=True)
         advice = ("free space on its disk and rerun the same command: it resumes from the last "
                   "checkpoint saved, which is intact")  # fmt: skip
-        raise disk_error(e, folder, advice) from None
-    if dist.is_initialized():
-        dist.barrier()
+        if isinstance(error, OSError):
+            raise disk_error(error, folder, advice) from None
+        why = "another process could not write its part" if error is None else str(error)[:200]
+        raise UserError(f"{folder}: the checkpoint could not be written ({why}); {advice}")
+
+
+def system_error(error: BaseException) -> BaseException:
+    """The OSError behind a failed DCP write (DCP wraps each process's in a CheckpointException),
+    or the error itself."""
+    for failure in getattr(error, "failures", {}).values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(cause, OSError):
+            return cause
+    return error
+
+
+def any_failed(error: BaseException | None) -> bool:
+    """Whether any process holds an error (a collective: every process calls it)."""
+    if not dist.is_initialized():
+        return error is not None
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, error is not None)
+    return any(flags)
 
 
 def remove_unnamed(save_dir: Path) -> None:

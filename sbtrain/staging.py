@@ -73,6 +73,38 @@ def is_output(folder: Path) -> bool:
     return isinstance(found, str) and found.startswith("sbtrain-")
 
 
+class _Recorded:
+    """A file whose failed write is kept: torch.save reports one as a RuntimeError without the
+    system's reason ("unexpected pos"), which `error` holds."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def torch_save(obj, f) -> None:
+    """torch.save `obj` into the open binary file `f`; a failed write raises its OSError (no
+    space, I/O error), which disk_error turns into one line."""
+    import torch  # only the writers of tensors need it
+
+    recorded = _Recorded(f)
+    try:
+        torch.save(obj, recorded)
+    except RuntimeError:
+        if recorded.error is None:
+            raise  # not a failed write
+        raise recorded.error from None
+
+
 def disk_error(error: OSError, target: Path | str, advice: str) -> UserError:
     """One line for a failed write (no space, a read-only or vanished folder, an I/O error):
     the path, the system's reason, and what to do."""

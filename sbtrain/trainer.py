@@ -185,7 +185,7 @@ class Trainer:
         t, device = self.recipe.train, self.layout.device
         batches = [
             chunk(self.task.collate([dataset[i] for i in indices[s : s + self.micro]]),
-                  self.model.shard)
+                  self.model.shard, self.task.context_length)
             for s in range(0, len(indices), self.micro)
         ]  # fmt: skip
         local_tokens = sum(int((batch[-1] != IGNORE).sum()) for batch in batches)

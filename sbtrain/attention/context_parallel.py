@@ -114,8 +114,9 @@ def attend(
         out, _ = kernel.decode(q, k, v, cache if shard.rank else None, **extra)
     # Every process must take part in every gather's backward (an all-reduce), in the same
     # order; chunk 0 uses nothing it gathers, so each gathered tensor joins the output with
-    # weight 0: the same graph everywhere, the same values.
-    anchor = sum(g.sum() for g in used if g.requires_grad)
+    # weight 0: the same graph everywhere, the same values. One element of each, in fp32, so no
+    # fp16 sum can overflow to inf (0 * inf is NaN).
+    anchor = sum(g.reshape(-1)[:1].float().sum() for g in used if g.requires_grad)
     return out + 0 * anchor if torch.is_tensor(anchor) else out
 
 

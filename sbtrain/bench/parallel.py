@@ -138,8 +138,9 @@ def summary(path: str, recipe, parts: int, per_process: list[dict]) -> dict:
     a = recipe.model.attention
     length = recipe.data.tokens_per_sample
     heads, head_dim = recipe.model.n_heads, recipe.model.head_dim
+    groups = max(len(per_process) // parts, 1)  # data-parallel groups share the batch
     formula = recipe.model.n_layers * traffic(
-        a.kind, recipe.train.batch_size, heads, head_dim, length, parts, a.window or 0,
+        a.kind, recipe.train.batch_size // groups, heads, head_dim, length, parts, a.window or 0,
         a.n_features or 0, forwards=1 + recipe.train.activation_checkpointing,
     ) if parts > 1 else 0  # fmt: skip
     return {

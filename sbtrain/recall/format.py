@@ -189,6 +189,10 @@ def read_meta(folder: str | Path) -> dict:
         raise UserError(f"{path}: not valid JSON; run `sbtrain preprocess --force`") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{folder}: not a scored-sequence folder ({FORMAT}); preprocess it")
+    splits, dtype, vocab = meta.get("splits"), meta.get("dtype"), meta.get("vocab_size")
+    if not (isinstance(splits, list | dict) and dtype in NULL and isinstance(vocab, int)):
+        raise UserError(f"{path}: damaged (splits, dtype or vocab_size); run `sbtrain preprocess "
+                        "--force`")  # fmt: skip
     return meta
 
 

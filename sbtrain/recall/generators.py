@@ -181,14 +181,15 @@ GENERATORS = {c.name: c for c in (MQARConfig, SelectiveCopyConfig, PasskeyConfig
 
 
 def write_jsonl(config: Generated, length: int, folder: Path, workers: int = 1) -> None:
-    """train.jsonl, valid.jsonl and test.jsonl of `config` at `length` tokens into `folder`."""
+    """train.jsonl, valid.jsonl and test.jsonl of `config` at `length` tokens into `folder` (a
+    split asked to hold no sequence is not written)."""
     try:
         config.check_length(length)
     except ValueError as e:
         raise UserError(f"{config.name}.{e}") from None
     seen: set[bytes] = set()
     with worker_map(workers) as imap:
-        for split in SPLIT_IDS:
+        for split in [s for s in SPLIT_IDS if getattr(config, s)]:
             with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as out:
                 for inputs, targets in unique(config, split, length, seen, imap, workers):
                     out.write(json.dumps({"input": inputs, "target": targets}) + "\n")
@@ -198,8 +199,9 @@ def unique(config: Generated, split: str, length: int, seen: set, imap, workers:
     """The split's sequences as lists (None for null targets), none repeated in any split."""
     wanted, made, next_chunk, empty_rounds = getattr(config, split), 0, 0, 0
     while made < wanted:
-        # enough chunks for what is missing (at least one per worker); which chunks run depends
-        # only on the counts so far, so the result does not depend on `workers`
+        # enough chunks for what is missing (at least one per worker); rows are taken in chunk
+        # order and a round's surplus is only ever at the end, so the result does not depend
+        # on `workers`
         count = max(workers, -(-(wanted - made) // config.chunk))
         jobs = [(config, split, next_chunk + i, length) for i in range(count)]
         next_chunk += count

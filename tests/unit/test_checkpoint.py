@@ -75,3 +75,36 @@ def test_truncated_foreign_and_missing_files_are_refused(tmp_path):
         checkpoint.load(tmp_path / "text.pt")
     with pytest.raises(UserError, match="not found"):
         checkpoint.load(tmp_path / "absent.pt")
+
+
+def test_a_dangling_last_link_is_refused_not_a_fresh_start(tmp_path):
+    (tmp_path / "checkpoint_last.pt").symlink_to(tmp_path / ".checkpoint-gone")
+    with pytest.raises(UserError, match=r"checkpoint_last\.pt: a link to .*, which is gone"):
+        checkpoint.resume_point(tmp_path, None)
+
+
+def test_a_failed_sharded_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from sbtrain import sharded
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = {"counters": {"updates": 1}}
+    sharded.save(state, model, optimizer, tmp_path, ["checkpoint_last.pt"], main=True)
+    good = (tmp_path / "checkpoint_last.pt").resolve()
+    full = OSError(errno.ENOSPC, "No space left on device", "shard.distcp")
+
+    def fails(*args, **kwargs):  # as DCP reports a process's failed write
+        raise CheckpointException("save", {0: (full, None)})
+
+    monkeypatch.setattr(sharded.dcp, "save", fails)
+    state["counters"]["updates"] = 2
+    with pytest.raises(UserError, match=r"shard\.distcp: No space left on device while writing"):
+        sharded.save(state, model, optimizer, tmp_path, ["checkpoint_last.pt"], main=True)
+    assert (tmp_path / "checkpoint_last.pt").resolve() == good and good.is_dir()
+    assert [p.name for p in tmp_path.glob(f"{sharded.PREFIX}*")] == [good.name]

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sbtrain.attention.context_parallel import Shard, traffic
+from sbtrain.batch import IGNORE, chunk
 from sbtrain.config import AttentionConfig, DecoderConfig
 from sbtrain.model import TransformerLM
 
@@ -125,3 +126,15 @@ def test_bytes_sent_stay_flat_for_scatterbrain_and_grow_for_full():
         # activation checkpointing: the forward exchanges once more, the backward once
         again = 2 * traffic(name, 1, 2, 8, length, 2, **options, forwards=2)
         assert recomputed[name, length] == again > nbytes
+
+
+def test_a_short_last_block_is_padded_unscored_into_whole_chunks():
+    inputs = torch.arange(1, 11).reshape(2, 5)
+    targets = inputs + 100
+    parts = [chunk((inputs, targets), Shard(rank, 2), width=8) for rank in range(2)]
+    assert all(x.shape == y.shape == (2, 4) for x, y in parts)  # whole chunks of 8 / 2
+    whole_inputs = torch.cat([x for x, _ in parts], 1)
+    whole_targets = torch.cat([y for _, y in parts], 1)
+    assert torch.equal(whole_inputs[:, :5], inputs) and torch.equal(whole_targets[:, :5], targets)
+    assert (whole_targets[:, 5:] == IGNORE).all()  # the padding is never scored
+    assert chunk((inputs, targets), None, width=8)[1] is targets  # one process: as it is

@@ -29,7 +29,8 @@ def read(path: Path) -> list[tuple[list[int], list[int | None]]]:
 def generate(config, length: int, folder: Path, workers: int = 1) -> dict[str, list]:
     folder.mkdir(parents=True, exist_ok=True)
     generators.write_jsonl(config, length, folder, workers)
-    return {split: read(folder / f"{split}.jsonl") for split in ("train", "valid", "test")}
+    return {split: read(folder / f"{split}.jsonl") for split in ("train", "valid", "test")
+            if getattr(config, split)}  # fmt: skip
 
 
 def test_mqar_sequences_are_as_zoology_specifies(tmp_path):
@@ -150,6 +151,16 @@ def test_the_binarized_folder_holds_the_jsonl(tmp_path):
             assert y.tolist() == [IGNORE if t is None else t for t in targets]
 
 
+def test_a_split_asked_to_hold_nothing_is_left_out(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "bin"
+    raw.mkdir()
+    generators.write_jsonl(MQARConfig(vocab_size=64, pairs=4, train=20, valid=0, test=3), 32, raw)
+    assert sorted(p.name for p in raw.iterdir()) == ["test.jsonl", "train.jsonl"]
+    out.mkdir()
+    stats = format.binarize(raw, out, None, 32, {"test": True})
+    assert sorted(stats) == ["test", "train"] and stats["train"]["sequences"] == 20
+
+
 BAD = [
     ('{"input": [1, 2], "target": [null]}', "input has 2 ids, target 1"),
     ('{"input": [1, -2], "target": [null, 3]}', "input id -2 is outside"),
@@ -198,3 +209,8 @@ def test_a_cut_binarized_file_is_refused(tmp_path):
     with pytest.raises(UserError, match="disagree"):
         format.Sequences(out, "train")
     assert np.fromfile(out / "train.offsets.bin", "<i8").tolist() == [0, 3]
+    meta = json.loads((out / "meta.json").read_text())
+    for key, value in (("dtype", "float64"), ("splits", None), ("vocab_size", "10")):
+        (out / "meta.json").write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(UserError, match=r"meta\.json: damaged"):
+            format.Sequences(out, "train")
