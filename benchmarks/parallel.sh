@@ -3,8 +3,8 @@
 # model.n_layers=4; fp32, batch 1, activation checkpointing) at 16k and 32k tokens (full attention:
 # 16k) on 1 process and split over 2 (train.context_parallel=2): peak RSS, the model and
 # optimizer's memory and what a step adds (after a warmup step, SBTRAIN_ALLOCATOR=glibc), tokens/s
-# and bytes sent per step; then FSDP2 against DDP on 2 processes (what each holds of the model
-# and optimizer).
+# and bytes sent per step; then FSDP2 against DDP on 2 processes at 8k (what each holds of the
+# model and optimizer).
 #   benchmarks/parallel.sh   -> benchmarks/results/parallel-{cp,cp-full,ddp,fsdp}-cpu.json,
 #                               parallel-bytes.json
 #   SMOKE=1 OUT_DIR=/tmp/r benchmarks/parallel.sh      every case at a toy size (seconds)
@@ -18,10 +18,10 @@ sbtrain=${SBTRAIN:-sbtrain}
 python=${PYTHON:-python3}
 r=${OUT_DIR:-benchmarks/results}
 mkdir -p "$r"
-lengths=16384,32768 vocab=267744 steps=1
+lengths=16384,32768 short=8192 vocab=267744 steps=1
 model=(model.n_layers=4)
 if [ -n "${SMOKE:-}" ]; then
-  lengths=512 vocab=500 model=(model.n_layers=1 model.d_model=32 model.n_heads=2 model.d_ff=64
+  lengths=512 short=512 vocab=500 model=(model.n_layers=1 model.d_model=32 model.n_heads=2 model.d_ff=64
     "model.adaptive_cutoffs=[100]")
 fi
 common=(train.precision=fp32 train.device=cpu train.activation_checkpointing=true model.dropout=0.0
@@ -35,9 +35,9 @@ SBTRAIN_ALLOCATOR=glibc $sbtrain bench train recipes/wt103.yaml "${common[@]}" t
 SBTRAIN_ALLOCATOR=glibc $sbtrain bench train recipes/wt103-full.yaml "${common[@]}" \
   train.batch_size=1 "${flags[@]}" --warmup 1 --lengths "${lengths%%,*}" --context-parallel 1,2 \
   --out "$r/parallel-cp-full-cpu.json"
-for parallel in ddp fsdp; do  # a sequence per process
+for parallel in ddp fsdp; do  # a sequence per process; what each holds does not depend on length
   $sbtrain bench train recipes/wt103.yaml "${common[@]}" train.batch_size=2 "${flags[@]}" \
-    --warmup 0 --lengths "${lengths%%,*}" --processes 2 --parallel $parallel \
+    --warmup 0 --lengths $short --processes 2 --parallel $parallel \
     --out "$r/parallel-$parallel-cpu.json"
 done
 $python - "$r" <<'PY'
