@@ -254,7 +254,10 @@ def test_recall_sh(tmp_path):
 
 def test_parallel_sh(tmp_path):
     run("parallel.sh", SMOKE="1", OUT_DIR=str(tmp_path))
-    cp = json.loads((tmp_path / "parallel-cp-cpu.json").read_text())["rows"]
+    cp = [r for name in ("parallel-cp-cpu.json", "parallel-cp-full-cpu.json")
+          for r in json.loads((tmp_path / name).read_text())["rows"]]  # fmt: skip
+    assert all(r["peak_since_warmup"] and r["sent_bytes_per_step"] == r["sent_bytes_formula"]
+               for r in cp)  # fmt: skip
     assert sorted((r["attention"], r["context_parallel"]) for r in cp) == [
         ("full", 1),
         ("full", 2),
