@@ -82,11 +82,9 @@ def loaded() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return active()
-    for name, allocator in ALLOCATORS.items():
-        library = find(allocator)
-        if library and str(Path(library).resolve()) in maps and name == active():
-            return name
-    return GLIBC
+    name = active()
+    library = find(ALLOCATORS[name]) if name in ALLOCATORS else None
+    return name if library and str(Path(library).resolve()) in maps else GLIBC
 
 
 def find(allocator: Allocator) -> str | None:
