@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 
@@ -163,3 +165,26 @@ def load(path: Path, model, optimizer=None, keep=lambda name: True) -> None:
         model, optimizer or [], model_state_dict=model_state,
         optim_state_dict=optimizer_state if optimizer is not None else {}, options=options,
     )  # fmt: skip
+
+
+def load_whole(state: dict, model, optimizer=None) -> None:
+    """Fill a sharded `model` (and `optimizer`) from a single-file checkpoint's `state`: its whole
+    tensors, each process keeping its shards. The optimizer's state, saved keyed by parameter
+    position, is keyed by parameter name first, as DCP reads it."""
+    whole = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=whole)
+    if optimizer is None:
+        return
+    saved = state["optimizer"]
+    names = {id(p): name for name, p in model.named_parameters()}
+    current = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    positions = [i for group in saved["param_groups"] for i in group["params"]]
+    name_of = dict(zip(positions, current))
+    by_name = {
+        "state": {name_of[i]: values for i, values in saved["state"].items()},
+        "param_groups": [
+            {**group, "params": [name_of[i] for i in group["params"]]}
+            for group in saved["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=whole)

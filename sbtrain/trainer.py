@@ -146,6 +146,8 @@ class Trainer:
         if "sharded" in state:  # shards re-cut for this run's processes
             optimizer = None if reset_optimizer else self.optimizer
             sharded.load(Path(state["sharded"]), self.model, optimizer)
+        elif self.recipe.train.parallel == "fsdp":  # one file, cut into this run's shards
+            sharded.load_whole(state, self.model, None if reset_optimizer else self.optimizer)
         else:
             self.model.load_state_dict(state["model"])
             if not reset_optimizer:

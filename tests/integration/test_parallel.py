@@ -107,6 +107,18 @@ def test_sharded_checkpoints_resume_with_other_process_counts(token_folder, tmp_
         assert close(resumed, straight, tolerance), (processes, resumed, straight)
 
 
+def test_a_single_file_checkpoint_continues_under_fsdp(token_folder, tmp_path):
+    """A run saved by DDP (one file) continues under FSDP (its tensors cut into shards as they
+    load, the AdamW moments too): the losses follow a run that never stopped."""
+    args = [DEBUG_RECIPE, f"data.dir={token_folder}"]
+    straight = train(2, *args[:1], tmp_path / "straight", *args[1:], "train.max_updates=6")
+    run = tmp_path / "run"
+    train(2, *args[:1], run, *args[1:], "train.max_updates=3")
+    assert (run / "checkpoint_last.pt").is_file()
+    resumed = train(2, *args[:1], run, *args[1:], "train.max_updates=6", "train.parallel=fsdp")
+    assert close(resumed, straight, 1e-6), (resumed, straight)
+
+
 def test_a_sharded_checkpoint_is_read_by_eval_generate_and_export(token_folder, tmp_path, capsys):
     train(1, DEBUG_RECIPE, tmp_path / "plain", f"data.dir={token_folder}", "train.max_updates=4")
     train(2, DEBUG_RECIPE, tmp_path / "fsdp", f"data.dir={token_folder}", "train.max_updates=4",
