@@ -2,9 +2,10 @@
 # More than one process on this CPU (gloo): the wt103 model's 4-layer slice (recipes/wt103*.yaml,
 # model.n_layers=4; fp32, batch 1, activation checkpointing) at 16k and 32k tokens (full attention:
 # 16k) on 1 process and split over 2 (train.context_parallel=2): peak RSS, the model and
-# optimizer's memory and what a step adds (after a warmup step, SBTRAIN_ALLOCATOR=glibc), tokens/s
-# and bytes sent per step; then FSDP2 against DDP on 2 processes at 8k (what each holds of the
-# model and optimizer).
+# optimizer's memory and what a step adds (after a warmup step, SBTRAIN_ALLOCATOR=glibc), the
+# activations (counted by PyTorch's memory tracker over the warmup step), tokens/s and bytes sent
+# per step; then FSDP2 against DDP on 2 processes at 8k (what each holds of the model and
+# optimizer).
 #   benchmarks/parallel.sh   -> benchmarks/results/parallel-{cp,cp-full,ddp,fsdp}-cpu.json,
 #                               parallel-bytes.json
 #   SMOKE=1 OUT_DIR=/tmp/r benchmarks/parallel.sh      every case at a toy size (seconds)

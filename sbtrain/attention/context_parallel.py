@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sbtrain.attention.common import compute_dtype, with_ones
 from sbtrain.attention.features import FeatureState, empty_state, fold, map_log_features
@@ -111,7 +112,7 @@ def attend(
             cache = _halo(k, v, kernel.window, shard, used)
         else:
             cache = _state_and_halo(kernel, k, v, shard, used)
-        out, _ = kernel.decode(q, k, v, cache if shard.rank else None, **extra)
+        out, _ = kernel.decode(q, k, v, cache if shard.rank else None, keep_cache=False, **extra)
     # Every process must take part in every gather's backward (an all-reduce), in the same
     # order; chunk 0 uses nothing it gathers, so each gathered tensor joins the output with
     # weight 0: the same graph everywhere, the same values. One element of each, in fp32, so no
@@ -147,16 +148,13 @@ def _state_and_halo(
 ) -> dict:
     """performer / scatterbrain: the state of every key before the halo (all of the earlier
     chunks but the previous one's last window - 1 keys), and the halo (with a window)."""
-    dtype = compute_dtype(k)
-    lk = map_log_features(kernel, k.to(dtype))
-    vx = with_ones(v.to(dtype))
     window = getattr(kernel, "window", 0)
     held = min(max(window - 1, 0), k.shape[-2])  # this chunk's keys a later halo carries
-    cut = k.shape[-2] - held
-    before_halo = fold(empty_state(lk, vx), lk[:, :, :cut], vx[:, :, :cut])
-    whole = fold(before_halo, lk[:, :, cut:], vx[:, :, cut:])
-    nds = shard.gather(torch.stack([before_halo.nd, whole.nd]), used)  # (P, 2, B, H, m, E)
-    maxes = shard.gather(torch.stack([before_halo.max, whole.max]).detach(), used)
+    # recomputed in the backward pass rather than kept: the chunk's features and [v, 1] would
+    # add a sixth to the memory a block keeps for backward
+    nds, maxes = checkpoint(_summaries, kernel, k, v, k.shape[-2] - held, use_reentrant=False)
+    nds = shard.gather(nds, used)  # (P, 2, B, H, m, E)
+    maxes = shard.gather(maxes.detach(), used)
     r = shard.rank
     earlier = [FeatureState(nds[j, 1], maxes[j, 1]) for j in range(max(r - 1, 0))]
     if r > 0:
@@ -165,6 +163,19 @@ def _state_and_halo(
     if window:
         cache.update(_halo(k, v, window, shard, used))
     return cache
+
+
+def _summaries(
+    kernel: nn.Module, k: torch.Tensor, v: torch.Tensor, cut: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The states of this chunk's keys before `cut` and of all of them: (2, B, H, m, E) sums
+    and (2, B, H, m) log-scales."""
+    dtype = compute_dtype(k)
+    lk = map_log_features(kernel, k.to(dtype))
+    vx = with_ones(v.to(dtype))
+    before_halo = fold(empty_state(lk, vx), lk[:, :, :cut], vx[:, :, :cut])
+    whole = fold(before_halo, lk[:, :, cut:], vx[:, :, cut:])
+    return torch.stack([before_halo.nd, whole.nd]), torch.stack([before_halo.max, whole.max])
 
 
 def traffic(

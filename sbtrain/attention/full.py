@@ -50,8 +50,10 @@ class FullAttention(nn.Module):
         v: torch.Tensor,
         cache: dict | None,
         hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, dict]:
-        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
+        keep_cache: bool = True,
+    ) -> tuple[torch.Tensor, dict | None]:
+        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache);
+        the cache None with `keep_cache=False` (context parallelism needs the outputs only).
 
         The cache holds every key and value (a KV cache).
         """
@@ -62,4 +64,4 @@ class FullAttention(nn.Module):
         rows = torch.arange(seen, seen + count, device=q.device).unsqueeze(-1)
         visible = torch.arange(seen + count, device=q.device) <= rows  # (T, n + T)
         out = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=visible)
-        return out, {"k": all_k, "v": all_v}
+        return out, {"k": all_k, "v": all_v} if keep_cache else None

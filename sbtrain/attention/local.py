@@ -201,8 +201,10 @@ class LocalAttention(nn.Module):
         v: torch.Tensor,
         cache: dict | None,
         hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, dict]:
-        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
+        keep_cache: bool = True,
+    ) -> tuple[torch.Tensor, dict | None]:
+        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache);
+        the cache None with `keep_cache=False` (context parallelism needs the outputs only).
 
         The cache holds the last window - 1 keys and values, all a later query can still see.
         """
@@ -219,4 +221,5 @@ class LocalAttention(nn.Module):
             padded_q = torch.cat([torch.zeros_like(context_k), q], dim=-2)
             out = normalise(self.forward_parts(padded_q, all_k, all_v))[:, :, seen:]
         start = max(0, all_k.shape[-2] - (self.window - 1))
-        return out.to(v.dtype), {"k": all_k[:, :, start:], "v": all_v[:, :, start:]}
+        cache = {"k": all_k[:, :, start:], "v": all_v[:, :, start:]}
+        return out.to(v.dtype), cache if keep_cache else None

@@ -618,8 +618,10 @@ class LSHAttention(nn.Module):
         v: torch.Tensor,
         cache: dict | None,
         hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, dict]:
-        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
+        keep_cache: bool = True,
+    ) -> tuple[torch.Tensor, dict | None]:
+        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache);
+        the cache None with `keep_cache=False` (context parallelism needs the outputs only).
 
         The cache keeps all keys and values (and, with `hash_qk`, the keys' hash inputs); only
         the T new queries are computed.
@@ -632,4 +634,4 @@ class LSHAttention(nn.Module):
         cache = {"k": all_k, "v": all_v}
         if hashed is not None:
             cache["hash_k"] = hashed[1]
-        return out, cache
+        return out, cache if keep_cache else None

@@ -193,12 +193,14 @@ class PerformerAttention(nn.Module):
         v: torch.Tensor,
         cache: dict | None,
         hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, dict]:
-        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
+        keep_cache: bool = True,
+    ) -> tuple[torch.Tensor, dict | None]:
+        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache);
+        the cache None with `keep_cache=False` (context parallelism needs the outputs only).
 
         The cache is the running state (Σ phi(k) [v, 1]^T and its per-feature log-scale): its size
         does not grow with the context. A prompt is processed chunked, like `forward`.
         """
         causal_only(self)
         part, state = self._parts(q, k, v, state_from_cache(cache))
-        return normalise(part).to(v.dtype), state_to_cache(state)
+        return normalise(part).to(v.dtype), state_to_cache(state) if keep_cache else None

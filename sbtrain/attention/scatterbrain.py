@@ -366,15 +366,17 @@ class ScatterbrainAttention(nn.Module):
         v: torch.Tensor,
         cache: dict | None,
         hash_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, dict]:
-        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache).
+        keep_cache: bool = True,
+    ) -> tuple[torch.Tensor, dict | None]:
+        """The next T tokens (B, H, T, D) after those in `cache` -> (out (B, H, T, D), cache);
+        the cache None with `keep_cache=False` (context parallelism needs the outputs only).
 
         The cache holds the low-rank state (keys older than the window folded in) and the last
         window - 1 keys and values; with LSH it keeps every key and value instead (the support can
         reach arbitrarily far back), but still computes only the T new queries.
         """
         causal_only(self)
-        part, cache = self._run(q, k, v, cache, keep_cache=True, hash_qk=hash_qk)
+        part, cache = self._run(q, k, v, cache, keep_cache=keep_cache, hash_qk=hash_qk)
         return normalise(part).to(v.dtype), cache
 
 

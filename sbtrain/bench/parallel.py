@@ -2,7 +2,8 @@
 steps on N processes (torchrun, gloo on CPU), per process: peak RSS, the memory of the model and
 optimizer it holds (parameters, gradients, AdamW moments: its shards under fsdp) and what the
 step adds on top of what the process holds before it (activations and temporaries: with a
-warmup step, under an allocator that returns freed memory: SBTRAIN_ALLOCATOR=glibc), the step
+warmup step, under an allocator that returns freed memory: SBTRAIN_ALLOCATOR=glibc), its
+activations (counted by PyTorch's memory tracker over the first step: `activation_mib`), the step
 time and tokens/s, and the bytes it sends per step in context-parallel exchanges (counted at the
 collectives). Each case runs in its own torchrun; the other processes' rows are gathered into
 rank 0's.
@@ -41,6 +42,31 @@ def state_mib(trainer) -> float:
     return total / 2**20
 
 
+def activation_mib(step, trainer) -> float | None:
+    """Run `step` under PyTorch's memory tracker (torch.distributed._tools.mem_tracker, private:
+    None where this torch lacks it) and return the most memory its forward passes (activation
+    checkpointing's recomputation included) held at once: the largest activation total at any
+    module's peak in forward or backward. Parameters, gradients, optimizer states and backward's
+    temporaries (DDP's gradient buckets among them) are not counted; the allocator plays no part."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _ModState
+    except ImportError:
+        step()
+        return None
+    tracker = MemTracker()
+    tracker.track_external(trainer.model, trainer.optimizer)
+    with tracker:
+        step()
+    peaks = [
+        by_kind.get(_MemRefType.ACT, 0)
+        for stats in tracker.memory_tracking.values()
+        for state in (_ModState.PEAK_FW, _ModState.PEAK_BW)
+        for snapshot in stats.snapshots.get(state, [])
+        for by_kind in snapshot.values()
+    ]
+    return max(peaks, default=0) / 2**20
+
+
 def reset_peak_rss() -> bool:
     """Restart the kernel's record of this process's peak resident memory (Linux 4.0 on), so a
     peak read later is the timed steps' own, not the warmup's; False where it cannot."""
@@ -70,16 +96,25 @@ def worker(case: dict) -> None:
     data = bench.synthetic_data(recipe, case["vocab_size"], t.batch_size * (steps + warmup))
     trainer = Trainer(recipe, layout, data)
     batches, dataset = trainer.sampler.epoch_batches(), data.train_set(1)
-    for _ in range(warmup):
+
+    def step():
         trainer.train_step(next(batches), dataset)
+
+    # the first step is tracked: the warmup's, or (without one) the first timed step's
+    activations = activation_mib(step, trainer) if warmup else None
+    for _ in range(warmup - 1):
+        step()
     # after a warmup step the process holds gradients and AdamW moments: the peak of the timed
     # steps above what it holds before them is what a step adds (activations, temporaries)
     since_warmup = warmup > 0 and reset_peak_rss()
     base, shard = bench.rss_mib(), trainer.model.shard
     sent_before = shard.sent[0] if shard else 0
     start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(next(batches), dataset)
+    for i in range(steps):
+        if i == 0 and not warmup:
+            activations = activation_mib(step, trainer)
+        else:
+            step()
     seconds = (time.perf_counter() - start) / steps
     peak = peak_rss_mib()
     row = {
@@ -89,6 +124,7 @@ def worker(case: dict) -> None:
         "peak_rss_mib": peak,
         "state_mib": state_mib(trainer),
         "rss_before_steps_mib": base,
+        "activation_mib": activations,
         "peak_since_warmup": since_warmup,
         "sent_bytes_per_step": ((shard.sent[0] - sent_before) / steps) if shard else 0,
     }
@@ -138,6 +174,7 @@ def summary(path: str, recipe, parts: int, per_process: list[dict]) -> dict:
     a = recipe.model.attention
     length = recipe.data.tokens_per_sample
     heads, head_dim = recipe.model.n_heads, recipe.model.head_dim
+    counted = [r["activation_mib"] for r in per_process]
     groups = max(len(per_process) // parts, 1)  # data-parallel groups share the batch
     formula = recipe.model.n_layers * traffic(
         a.kind, recipe.train.batch_size // groups, heads, head_dim, length, parts, a.window or 0,
@@ -155,6 +192,8 @@ def summary(path: str, recipe, parts: int, per_process: list[dict]) -> dict:
         "peak_rss_mib": max(r["peak_rss_mib"] for r in per_process),
         "state_mib": max(r["state_mib"] for r in per_process),
         "step_extra_mib": max(r["peak_rss_mib"] - r["rss_before_steps_mib"] for r in per_process),
+        "activation_mib": None if None in counted else max(counted),
+        "activation_mib_per_process": counted,
         "peak_since_warmup": all(r["peak_since_warmup"] for r in per_process),
         "sent_bytes_per_step": max(r["sent_bytes_per_step"] for r in per_process),
         "sent_bytes_formula": formula,

@@ -264,6 +264,9 @@ def test_parallel_sh(tmp_path):
         ("scatterbrain", 1),
         ("scatterbrain", 2),
     ]
+    activations = {(r["attention"], r["context_parallel"]): r["activation_mib"] for r in cp}
+    assert min(activations.values()) > 0
+    assert activations["scatterbrain", 2] < activations["scatterbrain", 1]  # half the tokens
     for name in ("ddp", "fsdp"):
         (row,) = json.loads((tmp_path / f"parallel-{name}-cpu.json").read_text())["rows"]
         assert row["processes"] == 2 and row["parallel"] == name

@@ -229,6 +229,18 @@ def test_decoding_matches_forward(name, lsh_path):
     assert (prefilled - full).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_decoding_without_the_next_cache_gives_the_same_outputs(name):
+    """keep_cache=False (what context parallelism asks) skips only the next cache."""
+    attn = build(name)
+    q, k, v = qkv(130, batch=1, dtype=torch.float32)
+    _, cache = attn.decode(q[:, :, :60], k[:, :, :60], v[:, :, :60], None)
+    rest = [x[:, :, 60:] for x in (q, k, v)]
+    kept, _ = attn.decode(*rest, cache)
+    out, none = attn.decode(*rest, cache, keep_cache=False)
+    assert none is None and torch.equal(out, kept)
+
+
 @pytest.mark.parametrize("name", ["local", "performer", "scatterbrain-local"])
 def test_decode_cache_does_not_grow_with_the_context(name):
     attn = build(name)

@@ -3,6 +3,7 @@ peak and the step's breakdown (small sizes; no timing assertions)."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -44,3 +45,29 @@ def test_one_row_per_length_and_setting(tmp_path, monkeypatch):
 def test_lengths_of_a_copy_recipe_are_refused():
     with pytest.raises(UserError, match=r"copy-task recipe; set its length with copy\.length"):
         main([str(ROOT / "recipes" / "copy.yaml")], lengths=[64])
+
+
+def test_activations_counted_are_what_forward_keeps_for_backward():
+    """bench.parallel.activation_mib on a two-layer network whose activations are known: at the
+    forward pass's peak the ReLU's input and output (n x h floats each) are alive, with at most
+    one (n x d) tensor beside them; parameters, gradients and AdamW moments (each at least d x h
+    floats, more than n x d) are not counted."""
+    import torch
+
+    from sbtrain.bench.parallel import activation_mib
+
+    d, h = 16, 1024
+
+    def step(model, optimizer, x):
+        model(x).square().sum().backward()
+        optimizer.step()
+
+    for n in (256, 512):  # n x d < d x h: one parameter counted would show
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.ReLU(), torch.nn.Linear(h, d))
+        optimizer = torch.optim.AdamW(model.parameters())
+        trainer = type("Trainer", (), {"model": model, "optimizer": optimizer})
+        x = torch.randn(n, d)
+        counted = activation_mib(functools.partial(step, model, optimizer, x), trainer)
+        hidden, small = n * h * 4 / 2**20, n * d * 4 / 2**20  # (n, h) and (n, d) in fp32
+        assert 2 * hidden <= counted <= 2 * hidden + small, (n, counted, hidden)
