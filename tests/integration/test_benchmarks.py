@@ -279,7 +279,9 @@ def test_parallel_sh(tmp_path):
 def test_allocator_sh(tmp_path):
     run("allocator.sh", SMOKE="1", OUT_DIR=str(tmp_path), ALLOCATORS="glibc")
     rows = json.loads((tmp_path / "allocator-cpu.json").read_text())["rows"]
-    assert len(rows) == 2 * 3 + 2 and {r["allocator"] for r in rows} == {"glibc"}
-    assert all(r["minor_faults"] > 0 and r["sys_s"] >= 0 for r in rows)
+    whole = json.loads((tmp_path / "allocator-whole-cpu.json").read_text())["rows"]
+    assert len(rows) == 2 * 3 and len(whole) == 2  # slice: 2 models x 3 lengths; whole: 2
+    assert {r["allocator"] for r in rows + whole} == {"glibc"}
+    assert all(r["minor_faults"] > 0 and r["sys_s"] >= 0 for r in rows + whole)
     (steps,) = json.loads((tmp_path / "allocator-steps-cpu.json").read_text())["rows"][:1]
     assert len(steps["rss_mib_after_steps"]) == 3

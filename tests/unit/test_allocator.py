@@ -47,6 +47,10 @@ def test_the_command_reexecutes_with_the_library_and_its_settings(no_exec, monke
     assert path == sys.executable and args == [sys.executable, "-m", "sbtrain", "train", "r.yaml"]
     assert env["LD_PRELOAD"] == f"{library} /other.so" and env["MALLOC_CONF"] == "x:1"
     assert env[allocator.ACTIVE] == "jemalloc"
+    monkeypatch.setenv("MALLOC_CONF", "y:2")  # a user's own setting of the library wins
+    with pytest.raises(Executed) as e:
+        allocator.preload(["train"])
+    assert e.value.args[2]["MALLOC_CONF"] == "y:2"
     monkeypatch.setenv(allocator.ACTIVE, "jemalloc")  # the re-executed process: no loop
     allocator.preload(["train"])
 
