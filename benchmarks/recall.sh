@@ -17,7 +17,8 @@
 #   STUDIES="dropin mechanism" DRAWS=3 benchmarks/recall.sh
 #   SMOKE=1 RUNS=/tmp/r OUT_DIR=/tmp/o DATA=/tmp/d benchmarks/recall.sh    toy sizes (seconds)
 # RUNS: where runs go (checkpoints); DATA: where data goes (data/recall); EXTRA: overrides of
-# every training run; KINDS, LENGTHS: subsets. A finished run is reused, an unfinished resumed.
+# every training run; KINDS, LENGTHS, TASKS (recipe:task pairs of the tasks study): subsets. A
+# finished run is reused, an unfinished resumed.
 set -euo pipefail
 case ${1:-} in -h | --help) sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
@@ -110,7 +111,7 @@ for study in $studies; do
       rm -f "$r/recall-mechanism-tmp."* ;;
     train | tasks)
       if [ "$study" = train ]; then recipes="mqar-cpu:mqar"; kind_seeds=$seeds
-      else recipes="selective-copy-cpu:selective_copy passkey-cpu:passkey"; kind_seeds=1; fi
+      else recipes=${TASKS:-selective-copy-cpu:selective_copy passkey-cpu:passkey}; kind_seeds=1; fi
       out=$r/recall-$study-cpu.jsonl
       : >"$out"
       for pair in $recipes; do
