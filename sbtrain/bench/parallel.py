@@ -96,13 +96,16 @@ def worker(case: dict) -> None:
     data = bench.synthetic_data(recipe, case["vocab_size"], t.batch_size * (steps + warmup))
     trainer = Trainer(recipe, layout, data)
     batches, dataset = trainer.sampler.epoch_batches(), data.train_set(1)
+    tracked = []  # the first step's activations: the warmup's, or (without one) a timed step's
 
     def step():
-        trainer.train_step(next(batches), dataset)
+        indices = next(batches)
+        if tracked:
+            trainer.train_step(indices, dataset)
+        else:
+            tracked.append(activation_mib(lambda: trainer.train_step(indices, dataset), trainer))
 
-    # the first step is tracked: the warmup's, or (without one) the first timed step's
-    activations = activation_mib(step, trainer) if warmup else None
-    for _ in range(warmup - 1):
+    for _ in range(warmup):
         step()
     # after a warmup step the process holds gradients and AdamW moments: the peak of the timed
     # steps above what it holds before them is what a step adds (activations, temporaries)
@@ -110,11 +113,8 @@ def worker(case: dict) -> None:
     base, shard = bench.rss_mib(), trainer.model.shard
     sent_before = shard.sent[0] if shard else 0
     start = time.perf_counter()
-    for i in range(steps):
-        if i == 0 and not warmup:
-            activations = activation_mib(step, trainer)
-        else:
-            step()
+    for _ in range(steps):
+        step()
     seconds = (time.perf_counter() - start) / steps
     peak = peak_rss_mib()
     row = {
@@ -124,7 +124,7 @@ def worker(case: dict) -> None:
         "peak_rss_mib": peak,
         "state_mib": state_mib(trainer),
         "rss_before_steps_mib": base,
-        "activation_mib": activations,
+        "activation_mib": tracked[0],
         "peak_since_warmup": since_warmup,
         "sent_bytes_per_step": ((shard.sent[0] - sent_before) / steps) if shard else 0,
     }
